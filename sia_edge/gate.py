@@ -1,0 +1,108 @@
+"""When to steer: gate policies, their settings, and picking tau for a target steering ratio.
+
+The gate statistic of the official SIA code is the entropy (nats) of softmax over the base
+model's top-k logits; a step is a junction iff that entropy >= tau. The other gates exist for
+ablations and baselines:
+
+=============  ==============================================================================
+gate           a step is a junction when
+=============  ==============================================================================
+entropy        top-k entropy >= tau (SIA; default k 10, tau 1.0, w 1.0, T 1.0)
+full-entropy   entropy over the whole vocabulary >= tau
+dense          always (steer every token)
+off            never (plain top-k sampling in the same loop)
+random         with probability p, independently of the model (same-ratio baseline)
+=============  ==============================================================================
+
+``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
+same model and takes its (1 - ratio) quantile, as the paper picks tau offline.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["GATES", "JunctionGate", "SteeringConfig", "tau_for_ratio"]
+
+GateName = Literal["entropy", "full-entropy", "dense", "off", "random"]
+GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
+MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """Every knob of one generation's steering. Validated on construction."""
+
+    gate: str = "entropy"
+    k: int = 10
+    tau: float = 1.0
+    w: float = 1.0
+    temperature: float = 1.0
+    p: float = 0.2  # random gate: steering probability
+    target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
+
+    def __post_init__(self) -> None:
+        gate = MODE_ALIASES.get(self.gate, self.gate)
+        object.__setattr__(self, "gate", gate)
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)} (or 'sparse')")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        for name in ("tau", "w", "temperature", "p"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        if self.target_ratio is not None:
+            if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
+                raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
+            if gate not in ("entropy", "full-entropy"):
+                raise ValueError("target_ratio applies to the entropy gates only")
+
+    @property
+    def steers(self) -> bool:
+        return self.gate != "off"
+
+    def with_tau(self, tau: float) -> SteeringConfig:
+        return replace(self, tau=float(tau), target_ratio=None)
+
+
+class JunctionGate:
+    """Turns a config into the per-step threshold the native step compares the statistic to:
+    a step is a junction iff statistic >= threshold (NaN never is)."""
+
+    def __init__(self, config: SteeringConfig, seed: int) -> None:
+        if config.target_ratio is not None:
+            raise ValueError("resolve target_ratio to a tau first (SteeringEngine does it)")
+        self.config = config
+        self.on_full_entropy = config.gate == "full-entropy"
+        self._fixed: float | None = {
+            "entropy": config.tau,
+            "full-entropy": config.tau,
+            "dense": -math.inf,
+            "off": math.inf,
+        }.get(config.gate)
+        # The random gate has its own stream, so it does not shift the sampling RNG.
+        self._coin = random.Random(seed ^ 0x5EED_6A7E)
+
+    def threshold(self) -> float:
+        if self._fixed is not None:
+            return self._fixed
+        return -math.inf if self._coin.random() < self.config.p else math.inf
+
+
+def tau_for_ratio(statistics: list[float] | np.ndarray, ratio: float) -> float:
+    """The tau that makes ``ratio`` of the given gate statistics junctions (statistic >= tau)."""
+    values = np.asarray(statistics, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("no gate statistics to calibrate on")
+    return float(np.quantile(values, 1.0 - ratio, method="higher"))

