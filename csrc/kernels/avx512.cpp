@@ -34,6 +34,31 @@ inline __m512 exp512(__m512 x) {
 
 }  // namespace
 
+namespace {
+
+// S += exp(z - M), T += exp(z - M) * (z - M) over one L1-resident block, M = st.M.
+inline void block_sums(const float* xb, int64_t len, StatsState& st) {
+    const __m512 vm = _mm512_set1_ps(st.M);
+    const __m512 floor = _mm512_set1_ps(kExpFloor);
+    __m512 vs = _mm512_setzero_ps(), vt = _mm512_setzero_ps();
+    for (int64_t i = 0; i < len; i += 16) {
+        const __m512 v = _mm512_loadu_ps(xb + i);
+        const __mmask16 ok = _mm512_cmp_ps_mask(v, vm, _CMP_LE_OQ);  // drops NaN and +inf
+        const __m512 d = _mm512_max_ps(_mm512_sub_ps(v, vm), floor);
+        const __m512 e = exp512(d);
+        vs = _mm512_mask_add_ps(vs, ok, vs, e);
+        vt = _mm512_mask3_fmadd_ps(e, d, vt, ok);
+    }
+    st.S += static_cast<double>(_mm512_reduce_add_ps(vs));
+    st.T += static_cast<double>(_mm512_reduce_add_ps(vt));
+}
+
+// exp(z - R) may exceed 1 in the fused pass; below this headroom the float lanes cannot
+// overflow (e^60 * 2048 < 3e38), above it the block is summed again against its own max.
+constexpr float kFusedHeadroom = 60.0f;
+
+}  // namespace
+
 void junction_stats_avx512(const float* logits, int64_t n, int64_t stride, int32_t k, int32_t* top_ids,
                            float* top_logits, JunctionStats* out) {
     StatsState st;
@@ -44,20 +69,28 @@ void junction_stats_avx512(const float* logits, int64_t n, int64_t stride, int32
         return;
     }
     const float inf = std::numeric_limits<float>::infinity();
+    const __m512 vinf = _mm512_set1_ps(inf);
+    const __m512 floor = _mm512_set1_ps(kExpFloor);
     const int64_t n_vec = n - n % 16;
     for (int64_t b = 0; b < n_vec; b += kBlock) {
         const int64_t len = n_vec - b < kBlock ? n_vec - b : kBlock;
         const float* xb = logits + b;
-        // Pass 1: max, non-finite flags, top-k candidates above the current threshold.
-        // The threshold lives in a register and is refreshed only after an insertion.
+        // One fused pass: max, non-finite flags, top-k candidates (threshold in a register,
+        // refreshed only after an insertion) and exponential sums against R, the max of the
+        // blocks before. A block whose max exceeds R is rescaled after; by more than the
+        // headroom (or for the first finite block) its sums are redone against its own max.
+        const bool have_ref = st.M != -inf;
+        const __m512 vm = _mm512_set1_ps(have_ref ? st.M : 0.0f);
         __m512 vmax = _mm512_set1_ps(-inf);
+        __m512 vs = _mm512_setzero_ps(), vt = _mm512_setzero_ps();
         __mmask16 bad = 0;
         __m512 thr = _mm512_set1_ps(st.threshold());
         bool filling = st.count < k;
         for (int64_t i = 0; i < len; i += 16) {
             const __m512 v = _mm512_loadu_ps(xb + i);
             vmax = _mm512_max_ps(v, vmax);  // operand order: a NaN in v returns vmax
-            bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(inf), _CMP_NLT_UQ);    // NaN or +inf
+            const __mmask16 ok = _mm512_cmp_ps_mask(v, vinf, _CMP_LT_OQ);  // finite or -inf
+            bad |= static_cast<__mmask16>(~ok);
             __mmask16 cand = filling ? _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ)  // any non-NaN
                                      : _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
             if (cand) {
@@ -69,6 +102,10 @@ void junction_stats_avx512(const float* logits, int64_t n, int64_t stride, int32
                 thr = _mm512_set1_ps(st.threshold());
                 filling = st.count < k;
             }
+            const __m512 d = _mm512_max_ps(_mm512_sub_ps(v, vm), floor);
+            const __m512 e = exp512(_mm512_min_ps(d, _mm512_set1_ps(kFusedHeadroom)));
+            vs = _mm512_mask_add_ps(vs, ok, vs, e);
+            vt = _mm512_mask3_fmadd_ps(e, d, vt, ok);
         }
         if (bad) {  // rare: count exactly, in scalar
             for (int64_t i = 0; i < len; ++i) {
@@ -79,40 +116,14 @@ void junction_stats_avx512(const float* logits, int64_t n, int64_t stride, int32
             }
         }
         const float block_max = _mm512_reduce_max_ps(vmax);
-        st.raise_max(block_max);
-        if (st.M == -inf) continue;
-        // Pass 2 over the L1-resident block: S += exp(z - M), T += exp(z - M) * (z - M).
-        const __m512 vm = _mm512_set1_ps(st.M);
-        const __m512 floor = _mm512_set1_ps(kExpFloor);
-        // Two accumulator pairs: independent dependency chains for the adds and FMAs.
-        __m512 vs0 = _mm512_setzero_ps(), vt0 = _mm512_setzero_ps();
-        __m512 vs1 = _mm512_setzero_ps(), vt1 = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 32 <= len; i += 32) {
-            const __m512 v0 = _mm512_loadu_ps(xb + i);
-            const __m512 v1 = _mm512_loadu_ps(xb + i + 16);
-            const __mmask16 ok0 = _mm512_cmp_ps_mask(v0, vm, _CMP_LE_OQ);  // drops NaN and +inf
-            const __mmask16 ok1 = _mm512_cmp_ps_mask(v1, vm, _CMP_LE_OQ);
-            const __m512 d0 = _mm512_max_ps(_mm512_sub_ps(v0, vm), floor);
-            const __m512 d1 = _mm512_max_ps(_mm512_sub_ps(v1, vm), floor);
-            const __m512 e0 = exp512(d0);
-            const __m512 e1 = exp512(d1);
-            vs0 = _mm512_mask_add_ps(vs0, ok0, vs0, e0);
-            vs1 = _mm512_mask_add_ps(vs1, ok1, vs1, e1);
-            vt0 = _mm512_mask3_fmadd_ps(e0, d0, vt0, ok0);
-            vt1 = _mm512_mask3_fmadd_ps(e1, d1, vt1, ok1);
+        if (bad || !have_ref || !(block_max <= st.M + kFusedHeadroom)) {
+            st.raise_max(block_max);
+            if (st.M != -inf) block_sums(xb, len, st);
+            continue;
         }
-        for (; i < len; i += 16) {
-            const __m512 v = _mm512_loadu_ps(xb + i);
-            const __mmask16 ok = _mm512_cmp_ps_mask(v, vm, _CMP_LE_OQ);
-            const __m512 d = _mm512_max_ps(_mm512_sub_ps(v, vm), floor);
-            const __m512 e = exp512(d);
-            vs0 = _mm512_mask_add_ps(vs0, ok, vs0, e);
-            vt0 = _mm512_mask3_fmadd_ps(e, d, vt0, ok);
-        }
-        const __m512 vs = _mm512_add_ps(vs0, vs1), vt = _mm512_add_ps(vt0, vt1);
         st.S += static_cast<double>(_mm512_reduce_add_ps(vs));
         st.T += static_cast<double>(_mm512_reduce_add_ps(vt));
+        st.raise_max(block_max);  // rescales this block's sums with the earlier ones
     }
     stats_span_scalar(logits + n_vec, n - n_vec, 1, static_cast<int32_t>(n_vec), st);
     st.finish(out);
