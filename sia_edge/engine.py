@@ -129,7 +129,7 @@ class SteeringEngine:
         self.k_max = k_max
         self.value: ValueModel | None = None
         if value_model is not None:
-            self.value = ValueModel(value_model)
+            self.value = ValueModel(value_model, n_threads=self.n_threads)
             self._check_tokenizers(self.value)
         self._pool: list[_Slot] = []
         self._pool_lock = threading.Lock()

@@ -28,9 +28,10 @@ __all__ = ["ValueModel", "ValueScorer"]
 class ValueModel:
     """Weights and head of a value model, shared by the scorers of every generation."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
         from sia_edge.models import resolve_gguf
 
+        self.n_threads = n_threads
         self.path = resolve_gguf(path, "value model")
         self.meta: ValueHeadMeta = read_value_meta(self.path)
         self.model = LlamaModel(self.path, what="value model")
@@ -47,7 +48,7 @@ class ValueModel:
         return self.path.name
 
     def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None) -> ValueScorer:
-        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads)
+        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads)
 
     def values_at_positions(self, tokens: Sequence[int], *, n_threads: int | None = None) -> npt.NDArray[np.float32]:
         """Normalised V at every position of one sequence, from a fresh cache (no reuse):
@@ -55,7 +56,8 @@ class ValueModel:
         n = len(tokens)
         if n == 0:
             raise ValueError("values_at_positions needs at least one token")
-        ctx = LlamaContext(self.model, n_ctx=n + 8, n_batch=n, n_threads=n_threads, embeddings=True)
+        ctx = LlamaContext(self.model, n_ctx=n + 8, n_batch=n, n_threads=n_threads or self.n_threads,
+                           embeddings=True)
         try:
             ctx.decode(list(tokens), 0)
             return kernels.value_head(ctx.hidden_states(n), self.weight, self.bias).copy()

