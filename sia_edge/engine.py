@@ -38,10 +38,18 @@ __all__ = [
     "GenerationStats",
     "SteeringEngine",
     "TokenEvent",
+    "TokenIds",
     "TokenizerMismatchError",
 ]
 
 Messages = Sequence[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """A prompt given as token ids of the base model (no template, no BOS added)."""
+
+    ids: Sequence[int]
 
 
 class TokenizerMismatchError(ValueError):
@@ -165,17 +173,44 @@ class SteeringEngine:
         # The template may already write BOS; llama.cpp would add a second one.
         return self.base.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
 
-    def encode_prompt(self, prompt: str | Messages) -> list[int]:
+    def encode_prompt(self, prompt: str | Messages | TokenIds) -> list[int]:
+        """Plain text (tokenised with BOS), chat messages (the model's template), or token ids
+        (used as they are, checked against the vocabulary)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
             return self.base.tokenize(prompt, add_special=True, parse_special=False)
+        if isinstance(prompt, TokenIds):
+            ids = [int(t) for t in prompt.ids]
+            if not ids:
+                raise ValueError("the prompt is empty")
+            bad = [t for t in ids if not 0 <= t < self.base.n_vocab]
+            if bad:
+                raise ValueError(f"token ids outside the vocabulary [0, {self.base.n_vocab}): {bad[:5]}")
+            return ids
         return self.chat_prompt(prompt)
+
+    def top_candidates(self, prompt: str | Messages | TokenIds, k: int = 10) -> list[int]:
+        """The base model's k most likely next tokens after ``prompt`` (sorted, ties by id)."""
+        ids = self.encode_prompt(prompt)
+        if len(ids) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}")
+        slot = self._acquire()
+        try:
+            slot.base.clear()
+            slot.base_cached = []
+            slot.base.decode(ids, 0)
+            topk = kernels.TopK(k)
+            kernels.junction_stats(slot.base.logits(-1), topk)
+            return [int(t) for t in topk.ids]
+        finally:
+            slot.base.clear()
+            self._release(slot)
 
     # ----------------------------------------------------------------- generation
     def generate(
         self,
-        prompt: str | Messages,
+        prompt: str | Messages | TokenIds,
         *,
         max_tokens: int = 256,
         config: SteeringConfig | None = None,
@@ -200,7 +235,7 @@ class SteeringEngine:
             )
         return Generation(self, tokens, max_tokens=max_tokens, config=config, seed=seed)
 
-    def complete(self, prompt: str | Messages, **kwargs: Any) -> tuple[str, GenerationStats]:
+    def complete(self, prompt: str | Messages | TokenIds, **kwargs: Any) -> tuple[str, GenerationStats]:
         """Run a generation to the end and return its text and stats."""
         gen = self.generate(prompt, **kwargs)
         with gen:

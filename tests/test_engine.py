@@ -266,3 +266,17 @@ def test_best_of_n(engine: SteeringEngine) -> None:
     assert len(all_) == 3 and best == max(all_, key=lambda r: r[1])[0]
     best_v, all_v = engine.best_of_n(BENIGN, 2, max_tokens=8, seed=0)
     assert all(np.isfinite(s) for _, s, _ in all_v) and best_v in [t for t, _, _ in all_v]
+
+
+def test_token_id_prompts_and_top_candidates(engine: SteeringEngine) -> None:
+    from sia_edge.engine import TokenIds
+
+    ids = engine.encode_prompt(BENIGN)
+    by_ids, _ = run(engine, TokenIds(ids), max_tokens=6, config=SteeringConfig(gate="off"), seed=9)
+    by_msgs, _ = run(engine, BENIGN, max_tokens=6, config=SteeringConfig(gate="off"), seed=9)
+    assert by_ids.tokens == by_msgs.tokens
+    greedy, _ = run(engine, TokenIds(ids), max_tokens=1, config=SteeringConfig(gate="off", temperature=0.0))
+    top = engine.top_candidates(TokenIds(ids), k=5)
+    assert len(top) == 5 and top[0] == greedy.tokens[0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate(TokenIds([1, 10**9]))
