@@ -62,7 +62,8 @@ def steer_probs(top_logits: npt.NDArray[np.float32], values: npt.NDArray[np.floa
         p[int(np.argmax(z))] = 1.0
         return p
     e: npt.NDArray[np.float64] = np.exp((z - z.max()) / temperature)
-    return e / e.sum()
+    p_out: npt.NDArray[np.float64] = e / e.sum()
+    return p_out
 
 
 def value_head(hidden: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: float) -> npt.NDArray[np.float64]:

@@ -264,6 +264,10 @@ def atomic_output(path: str | os.PathLike[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); a model file gets the usual umask-based mode.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     return Path(tmp)
 
 
@@ -288,6 +292,7 @@ def write_gguf_with_value_meta(
         raise ValueFormatError(f"{src}: general.architecture missing; not a model GGUF")
     arch = str(arch_field.contents())
     tmp = atomic_output(dst)
+    writer = None
     try:
         writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
         alignment = reader.fields.get("general.alignment")
@@ -312,6 +317,8 @@ def write_gguf_with_value_meta(
         writer.close()
         commit_output(tmp, dst)
     finally:
+        if writer is not None:
+            writer.close()  # idempotent; closes the file if a write failed half-way
         if tmp.exists():
             tmp.unlink()
 

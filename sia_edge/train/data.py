@@ -1,0 +1,331 @@
+"""Value-model data: prompt files, sampling the base model, and the value-data JSONL.
+
+One JSONL row per sampled response::
+
+    {"id": "p3-s1", "prompt_index": 3, "sample": 1,
+     "prompt": "...", "harmful": false, "system": null,
+     "prompt_ids": [...],          # chat-formatted prompt, ready to generate from
+     "response_ids": [...],        # sampled tokens (the end-of-generation token excluded)
+     "response": "...", "stop_reason": "eos",
+     "reward": 0.85, "reward_name": "safety",
+     "base_model": "SmolLM2-135M-Instruct.Q4_1.gguf", "base_fingerprint": "v1-49152-...",
+     "seed": 1234567}
+
+Generation samples through the engine with the gate ``off`` (plain top-k sampling, exactly the
+distribution that steering will later reweight), with a seed derived from (run seed, prompt,
+sample) so any row can be regenerated alone. The file is appended to and flushed row by row; a
+rerun skips the rows already there, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sia_edge.train import TrainError
+
+__all__ = [
+    "PromptItem",
+    "SampleFn",
+    "ValueRow",
+    "derive_seed",
+    "engine_sampler",
+    "generate_value_data",
+    "read_prompts",
+    "read_value_rows",
+    "split_rows",
+]
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    prompt: str
+    harmful: bool | None = None
+    system: str | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return [*msgs, {"role": "user", "content": self.prompt}]
+
+
+@dataclass(frozen=True)
+class ValueRow:
+    """What training needs from a data row."""
+
+    id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    base_fingerprint: str = ""
+    base_model: str = ""
+    reward_name: str = ""
+
+
+def read_prompts(path: str | os.PathLike[str], *, harmful: bool | None = None) -> list[PromptItem]:
+    """Prompts from a ``.jsonl`` file (``{"prompt": str, "harmful": bool, "system": str}`` rows)
+    or a text file (one prompt per line). ``harmful`` sets the flag for every prompt that has none."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TrainError(f"prompt file {p} does not exist")
+    items: list[PromptItem] = []
+    with open(p, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise TrainError(f"{p}:{n}: not JSON ({exc})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                    raise TrainError(f"{p}:{n}: each row needs a non-empty string 'prompt'")
+                h = row.get("harmful", harmful)
+                if h is not None and not isinstance(h, bool):
+                    raise TrainError(f"{p}:{n}: 'harmful' must be true or false, got {h!r}")
+                system = row.get("system")
+                items.append(PromptItem(row["prompt"], h, system if isinstance(system, str) else None))
+            else:
+                items.append(PromptItem(line.rstrip("\n"), harmful))
+    if not items:
+        raise TrainError(f"prompt file {p} has no prompts")
+    return items
+
+
+def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """A per-sample seed that does not depend on which rows were generated before (resume-safe)."""
+    h = hashlib.sha256(f"{seed}/{prompt_index}/{sample}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+# (messages, seed) -> (prompt ids, response ids, response text, stop reason)
+SampleFn = Callable[[list[dict[str, str]], int], tuple[list[int], list[int], str, str]]
+
+
+def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int = 256, k: int = 10,
+                   temperature: float = 1.0, n_ctx: int = 2048, n_threads: int | None = None,
+                   explore_first: bool = False,
+                   ) -> tuple[SampleFn, str, str]:
+    """Sampling through ``SteeringEngine`` with the gate ``off``. Returns the sample function,
+    the base model's file name and its tokenizer fingerprint.
+
+    ``explore_first``: the first response token is drawn uniformly from the base model's top-k
+    instead of from its distribution, the rest on-policy. The first answer token is the junction
+    that decides refusals; a 135M model puts a few percent on "I" there, so on-policy samples
+    would show the value model almost no refusals to learn from. Values stay on-policy estimates
+    (the continuation is the base policy), each candidate just gets equal coverage."""
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.gate import SteeringConfig
+
+    engine = SteeringEngine(None if base_model is None else Path(base_model), n_ctx=n_ctx, n_threads=n_threads, k_max=max(k, 1))
+    config = SteeringConfig(gate="off", k=k, temperature=temperature)
+
+    def sample(messages: list[dict[str, str]], seed: int) -> tuple[list[int], list[int], str, str]:
+        if not explore_first:
+            gen = engine.generate(messages, max_tokens=max_tokens, config=config, seed=seed)
+            with gen:
+                for _ in gen:
+                    pass
+            return list(gen.prompt_tokens), list(gen.tokens), gen.text, gen.stats.stop_reason
+        import random
+
+        from sia_edge.engine import TokenIds
+
+        prompt_ids = engine.encode_prompt(messages)
+        first = random.Random(seed).choice(engine.top_candidates(TokenIds(prompt_ids), k))
+        if engine.base.is_eog(first):
+            return prompt_ids, [], "", "eos"
+        gen = engine.generate(TokenIds([*prompt_ids, first]), max_tokens=max(1, max_tokens - 1), config=config, seed=seed)
+        with gen:
+            for _ in gen:
+                pass
+        response = [first, *gen.tokens]
+        return prompt_ids, response, engine.base.detokenize(response), gen.stats.stop_reason or "length"
+
+    return sample, engine.base.path.name, engine.base.fingerprint
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a partial last line left by an interrupted write."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            fh.truncate(cut)
+
+
+def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool) -> set[str]:
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    _repair_tail(path)
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise TrainError(f"{path}:{n}: not JSON; delete the file or pick another --out") from None
+            if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
+                    bool(row.get("explore_first", False))) != (fingerprint, seed, reward_name, explore_first):
+                raise TrainError(
+                    f"{path} holds rows of another run (different base model, seed, reward or --explore-first); "
+                    "pass --overwrite or another --out"
+                )
+            done.add(str(row["id"]))
+    return done
+
+
+def generate_value_data(
+    prompts: Sequence[PromptItem],
+    out_path: str | os.PathLike[str],
+    *,
+    sample: SampleFn,
+    reward: Any,
+    base_model: str,
+    base_fingerprint: str,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    explore_first: bool = False,
+) -> int:
+    """Sample, score and append rows to ``out_path``; returns the number of new rows."""
+    from sia_edge.train.rewards import check_reward
+
+    if samples_per_prompt < 1:
+        raise TrainError("samples per prompt must be >= 1")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and out.exists():
+        out.unlink()
+    done = _existing(out, fingerprint=base_fingerprint, seed=seed, reward_name=reward.name,
+                     explore_first=explore_first)
+    todo = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt) if f"p{i}-s{s}" not in done]
+    bar = _progress(len(prompts) * samples_per_prompt, len(done), progress)
+    written = 0
+    with open(out, "a", encoding="utf-8") as fh:
+        for i, s in todo:
+            item = prompts[i]
+            row_seed = derive_seed(seed, i, s)
+            prompt_ids, response_ids, text, stop = sample(item.messages(), row_seed)
+            row: dict[str, Any] = {
+                "id": f"p{i}-s{s}", "prompt_index": i, "sample": s,
+                "prompt": item.prompt, "harmful": item.harmful, "system": item.system,
+                "prompt_ids": prompt_ids, "response_ids": response_ids, "response": text,
+                "stop_reason": stop,
+            }
+            value = reward.score_batch([item.prompt], [text], [row])[0]
+            row.update({
+                "reward": check_reward(float(value), f"prompt {i} sample {s}"),
+                "reward_name": reward.name, "base_model": base_model, "base_fingerprint": base_fingerprint,
+                "seed": row_seed, "seed_base": seed, "explore_first": explore_first,
+            })
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            written += 1
+            bar.update(1)
+    bar.close()
+    return written
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", dynamic_ncols=True)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise TrainError(f"{path}:{n}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise TrainError(f"{path}:{n}: each row must be a JSON object")
+            yield n, row
+
+
+def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int | None = None) -> list[ValueRow]:
+    """Training rows from value-data JSONL files, validated: ids in range, finite rewards, one
+    base model. Rows with an empty response are skipped (nothing to average V over)."""
+    rows: list[ValueRow] = []
+    skipped = 0
+    for raw_path in paths:
+        path = Path(raw_path).expanduser()
+        if not path.is_file():
+            raise TrainError(f"data file {path} does not exist")
+        for n, row in iter_jsonl(path):
+            where = f"{path}:{n}"
+            try:
+                prompt_ids = [int(t) for t in row["prompt_ids"]]
+                response_ids = [int(t) for t in row["response_ids"]]
+                reward = float(row["reward"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainError(
+                    f"{where}: a value-data row needs prompt_ids, response_ids and a numeric reward ({exc!r})"
+                ) from None
+            if not math.isfinite(reward):
+                raise TrainError(f"{where}: the reward is {reward} (NaN/inf); fix or drop this row")
+            if not prompt_ids:
+                raise TrainError(f"{where}: empty prompt_ids")
+            if vocab_size is not None:
+                bad = [t for t in prompt_ids + response_ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise TrainError(
+                        f"{where}: token id {bad[0]} is outside the backbone's vocabulary of {vocab_size}; "
+                        "the data was made with another tokenizer"
+                    )
+            if not response_ids:
+                skipped += 1
+                continue
+            rows.append(ValueRow(
+                str(row.get("id", f"{path.name}:{n}")), prompt_ids, response_ids, reward,
+                str(row.get("base_fingerprint") or ""), str(row.get("base_model") or ""),
+                str(row.get("reward_name") or ""),
+            ))
+    if not rows:
+        raise TrainError(
+            "no usable training rows in " + ", ".join(str(p) for p in paths)
+            + (f" ({skipped} rows had empty responses)" if skipped else " (the data is empty)")
+        )
+    fps = {r.base_fingerprint for r in rows if r.base_fingerprint}
+    if len(fps) > 1:
+        raise TrainError(f"the data mixes rows sampled from {len(fps)} different base tokenizers")
+    return rows
+
+
+def split_rows(rows: Sequence[ValueRow], eval_fraction: float, seed: int) -> tuple[list[ValueRow], list[ValueRow]]:
+    """A deterministic train/eval split by row id (stable when rows are appended)."""
+    if not 0 <= eval_fraction < 1:
+        raise TrainError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    train: list[ValueRow] = []
+    held: list[ValueRow] = []
+    for r in rows:
+        h = int.from_bytes(hashlib.sha256(f"{seed}/{r.id}".encode()).digest()[:4], "little") / 2**32
+        (held if h < eval_fraction else train).append(r)
+    if eval_fraction > 0 and not held and len(train) > 1:
+        held.append(train.pop())
+    if not train:
+        raise TrainError("no training rows left after the eval split; lower --eval-fraction")
+    return train, held

@@ -1,0 +1,332 @@
+"""The PyTorch value model: a causal-LM backbone with LoRA, read at its final-norm hidden states
+by a ``Linear(hidden, 1)`` head in fp32.
+
+``V_t = head(h_t)`` where ``h_t`` is the backbone's last hidden state at position t, after the
+final norm (what llama.cpp returns as embeddings with pooling ``none``). The vocabulary head of
+the causal LM is never run: training only needs the transformer body.
+
+A trained value model is a directory in peft's standard adapter format plus two small files::
+
+    adapter_config.json, adapter_model.safetensors   the LoRA (PeftModel.from_pretrained loads it)
+    value_head.safetensors                           head weight [1, hidden] and bias [1], fp32
+    value_meta.json                                  reward normalisation, backbone, tokenizer
+                                                     fingerprint, training settings (written last)
+
+No pickle anywhere: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sia_edge.train import TrainError
+from sia_edge.value_format import ValueHeadMeta, fingerprint_from_gguf, tokenizer_fingerprint
+
+__all__ = [
+    "LoraSettings",
+    "ValueMeta",
+    "ValueNet",
+    "backbone_fingerprint",
+    "is_gguf_file",
+    "load_backbone",
+    "load_value_model",
+    "save_value_model",
+]
+
+META_FILE = "value_meta.json"
+HEAD_FILE = "value_head.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+META_VERSION = 1
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets:
+            raise TrainError(f"bad LoRA settings {self}: need r >= 1, alpha > 0, 0 <= dropout < 1, targets")
+
+
+@dataclass
+class ValueMeta:
+    """Everything besides tensors that a trained value model carries (``value_meta.json``)."""
+
+    backbone: str  # GGUF file or HF directory the LoRA was trained on
+    tokenizer_fingerprint: str
+    hidden_size: int
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    reward_name: str = ""
+    base_model: str = ""  # the base model the values were trained for (from the data)
+    lora: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: int = META_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ValueMeta:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TrainError(f"{path.parent}: not a trained value model ({META_FILE} missing)") from None
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("version", 0) > META_VERSION:
+            raise TrainError(f"{path}: unsupported value-model metadata (version {raw.get('version')!r})")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise TrainError(f"{path}: incomplete value-model metadata ({exc})") from None
+
+    def head_meta(self, weight: Any, bias: float, objective: str | None = None) -> ValueHeadMeta:
+        """The ``sia.*`` GGUF metadata for this model (the engine's one definition)."""
+        return ValueHeadMeta(
+            weight=weight, bias=bias, reward_mean=self.reward_mean, reward_std=self.reward_std,
+            tokenizer_fingerprint=self.tokenizer_fingerprint, base_model=self.base_model,
+            objective=objective if objective is not None else self.reward_name,
+        )
+
+
+def is_gguf_file(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def check_backbone_path(path: str | os.PathLike[str]) -> Path:
+    """The backbone path, if it is a GGUF file or a Hugging Face model directory."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrainError(f"backbone {p} does not exist")
+    if p.is_file() and not is_gguf_file(p):
+        raise TrainError(f"backbone {p} is neither a GGUF file nor a Hugging Face model directory")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise TrainError(f"backbone directory {p} has no config.json (not a Hugging Face model)")
+    return p
+
+
+def load_backbone(path: str | os.PathLike[str]) -> Any:
+    """A causal LM in fp32 from a GGUF file (dequantised by transformers' GGUF loader) or a local
+    Hugging Face directory. Never downloads."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model: Any
+    p = check_backbone_path(path)
+    try:
+        if p.is_file():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p.parent), gguf_file=p.name, dtype=torch.float32, local_files_only=True
+            )
+            # The GGUF loader leaves a quantization_config behind; the weights are plain fp32 now.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.is_quantized = False
+            model.hf_quantizer = None
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    except TrainError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TrainError(f"could not load backbone {p}: {exc}") from None
+    model.config.use_cache = False
+    return model
+
+
+def backbone_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Tokenizer fingerprint of a backbone: from the GGUF metadata, or the HF directory's tokenizer."""
+    p = check_backbone_path(path)
+    if p.is_file():
+        return fingerprint_from_gguf(p)
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrainError(
+            f"backbone directory {p} has no usable tokenizer ({exc}); save the base model's tokenizer into it"
+        ) from None
+    return hf_tokenizer_fingerprint(tok)
+
+
+def hf_tokenizer_fingerprint(tok: Any) -> str:
+    n = len(tok)
+    return tokenizer_fingerprint(tok.convert_ids_to_tokens(list(range(n))))
+
+
+def transformer_body(causal_lm: Any) -> Any:
+    """The decoder stack of a causal LM (``model.model`` for llama), without the vocabulary head."""
+    base = causal_lm
+    get_base = getattr(base, "get_base_model", None)  # peft wrapper -> the wrapped model
+    if callable(get_base):
+        base = get_base()
+    prefix = getattr(base, "base_model_prefix", "model")
+    body = getattr(base, prefix, None)
+    if body is None:
+        raise TrainError(f"{type(base).__name__} has no transformer body at .{prefix}")
+    return body
+
+
+class ValueNet(nn.Module):
+    """Backbone (possibly LoRA-wrapped) + fp32 value head: ``forward`` returns V at every position."""
+
+    def __init__(self, backbone: Any, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        # Zero head: V starts at 0, the mean of the normalised rewards, so the first loss is the
+        # reward variance and training can only improve on the constant predictor.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        body = transformer_body(self.backbone)
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden: torch.Tensor = out.last_hidden_state  # after the final norm
+        values: torch.Tensor = self.head(hidden.float()).squeeze(-1)
+        return values
+
+
+def add_lora(backbone: Any, lora: LoraSettings) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
+    missing = [t for t in lora.targets if t not in names]
+    if missing:
+        raise TrainError(f"the backbone has no modules named {missing}; set LoRA targets that exist")
+    cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+        bias="none",
+    )
+    return get_peft_model(backbone, cfg)
+
+
+def response_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of V_t over the response positions of each row: what is regressed on the reward."""
+    m = response_mask.to(values.dtype)
+    mean: torch.Tensor = (values * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    return mean
+
+
+def _atomic_replace_files(src_dir: Path, dst_dir: Path, names: Sequence[str]) -> None:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with open(src_dir / name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(src_dir / name, dst_dir / name)
+
+
+def save_value_model(out_dir: str | os.PathLike[str], net: ValueNet, meta: ValueMeta,
+                     extra_files: dict[str, bytes] | None = None) -> None:
+    """Write the adapter, head and metadata into ``out_dir``. Each file is replaced atomically and
+    ``value_meta.json`` goes last, so a directory with it is always complete."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+    try:
+        backbone: Any = net.backbone
+        if not hasattr(backbone, "save_pretrained") or not hasattr(backbone, "peft_config"):
+            raise TrainError("only LoRA-wrapped backbones can be saved as an adapter")
+        # embeddings are frozen: nothing to save of them (and no base config.json lookup)
+        backbone.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        head = {
+            "weight": net.head.weight.detach().float().cpu().contiguous(),
+            "bias": net.head.bias.detach().float().cpu().contiguous(),
+        }
+        save_file(head, str(tmp / HEAD_FILE))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / META_FILE).write_text(meta.to_json())
+        names = [*ADAPTER_FILES, HEAD_FILE, *(extra_files or {})]
+        _atomic_replace_files(tmp, out, names)
+        _atomic_replace_files(tmp, out, [META_FILE])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_head(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = model_dir / HEAD_FILE
+    if not path.is_file():
+        raise TrainError(f"{model_dir}: {HEAD_FILE} missing; the training run did not finish")
+    t = load_file(str(path))
+    if "weight" not in t or "bias" not in t:
+        raise TrainError(f"{path}: needs 'weight' and 'bias' tensors")
+    return t["weight"].float(), t["bias"].float()
+
+
+def resolve_backbone(meta: ValueMeta, override: str | os.PathLike[str] | None) -> Path:
+    if override is not None:
+        return Path(override).expanduser()
+    p = Path(meta.backbone).expanduser()
+    if meta.backbone == "default" or not p.exists():
+        if meta.training.get("backbone_is_default"):
+            from sia_edge.models import default_base_model
+
+            return default_base_model()
+        raise TrainError(f"the value model's backbone {p} is gone; pass --backbone PATH")
+    return p
+
+
+def load_value_model(model_dir: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
+                     ) -> tuple[ValueNet, ValueMeta]:
+    """A trained value model (LoRA unmerged, eval mode) and its metadata."""
+    from peft import PeftModel
+
+    d = Path(model_dir).expanduser()
+    if not d.is_dir():
+        raise TrainError(f"value model directory {d} does not exist")
+    meta = ValueMeta.from_file(d / META_FILE)
+    for name in ADAPTER_FILES:
+        if not (d / name).is_file():
+            raise TrainError(f"{d}: {name} missing; not a complete value model")
+    weight, bias = load_head(d)
+    bpath = resolve_backbone(meta, backbone)
+    fp = backbone_fingerprint(bpath)
+    if fp != meta.tokenizer_fingerprint:
+        raise TrainError(
+            f"backbone {bpath} has a different tokenizer (fingerprint {fp}) than the one the value model "
+            f"was trained with ({meta.tokenizer_fingerprint})"
+        )
+    base = load_backbone(bpath)
+    peft_model = PeftModel.from_pretrained(base, str(d), is_trainable=False)
+    net = ValueNet(peft_model, meta.hidden_size)
+    if tuple(weight.shape) != (1, meta.hidden_size):
+        raise TrainError(f"{d}: head weight has shape {tuple(weight.shape)}, expected (1, {meta.hidden_size})")
+    with torch.no_grad():
+        net.head.weight.copy_(weight)
+        net.head.bias.copy_(bias.reshape(1))
+    net.eval()
+    return net, meta

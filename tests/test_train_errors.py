@@ -1,0 +1,140 @@
+"""Bad inputs to the training pipeline end in one clear error, never a traceback wall."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sia_edge.train import TrainError
+from sia_edge.train.data import read_prompts, read_value_rows
+from sia_edge.train.trainer import TrainConfig, train
+from sia_edge.value_format import fingerprint_from_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _row(i: int, reward: Any = 0.5, fp: str = "", **kw: Any) -> str:
+    row = {"id": f"r{i}", "prompt_ids": [1, 520, 9531, 198], "response_ids": [2683, 359 + i], "reward": reward,
+           "base_fingerprint": fp, **kw}
+    return json.dumps(row)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _train(data: Path, backbone: Path, out: Path) -> None:
+    train(TrainConfig(data=[str(data)], backbone=str(backbone), out_dir=str(out), max_steps=1, progress=False,
+                      n_threads=1), log=lambda s: None)
+
+
+def test_missing_and_empty_data(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    with pytest.raises(TrainError, match="does not exist"):
+        _train(tmp_path / "missing.jsonl", tiny_llama_dir, tmp_path / "out")
+    empty = _write(tmp_path / "empty.jsonl", [])
+    with pytest.raises(TrainError, match="empty"):
+        _train(empty, tiny_llama_dir, tmp_path / "out")
+    only_empty_responses = _write(tmp_path / "e.jsonl", [json.dumps({"prompt_ids": [1], "response_ids": [],
+                                                                      "reward": 1.0})])
+    with pytest.raises(TrainError, match="empty responses"):
+        read_value_rows([only_empty_responses])
+
+
+def test_missing_backbone(tmp_path: Path) -> None:
+    data = _write(tmp_path / "d.jsonl", [_row(i, reward=float(i)) for i in range(4)])
+    with pytest.raises(TrainError, match="does not exist"):
+        _train(data, tmp_path / "no-such-model", tmp_path / "out")
+    not_a_model = tmp_path / "x.bin"
+    not_a_model.write_bytes(b"\x00" * 16)
+    with pytest.raises(TrainError, match="neither a GGUF"):
+        _train(data, not_a_model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("reward", ["NaN", "Infinity", None, "high"])
+def test_bad_rewards(tmp_path: Path, reward: Any) -> None:
+    lines = [_row(0, 0.1), _row(1, 0.2)]
+    lines.append(_row(2).replace('"reward": 0.5', f'"reward": {reward}' if reward in ("NaN", "Infinity")
+                                 else f'"reward": {json.dumps(reward)}'))
+    data = _write(tmp_path / "d.jsonl", lines)
+    with pytest.raises(TrainError, match=r"d\.jsonl:3"):
+        read_value_rows([data])
+
+
+def test_constant_rewards_and_out_of_vocab_ids(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    flat = _write(tmp_path / "flat.jsonl", [_row(i, reward=1.0) for i in range(6)])
+    with pytest.raises(TrainError, match="nothing to learn"):
+        _train(flat, tiny_llama_dir, tmp_path / "out")
+    oov = _write(tmp_path / "oov.jsonl", [_row(i, reward=float(i)) for i in range(5)]
+                 + [json.dumps({"id": "big", "prompt_ids": [1], "response_ids": [10**6], "reward": 0.0})])
+    with pytest.raises(TrainError, match="outside the backbone's vocabulary"):
+        _train(oov, tiny_llama_dir, tmp_path / "out")
+
+
+def test_backbone_with_another_tokenizer(tmp_path: Path, base_model_path: Path) -> None:
+    """Data sampled from SmolLM2 cannot train a backbone whose tokenizer maps ids to other texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sia_edge.train.tiny import build_tiny_llama
+
+    words = ["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(2000)]]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    other = build_tiny_llama(tmp_path / "other", tok, hidden_size=32, intermediate_size=64)
+    fp = fingerprint_from_gguf(base_model_path)
+    data = _write(tmp_path / "d.jsonl", [_row(i, reward=float(i), fp=fp) for i in range(6)])
+    with pytest.raises(TrainError, match="different tokenizer"):
+        _train(data, other, tmp_path / "out")
+
+
+def test_bad_prompt_files(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="does not exist"):
+        read_prompts(tmp_path / "nope.jsonl")
+    bad = _write(tmp_path / "p.jsonl", ['{"prompt": "ok", "harmful": false}', '{"text": "no prompt"}'])
+    with pytest.raises(TrainError, match=r"p\.jsonl:2"):
+        read_prompts(bad)
+    flag = _write(tmp_path / "f.jsonl", ['{"prompt": "ok", "harmful": "yes"}'])
+    with pytest.raises(TrainError, match="true or false"):
+        read_prompts(flag)
+    with pytest.raises(TrainError, match="no prompts"):
+        read_prompts(_write(tmp_path / "e.txt", []))
+    txt = read_prompts(_write(tmp_path / "p.txt", ["How do I bake bread?", "", "Write a poem."]), harmful=False)
+    assert [p.prompt for p in txt] == ["How do I bake bread?", "Write a poem."] and txt[0].harmful is False
+
+
+def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
+    from sia_edge.train.export import export_value_model
+
+    with pytest.raises(TrainError, match="does not exist"):
+        export_value_model(tmp_path / "nope", tmp_path / "v")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(TrainError, match=r"value_meta\.json missing"):
+        export_value_model(tmp_path / "half", tmp_path / "v")
+    with pytest.raises(TrainError, match="unknown quantisation type"):
+        export_value_model(tmp_path / "half", tmp_path / "v", types=["q3_xs"])
+
+
+@pytest.mark.parametrize(("tool", "args", "message"), [
+    ("train_value.py", ["missing.jsonl", "--out", "o", "--backbone", "x.gguf"], "does not exist"),
+    ("make_value_data.py", ["missing.jsonl", "--out", "o.jsonl"], "prompt file"),
+    ("export_value_gguf.py", ["no-such-dir", "--out", "v"], "does not exist"),
+    ("export_value_gguf.py", [], "--self-check"),
+    ("train_value.py", ["--out"], "expected one argument"),
+])
+def test_cli_errors_are_one_line(tmp_path: Path, tool: str, args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], proc.stderr

@@ -1,0 +1,109 @@
+"""The value-model pipeline end to end on a tiny random llama with SmolLM2's real tokenizer:
+synthetic data -> LoRA training -> GGUF export -> llama.cpp quantisation -> parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sia_edge.value_format import fingerprint_from_gguf, read_value_meta
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path, smollm2_tokenizer_dir: Path
+             ) -> tuple[dict[str, Any], Path]:
+    from sia_edge.train.selfcheck import self_check
+
+    work = tmp_path_factory.mktemp("selfcheck")
+    report = self_check(base_gguf=base_model_path, tokenizer_dir=smollm2_tokenizer_dir, work_dir=work,
+                        steps=40, n_threads=1)
+    return report, work
+
+
+def test_loss_goes_down(pipeline: tuple[dict[str, Any], Path]) -> None:
+    report, _ = pipeline
+    assert report["loss_before"] == pytest.approx(1.0, abs=1e-3)  # zero head = the mean predictor
+    assert report["loss_after"] < 0.5 * report["loss_before"]
+    assert report["eval_r2_after"] > 0.3
+
+
+def test_parity_goals(pipeline: tuple[dict[str, Any], Path]) -> None:
+    report, _ = pipeline
+    assert set(report) >= {"f16", "q8_0", "q4_k_m"}
+    assert report["n_junctions"] >= 10
+    assert report["f16"]["max_abs_err"] <= 1e-2
+    assert report["q8_0"]["top1_agreement"] >= 0.95
+    for t in ("f16", "q8_0", "q4_k_m"):
+        assert np.isfinite(report[t]["max_abs_err"])
+        assert 0.0 <= report[t]["top1_agreement"] <= 1.0
+    # coarser quantisation, larger error
+    assert report["f16"]["max_abs_err"] <= report["q8_0"]["max_abs_err"] <= report["q4_k_m"]["max_abs_err"]
+
+
+def test_export_loads_in_llama_cpp_with_the_head(pipeline: tuple[dict[str, Any], Path], base_model_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from sia_edge.llama_backend import LlamaModel
+    from sia_edge.train.model import META_FILE, ValueMeta
+
+    report, work = pipeline
+    head = load_file(str(work / "value" / "value_head.safetensors"))
+    meta = ValueMeta.from_file(work / "value" / META_FILE)
+    for t, path in report["files"].items():
+        m = LlamaModel(path)
+        assert m.n_embd == 64
+        assert m.fingerprint == fingerprint_from_gguf(base_model_path)
+        v = read_value_meta(path)
+        np.testing.assert_allclose(v.weight, head["weight"].numpy().reshape(-1), rtol=0, atol=0)
+        assert v.bias == pytest.approx(float(head["bias"][0]))
+        assert v.reward_mean == pytest.approx(meta.reward_mean)
+        assert v.reward_std == pytest.approx(meta.reward_std)
+        assert v.objective == "synthetic", t
+
+
+def test_saved_model_is_peft_format_without_pickle(pipeline: tuple[dict[str, Any], Path], tiny_llama_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, work = pipeline
+    out = work / "value"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "value_meta.json",
+            "metrics.jsonl", "training_curve.png"} <= names
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and cfg["lora_dropout"] == 0.1
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    base = AutoModelForCausalLM.from_pretrained(str(work / "tiny"), local_files_only=True)
+    model = PeftModel.from_pretrained(base, str(out))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # trained, not the zero init
+    assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    assert any("eval_r2" in m for m in metrics)
+
+
+def test_export_cli_check_json(pipeline: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    _, work = pipeline
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_value_gguf.py"), str(work / "value"),
+         "--out", str(tmp_path / "v"), "--base", str(work / "tiny-base-f32.gguf"), "--types", "f16,q8_0",
+         "--check", "--check-rows", "2", "--junctions-per-row", "2", "--tau", "0", "--json", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert set(report) == {"f16", "q8_0", "n_positions", "n_junctions"}
+    assert report["f16"]["max_abs_err"] <= 1e-2
+    assert set(report["q8_0"]) == {"max_abs_err", "top1_agreement"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v-f16.gguf", "v-q8_0.gguf"]

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""The default safety value model for SmolLM2-135M-Instruct: build its GGUF, or rebuild it all.
+
+    python tools/build_default_value_model.py --if-missing   # what ./dev.sh setup runs
+    python tools/build_default_value_model.py --rebuild      # data, training, export: hours on 2 cores
+
+The trained artefacts (LoRA adapter, head, reward normalisation: a few MB) ship in
+assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
+models/value-smollm2-safety-q8_0.gguf once, through tools/export_value_gguf.py.
+--rebuild runs the exact pipeline that produced the shipped artefacts (REBUILD_STEPS below, also
+quoted in docs/TRAINING.md), resuming wherever an earlier run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets" / "value-smollm2-safety"
+RUN = REPO / "runs" / "default"
+PY = sys.executable
+
+# The harmful training prompts: the HarmBench and Do-Not-Answer areas that are requests for harm
+# (not "human_chatbox" support questions or "misinformation_harms" advice questions, which are
+# labelled harmful but where a helpful answer is often right), every second one, 300 at most.
+HARMFUL_SOURCES = (
+    "harmbench",
+    "donotanswer/malicious_uses",
+    "donotanswer/information_hazard",
+    "donotanswer/discrimination_exclusion_toxicity_hateful_offensive",
+)
+
+REBUILD_STEPS: list[list[str]] = [
+    [PY, "tools/make_value_data.py", "runs/default/harmful_prompts.jsonl", "--out", "runs/default/data_harmful.jsonl",
+     "--samples-per-prompt", "2", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "1"],
+    [PY, "tools/make_value_data.py", "data/prompts/benign_train.jsonl", "--out", "runs/default/data_benign.jsonl",
+     "--samples-per-prompt", "2", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "2"],
+    [PY, "tools/train_value.py", "runs/default/data_harmful.jsonl", "runs/default/data_benign.jsonl",
+     "--out", "runs/default/train", "--epochs", "1", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-4",
+     "--head-lr", "1e-3", "--max-length", "160", "--eval-fraction", "0.1", "--objective", "safety", "--seed", "0"],
+]
+
+
+def select_harmful_prompts(out: Path) -> int:
+    rows = [json.loads(line) for line in (REPO / "data/prompts/harmful_train.jsonl").open()]
+    keep = [r for r in rows if r["source"] in HARMFUL_SOURCES][::2][:300]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return len(keep)
+
+
+def export(model_dir: Path, prefix: Path, types: str = "q8_0") -> None:
+    cmd = [PY, str(REPO / "tools/export_value_gguf.py"), str(model_dir), "--out", str(prefix), "--types", types]
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def main() -> int:
+    from sia_edge.models import DEFAULT_VALUE_FILE, models_dir
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--if-missing", action="store_true", help="export the shipped artefacts unless done")
+    mode.add_argument("--rebuild", action="store_true", help="regenerate data, retrain, export")
+    args = ap.parse_args()
+    target = models_dir() / DEFAULT_VALUE_FILE
+    prefix = target.parent / target.name.replace("-q8_0.gguf", "")
+
+    if args.if_missing:
+        if target.is_file():
+            return 0
+        if not (ASSETS / "value_meta.json").is_file():
+            print("[setup] no trained value model ships in assets/ yet: the chat runs unsteered", file=sys.stderr)
+            return 0
+        print(f"[setup] building {target.name} from {ASSETS.relative_to(REPO)} (once)", file=sys.stderr)
+        export(ASSETS, prefix)
+        return 0
+
+    select_harmful_prompts(RUN / "harmful_prompts.jsonl")
+    for step in REBUILD_STEPS:
+        print("+", " ".join(step[1:]), file=sys.stderr)
+        subprocess.run(step, check=True, cwd=REPO)
+    final = RUN / "train"  # train_value.py writes the model itself into --out, beside checkpoints
+    if ASSETS.exists():
+        shutil.rmtree(ASSETS)
+    ASSETS.mkdir(parents=True)
+    for f in final.iterdir():  # the adapter, head and metadata only: not checkpoints or metrics
+        if f.is_file() and (f.name.startswith("adapter_") or f.name in ("value_head.safetensors", "value_meta.json")):
+            shutil.copy2(f, ASSETS / f.name)
+    export(ASSETS, prefix)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Export a trained value model to GGUF for llama.cpp, quantised (f16, q8_0, q4_k_m), and check
+that llama.cpp computes the same values as PyTorch.
+
+    tools/export_value_gguf.py runs/safety --out models/value-smollm2-safety --check
+        -> models/value-smollm2-safety-f16.gguf, -q8_0.gguf, -q4_k_m.gguf
+    tools/export_value_gguf.py --self-check --json      # the whole pipeline on a tiny random llama
+
+--check compares on held sequences (the eval split of the training data, or --check-data):
+max abs error of the normalised V at every position, and top-1 agreement of the candidate
+ranking at junctions (base model's top-k entropy >= --tau), per quantisation type.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sia_edge.cli_common import CliParser, run_cli
+
+
+def _check_sequences(model_dir: Path, check_data: str | None, n: int) -> list[tuple[list[int], list[int]]]:
+    from sia_edge.train import TrainError
+    from sia_edge.train.data import read_value_rows, split_rows
+    from sia_edge.train.model import META_FILE, ValueMeta
+
+    if check_data:
+        rows = read_value_rows([check_data])
+    else:
+        meta = ValueMeta.from_file(model_dir / META_FILE)
+        files = [f for f in meta.training.get("data", []) if Path(f).is_file()]
+        if not files:
+            raise TrainError("the training data is gone: pass --check-data DATA.jsonl for the parity check")
+        train_rows, held = split_rows(read_value_rows(files), float(meta.training.get("eval_fraction", 0.1)),
+                                      int(meta.training.get("seed", 0)))
+        rows = held + train_rows  # held-out rows first
+    max_len = 512
+    return [(r.prompt_ids, r.response_ids[: max(1, max_len - len(r.prompt_ids))]) for r in rows[:n]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = CliParser(prog="export_value_gguf.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir", nargs="?", help="trained value model directory (train_value.py --out)")
+    ap.add_argument("--out", help="output prefix: PREFIX-f16.gguf, PREFIX-q8_0.gguf, ...")
+    ap.add_argument("--base", default=None, help="base model GGUF (default: the one trained on, else SmolLM2)")
+    ap.add_argument("--backbone", default=None, help="backbone path, if it moved since training")
+    ap.add_argument("--types", default="f16,q8_0,q4_k_m", help="comma-separated: f32, f16, q8_0, q4_k_m")
+    ap.add_argument("--check", action="store_true", help="parity check PyTorch vs llama.cpp per type")
+    ap.add_argument("--check-data", default=None, help="value-data JSONL for --check (default: training data)")
+    ap.add_argument("--check-rows", type=int, default=8)
+    ap.add_argument("--k", type=int, default=10, help="candidates per junction (base model's top-k)")
+    ap.add_argument("--tau", type=float, default=1.0, help="junction threshold on top-k entropy (nats)")
+    ap.add_argument("--junctions-per-row", type=int, default=4)
+    ap.add_argument("--self-check", action="store_true",
+                    help="train, export and check a tiny random llama in a temporary folder")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of --self-check")
+    ap.add_argument("--keep", default=None, help="--self-check: keep its files in this directory")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
+    args = ap.parse_args(argv)
+    from sia_edge.train import quiet_library_warnings
+
+    quiet_library_warnings()
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    log = (lambda s: print(s, file=sys.stderr))
+
+    if args.self_check:
+        from sia_edge.train.selfcheck import self_check
+
+        report = self_check(base_gguf=args.base, work_dir=args.keep, steps=args.steps, types=types,
+                            n_threads=args.threads, log=log)
+        if not args.keep:
+            report.pop("files", None)
+        print(json.dumps(report, indent=2) if args.json else _table(report))
+        return 0
+
+    if not args.model_dir or not args.out:
+        ap.error("give a value model directory and --out PREFIX (or --self-check)")
+    from sia_edge.train import TrainError
+
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():  # before importing torch: a typo should fail fast
+        raise TrainError(f"value model directory {model_dir} does not exist")
+    from sia_edge.train.export import export_value_model
+
+    sequences = _check_sequences(model_dir, args.check_data, args.check_rows) if args.check else None
+    paths, report = export_value_model(
+        model_dir, args.out, base_gguf=args.base, backbone=args.backbone, types=types,
+        check_sequences=sequences, check_k=args.k, check_tau=args.tau, check_per_sequence=args.junctions_per_row,
+        n_threads=args.threads, log=log,
+    )
+    for t, p in paths.items():
+        log(f"{t}: {p}")
+    if report is not None:
+        d = report.as_dict()
+        print(json.dumps(d, indent=2) if args.json else _table(d))
+    return 0
+
+
+def _table(report: dict[str, object]) -> str:
+    lines = [f"{'type':8} {'max_abs_err':>12} {'top1_agreement':>15}"]
+    for t, v in report.items():
+        if isinstance(v, dict) and "max_abs_err" in v:
+            lines.append(f"{t:8} {v['max_abs_err']:12.5f} {v['top1_agreement']:15.3f}")
+    lines += [f"{k}: {v}" for k, v in report.items() if not isinstance(v, dict)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

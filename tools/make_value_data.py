@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Sample responses from a base GGUF for a file of prompts, score them with a reward, and write
+value-model training data (JSONL). Resumable: rerun the same command after an interrupt.
+
+    tools/make_value_data.py prompts.jsonl --out data/safety.jsonl --reward safety --samples-per-prompt 4
+
+Prompts: a .jsonl file of {"prompt": ..., "harmful": true|false, "system": ...} rows, or a text
+file with one prompt per line (then --harmful or --benign says which they are, for the safety
+reward). Rewards: safety (built in), module:function, path/to/file.py:function, jsonl:LABELS,
+hf:REWARD_MODEL_DIR. See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from sia_edge.cli_common import CliParser, run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = CliParser(prog="make_value_data.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("prompts", help="prompt file (.jsonl rows with 'prompt' and 'harmful', or .txt lines)")
+    ap.add_argument("--out", required=True, help="output JSONL (appended to; existing rows are skipped)")
+    ap.add_argument("--model", default=None, help="base model GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--reward", default="safety", help="safety | module:function | file.py:function | "
+                    "jsonl:LABELS | hf:DIR (default: safety)")
+    ap.add_argument("--samples-per-prompt", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--k", type=int, default=10, help="top-k of the sampler (as the engine's gate 'off')")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None)
+    flag = ap.add_mutually_exclusive_group()
+    flag.add_argument("--harmful", dest="harmful", action="store_const", const=True, default=None,
+                      help="every prompt without a 'harmful' field is harmful")
+    flag.add_argument("--benign", dest="harmful", action="store_const", const=False,
+                      help="every prompt without a 'harmful' field is benign")
+    ap.add_argument("--explore-first", action="store_true",
+                    help="draw the first response token uniformly from the top-k (see docs/TRAINING.md)")
+    ap.add_argument("--overwrite", action="store_true", help="start the output file afresh")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from sia_edge.train import quiet_library_warnings
+
+    quiet_library_warnings()
+    for name in ("samples_per_prompt", "max_tokens", "k", "n_ctx"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    from sia_edge.train.data import engine_sampler, generate_value_data, read_prompts
+    from sia_edge.train.rewards import load_reward
+
+    prompts = read_prompts(args.prompts, harmful=args.harmful)
+    reward = load_reward(args.reward)
+    sample, base_name, fingerprint = engine_sampler(
+        args.model, max_tokens=args.max_tokens, k=args.k, temperature=args.temperature, n_ctx=args.n_ctx,
+        n_threads=args.threads, explore_first=args.explore_first,
+    )
+    try:
+        n = generate_value_data(
+            prompts, args.out, sample=sample, reward=reward, base_model=base_name, base_fingerprint=fingerprint,
+            samples_per_prompt=args.samples_per_prompt, seed=args.seed, overwrite=args.overwrite,
+            progress=not args.no_progress, explore_first=args.explore_first,
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the rows so far are in {args.out}; rerun the same command to resume",
+              file=sys.stderr)
+        raise
+    print(f"wrote {n} new rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
