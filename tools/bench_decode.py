@@ -140,6 +140,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--tau", type=float, default=1.0)
+    ap.add_argument("--target-ratio", type=float, default=0.2,
+                    help="also run mode sparse_ratio: tau calibrated for this fraction of junctions (0: skip)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--naive-prompts", type=int, default=2)
     ap.add_argument("--naive-tokens", type=int, default=32)
@@ -155,6 +157,8 @@ def main() -> int:
             "sparse": SteeringConfig(gate="entropy", tau=args.tau, k=args.k),
             "dense": SteeringConfig(gate="dense", k=args.k),
         }
+        if args.target_ratio > 0:
+            modes["sparse_ratio"] = SteeringConfig(gate="entropy", k=args.k, target_ratio=args.target_ratio)
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
@@ -198,6 +202,7 @@ def main() -> int:
         "model": Path(base).name, "value_model": Path(value).name if args.value_model else "base + random head",
         "isa": kernels.active_isa(), "machine": f"{platform.machine()}, {engine.n_threads} threads",
         "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "tau": args.tau,
+        "sparse_ratio_target": args.target_ratio,
         "modes": {},
     }
     modes_out: dict[str, dict[str, float]] = {}
