@@ -53,7 +53,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- option types
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -70,7 +70,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _finite_float(text: str) -> float:
+def finite_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -81,7 +81,7 @@ def _finite_float(text: str) -> float:
 
 
 def _ratio(text: str) -> float:
-    v = _finite_float(text)
+    v = finite_float(text)
     if not 0.0 < v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text!r}")
     return v
@@ -101,8 +101,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--value-model", metavar="PATH.gguf",
                    help="value model that steers the base model (default: the project's default value "
                         "model in models/, or $SIA_EDGE_VALUE_MODEL)")
-    g.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per model (default: all cores)")
-    g.add_argument("--n-ctx", type=_positive_int, default=2048, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per model (default: all cores)")
+    g.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s, capped at the model's training length)")
 
 
@@ -111,15 +111,15 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--mode", type=_mode, metavar="MODE",
                    help="when to steer: sparse (SIA: steer where the top-k entropy >= tau; the default), "
                         "dense (every token), off (plain top-k sampling); also full-entropy, random")
-    g.add_argument("--tau", type=_finite_float, metavar="X", help="entropy threshold in nats (default 1.0)")
+    g.add_argument("--tau", type=finite_float, metavar="X", help="entropy threshold in nats (default 1.0)")
     g.add_argument("--target-ratio", type=_ratio, metavar="R",
                    help="pick tau so that about this fraction of tokens are junctions (measured once on "
                         "unsteered runs, then cached); replaces --tau")
-    g.add_argument("--k", type=_positive_int, metavar="N", help="candidates per step (default 10)")
-    g.add_argument("--w", type=_finite_float, metavar="X", help="steering strength (default 1.0)")
-    g.add_argument("--temperature", type=_finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
+    g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
+    g.add_argument("--w", type=finite_float, metavar="X", help="steering strength (default 1.0)")
+    g.add_argument("--temperature", type=finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
     g.add_argument("--seed", type=_int, metavar="N", help="random seed (default: a new one for every answer)")
-    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens, metavar="N",
+    g.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                    help="longest answer in tokens (default: %(default)s)")
 
 

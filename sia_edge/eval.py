@@ -62,7 +62,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from sia_edge.cli_common import CliError, CliParser, add_model_options, run_cli
+from sia_edge.cli_common import CliError, CliParser, add_model_options, finite_float, positive_int, run_cli
 from sia_edge.gate import SteeringConfig
 
 if TYPE_CHECKING:
@@ -775,17 +775,17 @@ def build_parser() -> CliParser:
                       ("--harmful", "prompt files whose prompts are harmful"),
                       ("--benign", "prompt files whose prompts are benign")):
         g.add_argument(opt, dest="files", nargs="+", action=_AddPromptFiles, metavar="FILE", help=what)
-    g.add_argument("--limit", type=_positive_int, metavar="N", help="use the first N prompts of each file")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="use the first N prompts of each file")
     g.add_argument("--by-source", action="store_true", help="also summarise each row 'source' separately")
     g = ap.add_argument_group("modes and sampling")
     g.add_argument("--modes", default=DEFAULT_MODES, help="comma list of modes (default: %(default)s)")
-    g.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
+    g.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help="longest answer in tokens (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="base seed; each prompt gets its own, the same in every mode "
                    "(default: %(default)s)")
-    g.add_argument("--k", type=_positive_int, default=10, help="candidates per step (default: %(default)s)")
-    g.add_argument("--w", type=_finite_float, default=1.0, help="steering strength (default: %(default)s)")
-    g.add_argument("--temperature", type=_finite_float, default=1.0, help="sampling temperature (default: %(default)s)")
+    g.add_argument("--k", type=positive_int, default=10, help="candidates per step (default: %(default)s)")
+    g.add_argument("--w", type=finite_float, default=1.0, help="steering strength (default: %(default)s)")
+    g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: %(default)s)")
     g.add_argument("--reward", default="safety", help="safety (built in, default) or a spec of "
                    "sia_edge.train.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR")
     add_model_options(ap)
@@ -797,26 +797,6 @@ def build_parser() -> CliParser:
                    "and ms per token")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
 
 
 def _load_sets(files: Sequence[tuple[str, bool | None]], limit: int | None) -> list[PromptSet]:
