@@ -152,7 +152,8 @@ def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelCho
         return ValueModelChoice(
             None,
             "no trained value model is installed, so steering is off (plain top-k sampling of the base "
-            "model); run ./dev.sh setup to build the default value model, or pass --value-model PATH.gguf",
+            "model). ./dev.sh setup builds the default one once it ships in assets/ (none yet: see "
+            "docs/RESULTS.md); meanwhile pass --value-model PATH.gguf",
         )
 
 
