@@ -164,21 +164,14 @@ def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, expl
     if not path.exists():
         return done
     _repair_tail(path)
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise TrainError(f"{path}:{n}: not JSON; delete the file or pick another --out") from None
-            if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
-                    bool(row.get("explore_first", False))) != (fingerprint, seed, reward_name, explore_first):
-                raise TrainError(
-                    f"{path} holds rows of another run (different base model, seed, reward or --explore-first); "
-                    "pass --overwrite or another --out"
-                )
-            done.add(str(row["id"]))
+    for _, row in iter_jsonl(path):
+        if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
+                bool(row.get("explore_first", False))) != (fingerprint, seed, reward_name, explore_first):
+            raise TrainError(
+                f"{path} holds rows of another run (different base model, seed, reward or --explore-first); "
+                "pass --overwrite or another --out"
+            )
+        done.add(str(row["id"]))
     return done
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from sia_edge.train import TrainError
+from sia_edge.train.data import iter_jsonl
 from sia_edge.train.refusal_phrases import REFUSAL_PHRASES, REFUSAL_PREFIXES
 
 __all__ = [
@@ -167,17 +167,13 @@ class LabelReward(Reward):
         self.labels: dict[tuple[str, str], float] = {}
         if not path.is_file():
             raise TrainError(f"label file {path} does not exist")
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.labels[(str(row["prompt"]), str(row["response"]))] = float(row[field])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise TrainError(
-                        f"{path}:{n}: a label row needs 'prompt', 'response' and a numeric {field!r} ({exc})"
-                    ) from None
+        for n, row in iter_jsonl(path):
+            try:
+                self.labels[(str(row["prompt"]), str(row["response"]))] = float(row[field])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TrainError(
+                    f"{path}:{n}: a label row needs 'prompt', 'response' and a numeric {field!r} ({exc})"
+                ) from None
         if not self.labels:
             raise TrainError(f"label file {path} has no rows")
 
