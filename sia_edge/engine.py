@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from typing_extensions import Self
 
 from sia_edge import kernels
@@ -427,7 +426,6 @@ class Generation:
         topk = kernels.TopK(cfg.k)
         decoder = StreamDecoder(eng.base)
         sequence = list(self.prompt_tokens)
-        values_buf = np.zeros(cfg.k, dtype=np.float32)
         value_tokens0 = scorer.tokens_decoded if scorer else 0
         value_s0 = scorer.decode_seconds if scorer else 0.0
         perf = time.perf_counter
@@ -460,15 +458,14 @@ class Generation:
                 if junction:
                     assert scorer is not None
                     v = scorer.score(sequence, topk.ids)
-                    values_buf[:] = v
                     t0 = perf()
                     chosen = kernels.steer_topk_inplace(
-                        logits, topk, values_buf, w=cfg.w, temperature=cfg.temperature, rng=rng
+                        logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
                     )
                     t_kernel += perf() - t0
                     scorer.commit(chosen)
                     st.junctions += 1
-                    values = tuple(float(x) for x in values_buf)
+                    values = tuple(float(x) for x in v)
                 st.kernel_ms += t_kernel * 1e3
                 token = int(topk.ids[chosen])
                 self.full_entropies.append(js.full_entropy)

@@ -23,13 +23,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import numpy as np
 
 __all__ = ["GATES", "JunctionGate", "SteeringConfig", "tau_for_ratio"]
 
-GateName = Literal["entropy", "full-entropy", "dense", "off", "random"]
 GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
 MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
 

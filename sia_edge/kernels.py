@@ -12,7 +12,6 @@ probability, and logits that are all -inf raise the same error.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from dataclasses import dataclass
 
@@ -31,7 +30,6 @@ __all__ = [
     "force_isa",
     "junction_stats",
     "junction_step",
-    "logits_view",
     "steer_topk_inplace",
     "value_head",
 ]
@@ -81,13 +79,6 @@ def force_isa(name: str) -> None:
         _core.force_isa(name)
     except ValueError as exc:  # std::invalid_argument arrives as ValueError
         raise ValueError(str(exc)) from None
-
-
-def logits_view(ptr: ctypes.Array[ctypes.c_float] | ctypes._Pointer[ctypes.c_float], n_vocab: int) -> npt.NDArray[np.float32]:
-    """A writable float32 view of ``n_vocab`` logits at a llama.cpp pointer, without a copy."""
-    if not ptr:
-        raise ValueError("llama.cpp returned no logits for this position (was it marked as an output?)")
-    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
 
 def _check_stats(raw: tuple[float, float, float, int, int]) -> JunctionStats:

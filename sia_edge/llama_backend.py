@@ -283,6 +283,3 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 
-    def seq_pos_max(self, seq: int = 0) -> int:
-        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq))
-
