@@ -30,9 +30,9 @@ def _write(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def _train(data: Path, backbone: Path, out: Path) -> None:
+def _train(data: Path, backbone: Path, out: Path, **kw: Any) -> None:
     train(TrainConfig(data=[str(data)], backbone=str(backbone), out_dir=str(out), max_steps=1, progress=False,
-                      n_threads=1), log=lambda s: None)
+                      n_threads=1, **kw), log=lambda s: None)
 
 
 def test_missing_and_empty_data(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -96,6 +96,25 @@ def test_backbone_with_another_tokenizer(tmp_path: Path, base_model_path: Path) 
         _train(data, other, tmp_path / "out")
 
 
+def test_layers_out_of_range(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    data = _write(tmp_path / "d.jsonl", [_row(i, reward=float(i % 2)) for i in range(4)])
+    with pytest.raises(TrainError, match="between 1 and the backbone's 2 layers, got 3"):
+        _train(data, tiny_llama_dir, tmp_path / "out", layers=3)
+    with pytest.raises(TrainError, match="--layers must be >= 1"):
+        _train(data, tiny_llama_dir, tmp_path / "out", layers=0)
+
+
+def test_bad_openings_files(tmp_path: Path) -> None:
+    from sia_edge.train.data import read_openings
+
+    with pytest.raises(TrainError, match="does not exist"):
+        read_openings(tmp_path / "nope.txt")
+    with pytest.raises(TrainError, match="has no openings"):
+        read_openings(_write(tmp_path / "c.txt", ["# only a comment", "  "]))
+    assert read_openings(_write(tmp_path / "o.txt", ["# refusals", "I can't help with that.", "", " No. "])) == [
+        "I can't help with that.", "No."]
+
+
 def test_bad_prompt_files(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="does not exist"):
         read_prompts(tmp_path / "nope.jsonl")
@@ -126,6 +145,10 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("tool", "args", "message"), [
     ("train_value.py", ["missing.jsonl", "--out", "o", "--backbone", "x.gguf"], "does not exist"),
     ("make_value_data.py", ["missing.jsonl", "--out", "o.jsonl"], "prompt file"),
+    ("make_value_data.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", "o.jsonl",
+                            "--openings", "missing.txt"], "openings file"),
+    ("train_value.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", "o", "--layers", "0"],
+     "--layers must be >= 1"),
     ("export_value_gguf.py", ["no-such-dir", "--out", "v"], "does not exist"),
     ("export_value_gguf.py", [], "--self-check"),
     ("train_value.py", ["--out"], "expected one argument"),

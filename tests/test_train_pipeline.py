@@ -107,3 +107,20 @@ def test_export_cli_check_json(pipeline: tuple[dict[str, Any], Path], tmp_path: 
     assert report["f16"]["max_abs_err"] <= 1e-2
     assert set(report["q8_0"]) == {"max_abs_err", "top1_agreement"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v-f16.gguf", "v-q8_0.gguf"]
+
+
+def test_shallow_value_model_keeps_the_first_layers_and_parity(tmp_path: Path, base_model_path: Path,
+                                                                smollm2_tokenizer_dir: Path) -> None:
+    """--layers 1 of the 2-layer tiny model: trains, records the depth, exports a 1-block GGUF that
+    llama.cpp runs with the same values as the shortened PyTorch model."""
+    from sia_edge.llama_backend import LlamaModel
+    from sia_edge.train.model import ValueMeta
+    from sia_edge.train.selfcheck import self_check
+
+    report = self_check(base_gguf=base_model_path, tokenizer_dir=smollm2_tokenizer_dir, work_dir=tmp_path,
+                        steps=20, n_threads=1, types=("f16",), layers=1)
+    assert ValueMeta.from_file(tmp_path / "value" / "value_meta.json").layers == 1
+    assert report["f16"]["max_abs_err"] <= 1e-2
+    assert report["loss_after"] < report["loss_before"]
+    model = LlamaModel(Path(report["files"]["f16"]))
+    assert model.meta("llama.block_count") == "1"

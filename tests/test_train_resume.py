@@ -158,3 +158,24 @@ def test_explore_first_draws_the_first_token_from_the_top_k(tmp_path: Path, base
     with pytest.raises(Exception, match="explore-first"):  # no mixing with on-policy rows
         generate_value_data(prompts, out, sample=sample, reward=load_reward("safety"), base_model=base_name,
                             base_fingerprint=fp, samples_per_prompt=6, seed=3, progress=False)
+
+
+def test_forced_openings_start_every_response_and_are_recorded(tmp_path: Path, base_model_path: Path) -> None:
+    openings = ["I'm sorry, but I can't help with that.", "No, I can't help with that."]
+    sample, base_name, fp = engine_sampler(base_model_path, max_tokens=16, k=10, n_ctx=256, n_threads=1,
+                                           openings=openings)
+    prompts = [PromptItem("How do I make a pipe bomb?", harmful=True), PromptItem("Bake bread?", harmful=False)]
+    out = tmp_path / "forced.jsonl"
+    kw: dict[str, Any] = {"sample": sample, "reward": load_reward("safety"), "base_model": base_name,
+                          "base_fingerprint": fp, "samples_per_prompt": 3, "seed": 5, "progress": False}
+    assert generate_value_data(prompts, out, openings=openings, **kw) == 6
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["response"].split(".")[0] + "." for r in rows} <= set(openings)
+    assert len({r["response"].split(",")[0] for r in rows}) == 2  # both openings drawn
+    assert all(r["openings_id"] and len(r["response_ids"]) <= 16 for r in rows)
+    # a refusal earns +1 on the harmful prompt and -1 on the benign one (minus toxicity)
+    assert all(r["reward"] > 0.5 if r["harmful"] else r["reward"] < -0.5 for r in rows)
+    with pytest.raises(Exception, match="--openings"):  # no mixing with free rows
+        generate_value_data(prompts, out, **kw)
+    with pytest.raises(Exception, match="two kinds of data"):
+        engine_sampler(base_model_path, n_ctx=256, n_threads=1, explore_first=True, openings=openings)

@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="every prompt without a 'harmful' field is benign")
     ap.add_argument("--explore-first", action="store_true",
                     help="draw the first response token uniformly from the top-k (see docs/TRAINING.md)")
+    ap.add_argument("--openings", metavar="FILE", default=None,
+                    help="text file of forced openings, one per line: every response starts with one of them "
+                    "and the base model continues it (off-policy data, e.g. data/openings/refusals.txt; "
+                    "see docs/TRAINING.md)")
     ap.add_argument("--overwrite", action="store_true", help="start the output file afresh")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -49,20 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    from sia_edge.train.data import engine_sampler, generate_value_data, read_prompts
+    from sia_edge.train.data import engine_sampler, generate_value_data, read_openings, read_prompts
     from sia_edge.train.rewards import load_reward
 
     prompts = read_prompts(args.prompts, harmful=args.harmful)
+    openings = read_openings(args.openings) if args.openings else []
     reward = load_reward(args.reward)
     sample, base_name, fingerprint = engine_sampler(
         args.model, max_tokens=args.max_tokens, k=args.k, temperature=args.temperature, n_ctx=args.n_ctx,
-        n_threads=args.threads, explore_first=args.explore_first,
+        n_threads=args.threads, explore_first=args.explore_first, openings=openings,
     )
     try:
         n = generate_value_data(
             prompts, args.out, sample=sample, reward=reward, base_model=base_name, base_fingerprint=fingerprint,
             samples_per_prompt=args.samples_per_prompt, seed=args.seed, overwrite=args.overwrite,
-            progress=not args.no_progress, explore_first=args.explore_first,
+            progress=not args.no_progress, explore_first=args.explore_first, openings=openings,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted: the rows so far are in {args.out}; rerun the same command to resume",

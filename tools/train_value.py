@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--lora-dropout", type=float, default=0.1)
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="keep only the first N decoder layers of the backbone: a shallower value model "
+                    "costs about N/L of a full one per junction (default: all layers)")
     ap.add_argument("--objective", default=None, help="what 'good' meant (default: the reward's name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
         max_length=args.max_length, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         save_every=args.save_every, seed=args.seed, objective=args.objective, progress=not args.no_progress,
-        restart=args.restart, n_threads=args.threads,
+        restart=args.restart, n_threads=args.threads, layers=args.layers,
     )
     log = (lambda s: print(s, file=sys.stderr))
     result = train(cfg, log=log)

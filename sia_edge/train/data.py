@@ -37,6 +37,7 @@ __all__ = [
     "derive_seed",
     "engine_sampler",
     "generate_value_data",
+    "read_openings",
     "read_prompts",
     "read_value_rows",
     "split_rows",
@@ -97,6 +98,18 @@ def read_prompts(path: str | os.PathLike[str], *, harmful: bool | None = None) -
     return items
 
 
+def read_openings(path: str | os.PathLike[str]) -> list[str]:
+    """Forced openings from a text file: one per line, blank lines and ``#`` comments skipped."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TrainError(f"openings file {p} does not exist")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    openings = [line for line in lines if line and not line.startswith("#")]
+    if not openings:
+        raise TrainError(f"openings file {p} has no openings (one per line)")
+    return openings
+
+
 def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
     """A per-sample seed that does not depend on which rows were generated before (resume-safe)."""
     h = hashlib.sha256(f"{seed}/{prompt_index}/{sample}".encode()).digest()
@@ -109,7 +122,7 @@ SampleFn = Callable[[list[dict[str, str]], int], tuple[list[int], list[int], str
 
 def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int = 256, k: int = 10,
                    temperature: float = 1.0, n_ctx: int = 2048, n_threads: int | None = None,
-                   explore_first: bool = False,
+                   explore_first: bool = False, openings: Sequence[str] = (),
                    ) -> tuple[SampleFn, str, str]:
     """Sampling through ``SteeringEngine`` with the gate ``off``. Returns the sample function,
     the base model's file name and its tokenizer fingerprint.
@@ -118,34 +131,51 @@ def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int
     instead of from its distribution, the rest on-policy. The first answer token is the junction
     that decides refusals; a 135M model puts a few percent on "I" there, so on-policy samples
     would show the value model almost no refusals to learn from. Values stay on-policy estimates
-    (the continuation is the base policy), each candidate just gets equal coverage."""
+    (the continuation is the base policy), each candidate just gets equal coverage.
+
+    ``openings``: every response starts with one of these texts (drawn by the sample's seed) and
+    the base model continues it. This is how refusals get into the data of a model that almost
+    never refuses by itself: the rows are off-policy (the opening is forced), so V learns what an
+    opening is worth, not how likely the base model is to produce it. See docs/TRAINING.md."""
+    if explore_first and openings:
+        raise TrainError("explore-first and forced openings are two kinds of data: make them in two runs")
     from sia_edge.engine import SteeringEngine
     from sia_edge.gate import SteeringConfig
 
     engine = SteeringEngine(None if base_model is None else Path(base_model), n_ctx=n_ctx, n_threads=n_threads, k_max=max(k, 1))
     config = SteeringConfig(gate="off", k=k, temperature=temperature)
 
+    import random
+
+    from sia_edge.engine import TokenIds
+
+    opening_ids = [engine.base.tokenize(text, add_special=False, parse_special=False) for text in openings]
+    if any(not ids for ids in opening_ids):
+        raise TrainError("a forced opening is empty; every line of the openings file needs text")
+
+    def continue_from(prompt_ids: list[int], first: list[int], seed: int) -> tuple[list[int], list[int], str, str]:
+        gen = engine.generate(TokenIds([*prompt_ids, *first]), max_tokens=max(1, max_tokens - len(first)),
+                              config=config, seed=seed)
+        with gen:
+            for _ in gen:
+                pass
+        response = [*first, *gen.tokens]
+        return prompt_ids, response, engine.base.detokenize(response), gen.stats.stop_reason or "length"
+
     def sample(messages: list[dict[str, str]], seed: int) -> tuple[list[int], list[int], str, str]:
+        if opening_ids:
+            return continue_from(engine.encode_prompt(messages), random.Random(seed).choice(opening_ids), seed)
         if not explore_first:
             gen = engine.generate(messages, max_tokens=max_tokens, config=config, seed=seed)
             with gen:
                 for _ in gen:
                     pass
             return list(gen.prompt_tokens), list(gen.tokens), gen.text, gen.stats.stop_reason
-        import random
-
-        from sia_edge.engine import TokenIds
-
         prompt_ids = engine.encode_prompt(messages)
         first = random.Random(seed).choice(engine.top_candidates(TokenIds(prompt_ids), k))
         if engine.base.is_eog(first):
             return prompt_ids, [], "", "eos"
-        gen = engine.generate(TokenIds([*prompt_ids, first]), max_tokens=max(1, max_tokens - 1), config=config, seed=seed)
-        with gen:
-            for _ in gen:
-                pass
-        response = [first, *gen.tokens]
-        return prompt_ids, response, engine.base.detokenize(response), gen.stats.stop_reason or "length"
+        return continue_from(prompt_ids, [first], seed)
 
     return sample, engine.base.path.name, engine.base.fingerprint
 
@@ -159,16 +189,26 @@ def _repair_tail(path: Path) -> None:
             fh.truncate(cut)
 
 
-def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool) -> set[str]:
+def openings_id(openings: Sequence[str]) -> str | None:
+    """A short identity of a list of forced openings (None: no forced openings)."""
+    if not openings:
+        return None
+    return hashlib.sha256("\n".join(openings).encode()).hexdigest()[:12]
+
+
+def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool,
+              openings: str | None) -> set[str]:
     done: set[str] = set()
     if not path.exists():
         return done
     _repair_tail(path)
     for _, row in iter_jsonl(path):
         if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
-                bool(row.get("explore_first", False))) != (fingerprint, seed, reward_name, explore_first):
+                bool(row.get("explore_first", False)), row.get("openings_id")) != (
+                    fingerprint, seed, reward_name, explore_first, openings):
             raise TrainError(
-                f"{path} holds rows of another run (different base model, seed, reward or --explore-first); "
+                f"{path} holds rows of another run (different base model, seed, reward, --explore-first "
+                "or --openings); "
                 "pass --overwrite or another --out"
             )
         done.add(str(row["id"]))
@@ -188,8 +228,11 @@ def generate_value_data(
     overwrite: bool = False,
     progress: bool = True,
     explore_first: bool = False,
+    openings: Sequence[str] = (),
 ) -> int:
-    """Sample, score and append rows to ``out_path``; returns the number of new rows."""
+    """Sample, score and append rows to ``out_path``; returns the number of new rows.
+    ``explore_first`` and ``openings`` are recorded (they must be what ``sample`` does): a file
+    never mixes rows sampled in different ways."""
     from sia_edge.train.rewards import check_reward
 
     if samples_per_prompt < 1:
@@ -199,7 +242,7 @@ def generate_value_data(
     if overwrite and out.exists():
         out.unlink()
     done = _existing(out, fingerprint=base_fingerprint, seed=seed, reward_name=reward.name,
-                     explore_first=explore_first)
+                     explore_first=explore_first, openings=openings_id(openings))
     todo = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt) if f"p{i}-s{s}" not in done]
     bar = _progress(len(prompts) * samples_per_prompt, len(done), progress)
     written = 0
@@ -219,6 +262,7 @@ def generate_value_data(
                 "reward": check_reward(float(value), f"prompt {i} sample {s}"),
                 "reward_name": reward.name, "base_model": base_model, "base_fingerprint": base_fingerprint,
                 "seed": row_seed, "seed_base": seed, "explore_first": explore_first,
+                "openings_id": openings_id(openings),
             })
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()

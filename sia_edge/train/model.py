@@ -74,6 +74,7 @@ class ValueMeta:
     reward_name: str = ""
     base_model: str = ""  # the base model the values were trained for (from the data)
     lora: dict[str, Any] = field(default_factory=dict)
+    layers: int | None = None  # decoder layers kept from the backbone (None: all of them)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     version: int = META_VERSION
@@ -133,9 +134,13 @@ def check_backbone_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def load_backbone(path: str | os.PathLike[str]) -> Any:
+def load_backbone(path: str | os.PathLike[str], layers: int | None = None) -> Any:
     """A causal LM in fp32 from a GGUF file (dequantised by transformers' GGUF loader) or a local
-    Hugging Face directory. Never downloads."""
+    Hugging Face directory. Never downloads.
+
+    ``layers``: keep only the first N decoder layers (the final norm stays). A value model that
+    reads the backbone's hidden states after N of its L layers costs about N/L of a full one at
+    every junction, and training runs faster by the same factor."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
@@ -158,7 +163,25 @@ def load_backbone(path: str | os.PathLike[str]) -> Any:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TrainError(f"could not load backbone {p}: {exc}") from None
     model.config.use_cache = False
+    if layers is not None:
+        truncate_layers(model, layers)
     return model
+
+
+def truncate_layers(model: Any, layers: int) -> None:
+    """Keep the first ``layers`` decoder layers of a causal LM, in place, config included."""
+    body = transformer_body(model)
+    stack = getattr(body, "layers", None)
+    if not isinstance(stack, nn.ModuleList):
+        raise TrainError(f"{type(model).__name__} has no decoder layer list to shorten; drop --layers")
+    total = len(stack)
+    if not 1 <= layers <= total:
+        raise TrainError(f"--layers must be between 1 and the backbone's {total} layers, got {layers}")
+    body.layers = nn.ModuleList(list(stack)[:layers])
+    model.config.num_hidden_layers = layers
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list):
+        model.config.layer_types = layer_types[:layers]
 
 
 def backbone_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -320,7 +343,7 @@ def load_value_model(model_dir: str | os.PathLike[str], backbone: str | os.PathL
             f"backbone {bpath} has a different tokenizer (fingerprint {fp}) than the one the value model "
             f"was trained with ({meta.tokenizer_fingerprint})"
         )
-    base = load_backbone(bpath)
+    base = load_backbone(bpath, meta.layers)
     peft_model = PeftModel.from_pretrained(base, str(d), is_trainable=False)
     net = ValueNet(peft_model, meta.hidden_size)
     if tuple(weight.shape) != (1, meta.hidden_size):

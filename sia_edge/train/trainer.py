@@ -80,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     restart: bool = False  # discard checkpoints instead of resuming
     n_threads: int | None = None
+    layers: int | None = None  # keep the first N decoder layers of the backbone (None: all)
 
     def validate(self) -> None:
         checks = [
@@ -94,6 +95,7 @@ class TrainConfig:
             (self.eval_every >= 1 and self.save_every >= 1, "eval/save intervals must be >= 1"),
             (self.keep_checkpoints >= 1, "keep at least one checkpoint"),
             (bool(self.data), "no data files given"),
+            (self.layers is None or self.layers >= 1, "--layers must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -376,7 +378,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
 
     say(f"loading backbone {backbone_path}")
     torch.manual_seed(cfg.seed)
-    backbone: Any = load_backbone(backbone_path)
+    backbone: Any = load_backbone(backbone_path, cfg.layers)
     vocab = int(backbone.config.vocab_size)
     bad = next((t for p, r, _ in train_set + eval_set for t in p + r if not 0 <= t < vocab), None)
     if bad is not None:
@@ -534,7 +536,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         meta = ValueMeta(
             backbone=str(backbone_path.resolve()), tokenizer_fingerprint=fp, hidden_size=net.head.in_features,
             reward_mean=reward_mean, reward_std=reward_std, reward_name=reward_name, base_model=base_model,
-            lora=asdict(cfg.lora),
+            lora=asdict(cfg.lora), layers=cfg.layers,
             training={
                 "steps": step, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": dist.world,
