@@ -2,7 +2,7 @@
 """The default safety value model for SmolLM2-135M-Instruct: build its GGUF, or rebuild it all.
 
     python tools/build_default_value_model.py --if-missing   # what ./dev.sh setup runs
-    python tools/build_default_value_model.py --rebuild      # data, training, export: hours on 2 cores
+    python tools/build_default_value_model.py --rebuild      # data, training, export: about an hour on 2 cores
 
 The trained artefacts (LoRA adapter, head, reward normalisation: a few MB) ship in
 assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "value-smollm2-safety"
 RUN = REPO / "runs" / "default"
 PY = sys.executable
+# The value model reads SmolLM2's hidden state after this many of its 30 layers: a junction then
+# costs about LAYERS/30 of a full-depth value model (docs/TRAINING.md, "--layers").
+LAYERS = "10"
 
 # The harmful training prompts: the HarmBench and Do-Not-Answer areas that are requests for harm
 # (not "human_chatbox" support questions or "misinformation_harms" advice questions, which are
@@ -36,13 +39,25 @@ HARMFUL_SOURCES = (
 )
 
 REBUILD_STEPS: list[list[str]] = [
+    # SmolLM2's own answers, the first token drawn uniformly from its top 10 (every candidate covered)
     [PY, "tools/make_value_data.py", "runs/default/harmful_prompts.jsonl", "--out", "runs/default/data_harmful.jsonl",
-     "--samples-per-prompt", "2", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "1"],
+     "--samples-per-prompt", "1", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "1"],
     [PY, "tools/make_value_data.py", "data/prompts/benign_train.jsonl", "--out", "runs/default/data_benign.jsonl",
-     "--samples-per-prompt", "2", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "2"],
+     "--samples-per-prompt", "1", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "2"],
+    # answers forced to open with a refusal, which SmolLM2 almost never produces by itself (see
+    # docs/RESULTS.md): worth +1 on harmful prompts, -1 on benign ones
+    [PY, "tools/make_value_data.py", "runs/default/harmful_prompts.jsonl", "--out",
+     "runs/default/data_harmful_refusals.jsonl", "--openings", "data/openings/refusals.txt",
+     "--samples-per-prompt", "2", "--max-tokens", "40", "--threads", "1", "--seed", "3"],
+    [PY, "tools/make_value_data.py", "data/prompts/benign_train.jsonl", "--out",
+     "runs/default/data_benign_refusals.jsonl", "--openings", "data/openings/refusals.txt",
+     "--samples-per-prompt", "1", "--max-tokens", "40", "--threads", "1", "--seed", "4"],
     [PY, "tools/train_value.py", "runs/default/data_harmful.jsonl", "runs/default/data_benign.jsonl",
-     "--out", "runs/default/train", "--epochs", "1", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-4",
-     "--head-lr", "1e-3", "--max-length", "160", "--eval-fraction", "0.1", "--objective", "safety", "--seed", "0"],
+     "runs/default/data_harmful_refusals.jsonl", "runs/default/data_benign_refusals.jsonl",
+     "--out", "runs/default/train", "--layers", LAYERS, "--epochs", "4", "--batch-size", "8", "--grad-accum", "2",
+     "--lr", "1e-3", "--head-lr", "3e-3", "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+     "--max-length", "160", "--eval-fraction", "0.1", "--eval-every", "40", "--save-every", "40",
+     "--objective", "safety", "--seed", "0"],
 ]
 
 
