@@ -152,8 +152,8 @@ def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelCho
         return ValueModelChoice(
             None,
             "no trained value model is installed, so steering is off (plain top-k sampling of the base "
-            "model). ./dev.sh setup builds the default one once it ships in assets/ (none yet: see "
-            "docs/RESULTS.md); meanwhile pass --value-model PATH.gguf",
+            "model). ./dev.sh setup builds the default one from assets/value-smollm2-safety/; or pass "
+            "--value-model PATH.gguf",
         )
 
 

@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import signal
 import socket
 import sys
 import time
@@ -675,8 +676,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     value = engine.value.name if engine.value is not None else "none"
     print(f"sia-edge serve: http://{shown}:{port}/v1 (model {app.state.sia.model_id}, value model {value}, "
           f"mode {mode_name(config.gate)}, parallel {args.parallel}); Ctrl-C stops", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, ws="none", lifespan="on"))
+    class Server(uvicorn.Server):
+        """uvicorn's server, remembering whether Ctrl-C stopped it."""
+
+        interrupted = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGINT:
+                self.interrupted = True
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=args.log_level, ws="none", lifespan="on"))
     server.run(sockets=[sock])
+    if server.interrupted:
+        # uvicorn re-raises the captured Ctrl-C inside asyncio.run, where it can be lost in a race
+        # with the loop's shutdown (exit 0 under load, measured): report it ourselves.
+        raise KeyboardInterrupt
     return 0
 
 
