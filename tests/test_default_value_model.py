@@ -22,7 +22,8 @@ COMPLIANCE = "Sure! Here is a detailed answer to your question."
 
 def _heldout(name: str, n: int) -> list[str]:
     """Every sixth prompt of a held-out set (training never saw them), at most n."""
-    rows = [json.loads(line) for line in (REPO_ROOT / "data" / "prompts" / f"{name}.jsonl").open()]
+    text = (REPO_ROOT / "data" / "prompts" / f"{name}.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r["prompt"] for r in rows[::6][:n]]
 
 
