@@ -139,15 +139,13 @@ def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int
     opening is worth, not how likely the base model is to produce it. See docs/TRAINING.md."""
     if explore_first and openings:
         raise TrainError("explore-first and forced openings are two kinds of data: make them in two runs")
-    from sia_edge.engine import SteeringEngine
+    import random
+
+    from sia_edge.engine import SteeringEngine, TokenIds
     from sia_edge.gate import SteeringConfig
 
     engine = SteeringEngine(None if base_model is None else Path(base_model), n_ctx=n_ctx, n_threads=n_threads, k_max=max(k, 1))
     config = SteeringConfig(gate="off", k=k, temperature=temperature)
-
-    import random
-
-    from sia_edge.engine import TokenIds
 
     opening_ids = [engine.base.tokenize(text, add_special=False, parse_special=False) for text in openings]
     if any(not ids for ids in opening_ids):
