@@ -1,11 +1,16 @@
 // Every pybind11 line of sia_edge._core. The kernels know nothing of Python; this file turns
 // Python buffers into pointers, and refuses anything it would have to copy or could overrun.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "dispatch.h"
 #include "kernels/sia_kernels.h"
@@ -13,6 +18,84 @@
 namespace py = pybind11;
 
 namespace {
+
+// A Python buffer, read without a copy: numpy arrays through their own fields (pybind11's
+// numpy API), anything else through the buffer protocol. The per-token call is dominated by
+// this bookkeeping at small vocabularies, so the common case avoids numpy's buffer export
+// (which formats a type string and allocates on every call).
+class Buffer {
+   public:
+    Buffer(const py::handle& obj, const char* what) {
+        if (py::isinstance<py::array>(obj)) {
+            auto arr = py::reinterpret_borrow<py::array>(obj);
+            const py::dtype dt = arr.dtype();
+            buf = const_cast<void*>(arr.data());
+            ndim = static_cast<int>(arr.ndim());
+            shape = arr.shape();
+            strides = arr.strides();
+            itemsize = arr.itemsize();
+            readonly = !arr.writeable();
+            const char order = dt.byteorder();
+            kind = (order == '=' || order == '<' || order == '|') ? dt.kind() : '?';
+            dtype_ = dt;  // formatted only for an error message: str(dtype) costs tens of microseconds
+            return;
+        }
+        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_RECORDS_RO) != 0) {
+            PyErr_Clear();
+            throw py::type_error(std::string(what) + ": expected a buffer (a numpy array), got " +
+                                 std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+        }
+        held_ = true;
+        buf = view_.buf;
+        ndim = view_.ndim;
+        shape = view_.shape;
+        strides = view_.strides;
+        itemsize = view_.itemsize;
+        readonly = view_.readonly != 0;
+        const std::string format = view_.format ? view_.format : "B";
+        static const char* const native[] = {"", "<", "=", "@"};
+        for (const char* prefix : native) {
+            const std::string p(prefix);
+            if (format.size() == p.size() + 1 && format.compare(0, p.size(), p) == 0) {
+                const char c = format.back();
+                kind = (c == 'f' || c == 'd') ? 'f' : (c == 'i' || c == 'l') ? 'i' : '?';
+            }
+        }
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    ~Buffer() {
+        if (held_) PyBuffer_Release(&view_);
+    }
+
+    void* buf = nullptr;
+    int ndim = 0;
+    const Py_ssize_t* shape = nullptr;
+    const Py_ssize_t* strides = nullptr;
+    Py_ssize_t itemsize = 0;
+    bool readonly = true;
+    char kind = '?';  // 'f' float, 'i' signed integer (native byte order), '?' anything else
+
+    std::string describe() const {  // the element type, for error messages
+        if (dtype_) return "dtype " + std::string(py::str(dtype_));
+        return "format '" + std::string(view_.format ? view_.format : "B") + "'";
+    }
+
+   private:
+    py::object dtype_;
+    Py_buffer view_{};
+    bool held_ = false;
+};
+
+bool is_float32(const Buffer& b) {
+    return b.kind == 'f' && b.itemsize == 4;
+}
+bool is_int32(const Buffer& b) {
+    return b.kind == 'i' && b.itemsize == 4;
+}
+bool is_float64(const Buffer& b) {
+    return b.kind == 'f' && b.itemsize == 8;
+}
 
 // A 1-D float32 / int32 view: pointer, length and element stride, taken without a copy.
 template <typename T>
@@ -22,37 +105,27 @@ struct View {
     int64_t stride;
 };
 
-bool is_float32(const py::buffer_info& info) {
-    return info.itemsize == 4 && (info.format == "f" || info.format == "<f" || info.format == "=f");
-}
-bool is_int32(const py::buffer_info& info) {
-    return info.itemsize == 4 && (info.format == "i" || info.format == "<i" || info.format == "=i" ||
-                                  info.format == "l" || info.format == "<l" || info.format == "=l");
-}
-
 template <typename T>
-View<T> view_1d(const py::buffer& obj, const char* what, bool writable, bool contiguous,
-                py::buffer_info& keep) {
-    keep = obj.request(false);
-    const bool type_ok = std::is_same<T, float>::value ? is_float32(keep) : is_int32(keep);
+View<T> view_1d(const Buffer& b, const char* what, bool writable, bool contiguous) {
+    const bool type_ok = std::is_same<T, float>::value ? is_float32(b) : is_int32(b);
     if (!type_ok)
         throw py::type_error(std::string(what) + ": expected a " +
-                             (std::is_same<T, float>::value ? "float32" : "int32") + " buffer, got format '" +
-                             keep.format + "' (itemsize " + std::to_string(keep.itemsize) +
+                             (std::is_same<T, float>::value ? "float32" : "int32") + " buffer, got " +
+                             b.describe() + " (itemsize " + std::to_string(b.itemsize) +
                              "); convert it explicitly, no copy is made here");
-    if (keep.ndim != 1)
-        throw py::value_error(std::string(what) + ": expected a 1-D buffer, got " +
-                              std::to_string(keep.ndim) + " dimensions");
-    if (writable && keep.readonly)
+    if (b.ndim != 1)
+        throw py::value_error(std::string(what) + ": expected a 1-D buffer, got " + std::to_string(b.ndim) +
+                              " dimensions");
+    if (writable && b.readonly)
         throw py::value_error(std::string(what) +
                               ": the buffer is read-only, but this call writes to it in place");
-    const int64_t stride_bytes = keep.strides[0];
+    if (b.shape[0] < 1) throw py::value_error(std::string(what) + ": the buffer is empty");
+    const int64_t stride_bytes = b.strides[0];
     if (stride_bytes <= 0 || stride_bytes % 4 != 0 || (contiguous && stride_bytes != 4))
         throw py::value_error(std::string(what) + ": unsupported stride of " + std::to_string(stride_bytes) +
                               " bytes; expected " +
                               (contiguous ? "4 (contiguous)" : "a positive multiple of 4"));
-    if (keep.shape[0] < 1) throw py::value_error(std::string(what) + ": the buffer is empty");
-    return View<T>{static_cast<T*>(keep.ptr), keep.shape[0], stride_bytes / 4};
+    return View<T>{static_cast<T*>(b.buf), b.shape[0], stride_bytes / 4};
 }
 
 void check_k(int64_t k, int64_t n) {
@@ -68,8 +141,24 @@ struct Rng {
     uint64_t state;
 };
 
-py::tuple stats_tuple(const sia::JunctionStats& s) {
-    return py::make_tuple(s.topk_entropy, s.full_lse, s.full_entropy, s.nan_count, s.posinf_count);
+// What the gate sees at one step; returned only for a step that can be sampled.
+struct StepStats {
+    double topk_entropy, full_lse, full_entropy;
+};
+
+struct NonFiniteLogits : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+StepStats checked(const sia::JunctionStats& s) {
+    if (s.nan_count || s.posinf_count)
+        throw NonFiniteLogits("the model produced " + std::to_string(s.nan_count) + " NaN and " +
+                              std::to_string(s.posinf_count) +
+                              " +inf logits; the weights or the quantisation are broken for this input "
+                              "(try another GGUF quantisation)");
+    if (!(s.full_lse > -std::numeric_limits<double>::infinity()))
+        throw NonFiniteLogits("every logit is -inf: nothing can be sampled (is every token masked?)");
+    return StepStats{s.topk_entropy, s.full_lse, s.full_entropy};
 }
 
 }  // namespace
@@ -86,16 +175,35 @@ PYBIND11_MODULE(_core, m) {
     m.def("force_isa", &sia::force_isa, py::arg("name"));
     m.def("active_isa", [] { return std::string(sia::active_kernels().isa); });
 
-    // The GIL is released around every kernel: they touch only the buffers held by the
-    // buffer_info objects alive on this frame and the caller's Rng, never Python objects.
+    py::class_<StepStats>(m, "JunctionStats", "What the gate sees at one step (all finite).")
+        .def_readonly("topk_entropy", &StepStats::topk_entropy,
+                      "nats over softmax of the top-k logits (SIA's gate statistic)")
+        .def_readonly("full_lse", &StepStats::full_lse, "log-sum-exp over the vocabulary")
+        .def_readonly("full_entropy", &StepStats::full_entropy, "nats over softmax of the whole vocabulary")
+        .def(
+            "__eq__",
+            [](const StepStats& a, const StepStats& b) {
+                return a.topk_entropy == b.topk_entropy && a.full_lse == b.full_lse &&
+                       a.full_entropy == b.full_entropy;
+            },
+            py::is_operator())
+        .def("__repr__", [](const StepStats& s) {
+            return "JunctionStats(topk_entropy=" + std::to_string(s.topk_entropy) +
+                   ", full_lse=" + std::to_string(s.full_lse) +
+                   ", full_entropy=" + std::to_string(s.full_entropy) + ")";
+        });
+    py::register_exception<NonFiniteLogits>(m, "NonFiniteLogitsError", PyExc_ValueError);
+
+    // The GIL is released around every kernel: they touch only the buffers held by the Buffer
+    // objects alive on this frame and the caller's Rng, never Python objects.
     m.def(
         "junction_stats",
-        [](const py::buffer& logits, int64_t k, const py::buffer& top_ids, const py::buffer& top_logits) {
-            py::buffer_info li, ii, vi;
-            auto z = view_1d<float>(logits, "logits", false, false, li);
+        [](const py::object& logits, int64_t k, const py::object& top_ids, const py::object& top_logits) {
+            Buffer lb(logits, "logits"), ib(top_ids, "top_ids"), vb(top_logits, "top_logits");
+            auto z = view_1d<float>(lb, "logits", false, false);
             check_k(k, z.n);
-            auto ids = view_1d<int32_t>(top_ids, "top_ids", true, true, ii);
-            auto vals = view_1d<float>(top_logits, "top_logits", true, true, vi);
+            auto ids = view_1d<int32_t>(ib, "top_ids", true, true);
+            auto vals = view_1d<float>(vb, "top_logits", true, true);
             if (ids.n < k || vals.n < k)
                 throw py::value_error("top_ids and top_logits need room for k entries");
             sia::JunctionStats s{};
@@ -104,21 +212,21 @@ PYBIND11_MODULE(_core, m) {
                 sia::active_kernels().junction_stats(z.data, z.n, z.stride, static_cast<int32_t>(k), ids.data,
                                                      vals.data, &s);
             }
-            return stats_tuple(s);
+            return checked(s);
         },
         py::arg("logits"), py::arg("k"), py::arg("top_ids"), py::arg("top_logits"),
-        "Top-k (into top_ids/top_logits) and (topk_entropy, full_lse, full_entropy, nan_count, "
-        "posinf_count).");
+        "Top-k (into top_ids/top_logits) and the step's JunctionStats; NonFiniteLogitsError for NaN, "
+        "+inf or all -inf logits.");
 
     m.def(
         "junction_step",
-        [](const py::buffer& logits, int64_t k, bool gate_on_full_entropy, double threshold,
-           float temperature, Rng& rng, const py::buffer& top_ids, const py::buffer& top_logits) {
-            py::buffer_info li, ii, vi;
-            auto z = view_1d<float>(logits, "logits", false, false, li);
+        [](const py::object& logits, int64_t k, bool gate_on_full_entropy, double threshold,
+           float temperature, Rng& rng, const py::object& top_ids, const py::object& top_logits) {
+            Buffer lb(logits, "logits"), ib(top_ids, "top_ids"), vb(top_logits, "top_logits");
+            auto z = view_1d<float>(lb, "logits", false, false);
             check_k(k, z.n);
-            auto ids = view_1d<int32_t>(top_ids, "top_ids", true, true, ii);
-            auto vals = view_1d<float>(top_logits, "top_logits", true, true, vi);
+            auto ids = view_1d<int32_t>(ib, "top_ids", true, true);
+            auto vals = view_1d<float>(vb, "top_logits", true, true);
             if (ids.n < k || vals.n < k)
                 throw py::value_error("top_ids and top_logits need room for k entries");
             sia::JunctionStats s{};
@@ -135,22 +243,21 @@ PYBIND11_MODULE(_core, m) {
                         sia::steer_topk(nullptr, 1, ids.data, vals.data, nullptr, static_cast<int32_t>(k),
                                         0.0f, temperature, false, &rng.state, nullptr);
             }
-            return py::make_tuple(chosen, s.topk_entropy, s.full_lse, s.full_entropy, s.nan_count,
-                                  s.posinf_count);
+            return std::make_pair(chosen, checked(s));
         },
         py::arg("logits"), py::arg("k"), py::arg("gate_on_full_entropy"), py::arg("threshold"),
         py::arg("temperature"), py::arg("rng"), py::arg("top_ids"), py::arg("top_logits"),
         "junction_stats, then plain top-k sampling when the gate statistic is below threshold. "
-        "Returns (chosen index or -1 for a junction, topk_entropy, full_lse, full_entropy, nan, posinf).");
+        "Returns (chosen index or -1 for a junction, JunctionStats).");
 
     m.def(
         "steer_topk_inplace",
-        [](const py::buffer& logits, const py::buffer& top_ids, const py::buffer& top_logits,
+        [](const py::object& logits, const py::object& top_ids, const py::object& top_logits,
            const py::object& values, float w, float temperature, Rng& rng, const py::object& probs_out) {
-            py::buffer_info li, ii, vi, wi, pi;
-            auto z = view_1d<float>(logits, "logits", true, false, li);
-            auto ids = view_1d<int32_t>(top_ids, "top_ids", false, true, ii);
-            auto top = view_1d<float>(top_logits, "top_logits", false, true, vi);
+            Buffer lb(logits, "logits"), ib(top_ids, "top_ids"), vb(top_logits, "top_logits");
+            auto z = view_1d<float>(lb, "logits", true, false);
+            auto ids = view_1d<int32_t>(ib, "top_ids", false, true);
+            auto top = view_1d<float>(vb, "top_logits", false, true);
             const int64_t k = ids.n;
             if (top.n != k) throw py::value_error("top_ids and top_logits must have the same length");
             check_k(k, z.n);
@@ -160,18 +267,20 @@ PYBIND11_MODULE(_core, m) {
                                           "] = " + std::to_string(ids.data[i]) +
                                           " is outside the logits buffer of length " + std::to_string(z.n));
             const float* vptr = nullptr;
+            std::optional<Buffer> values_buf, probs_buf;
             if (!values.is_none()) {
-                auto v = view_1d<float>(values.cast<py::buffer>(), "values", false, true, wi);
+                values_buf.emplace(values, "values");
+                auto v = view_1d<float>(*values_buf, "values", false, true);
                 if (v.n != k) throw py::value_error("values must have one entry per candidate (k)");
                 vptr = v.data;
             }
             double* pptr = nullptr;
             if (!probs_out.is_none()) {
-                pi = probs_out.cast<py::buffer>().request(true);
-                if (pi.ndim != 1 || pi.itemsize != 8 || pi.format != "d" || pi.shape[0] != k ||
-                    pi.strides[0] != 8)
-                    throw py::type_error("probs_out must be a contiguous float64 array of length k");
-                pptr = static_cast<double*>(pi.ptr);
+                probs_buf.emplace(probs_out, "probs_out");
+                const Buffer& pv = *probs_buf;
+                if (pv.ndim != 1 || !is_float64(pv) || pv.shape[0] != k || pv.strides[0] != 8 || pv.readonly)
+                    throw py::type_error("probs_out must be a writable contiguous float64 array of length k");
+                pptr = static_cast<double*>(pv.buf);
             }
             int32_t chosen;
             {
@@ -187,22 +296,23 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "value_head",
-        [](const py::buffer& hidden, const py::buffer& weight, float bias, const py::buffer& out) {
-            py::buffer_info hi = hidden.request(false), wi, oi;
-            if (!is_float32(hi) || hi.ndim != 2)
+        [](const py::object& hidden, const py::object& weight, float bias, const py::object& out) {
+            Buffer hb(hidden, "hidden"), wb(weight, "weight"), ob(out, "out");
+            const Buffer& h = hb;
+            if (!is_float32(h) || h.ndim != 2)
                 throw py::type_error("hidden: expected a 2-D float32 buffer (rows x width)");
-            if (hi.strides[1] != 4 || hi.strides[0] % 4 != 0 || hi.strides[0] < hi.shape[1] * 4)
+            if (h.strides[1] != 4 || h.strides[0] % 4 != 0 || h.strides[0] < h.shape[1] * 4)
                 throw py::value_error("hidden: rows must be contiguous float32 with a row stride >= width");
-            auto w = view_1d<float>(weight, "weight", false, true, wi);
-            auto o = view_1d<float>(out, "out", true, true, oi);
-            if (w.n != hi.shape[1])
+            auto w = view_1d<float>(wb, "weight", false, true);
+            auto o = view_1d<float>(ob, "out", true, true);
+            if (w.n != h.shape[1])
                 throw py::value_error("weight has " + std::to_string(w.n) +
-                                      " entries but hidden rows have width " + std::to_string(hi.shape[1]));
-            if (o.n != hi.shape[0]) throw py::value_error("out must have one entry per hidden row");
+                                      " entries but hidden rows have width " + std::to_string(h.shape[1]));
+            if (o.n != h.shape[0]) throw py::value_error("out must have one entry per hidden row");
             {
                 py::gil_scoped_release release;
-                sia::active_kernels().value_head(static_cast<const float*>(hi.ptr), hi.shape[0], hi.shape[1],
-                                                 hi.strides[0] / 4, w.data, bias, o.data);
+                sia::active_kernels().value_head(static_cast<const float*>(h.buf), h.shape[0], h.shape[1],
+                                                 h.strides[0] / 4, w.data, bias, o.data);
             }
         },
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("out"));

@@ -13,7 +13,6 @@ probability, and logits that are all -inf raise the same error.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -38,17 +37,13 @@ Rng = _core.Rng
 MAX_TOP_K = 1024
 
 
-class NonFiniteLogitsError(ValueError):
-    """The model produced NaN or +inf logits (or only -inf): the step cannot be sampled."""
-
-
-@dataclass(frozen=True, slots=True)
-class JunctionStats:
-    """What the gate sees at one step."""
-
-    topk_entropy: float  # nats over softmax of the top-k logits (SIA's gate statistic)
-    full_lse: float  # log-sum-exp over the vocabulary
-    full_entropy: float  # nats over the whole vocabulary
+# Both live in the extension: the per-token call checks and builds its result natively (a
+# Python dataclass and check cost more than the kernel itself at a 49k vocabulary).
+# NonFiniteLogitsError is a ValueError: the model produced NaN or +inf logits (or only -inf),
+# and the step cannot be sampled. JunctionStats has topk_entropy (SIA's gate statistic, nats
+# over softmax of the top-k logits), full_lse and full_entropy (over the whole vocabulary).
+NonFiniteLogitsError = _core.NonFiniteLogitsError
+JunctionStats = _core.JunctionStats
 
 
 class TopK:
@@ -81,21 +76,9 @@ def force_isa(name: str) -> None:
         raise ValueError(str(exc)) from None
 
 
-def _check_stats(raw: tuple[float, float, float, int, int]) -> JunctionStats:
-    topk_h, lse, full_h, n_nan, n_posinf = raw
-    if n_nan or n_posinf:
-        raise NonFiniteLogitsError(
-            f"the model produced {n_nan} NaN and {n_posinf} +inf logits; the weights or the "
-            "quantisation are broken for this input (try another GGUF quantisation)"
-        )
-    if lse == -math.inf:
-        raise NonFiniteLogitsError("every logit is -inf: nothing can be sampled (is every token masked?)")
-    return JunctionStats(topk_h, lse, full_h)
-
-
 def junction_stats(logits: npt.NDArray[np.float32], topk: TopK) -> JunctionStats:
     """Fill ``topk`` with the k largest logits (descending, ties by lower id) and return the stats."""
-    return _check_stats(_core.junction_stats(logits, topk.k, topk.ids, topk.logits))
+    return _core.junction_stats(logits, topk.k, topk.ids, topk.logits)
 
 
 def junction_step(
@@ -109,10 +92,7 @@ def junction_step(
 ) -> tuple[int, JunctionStats]:
     """Stats, then plain top-k sampling in the same native call when the gate statistic is below
     ``threshold``. Returns (index into ``topk`` or -1 at a junction, stats)."""
-    chosen, topk_h, lse, full_h, n_nan, n_posinf = _core.junction_step(
-        logits, topk.k, gate_on_full_entropy, threshold, temperature, rng, topk.ids, topk.logits
-    )
-    return int(chosen), _check_stats((topk_h, lse, full_h, n_nan, n_posinf))
+    return _core.junction_step(logits, topk.k, gate_on_full_entropy, threshold, temperature, rng, topk.ids, topk.logits)
 
 
 def steer_topk_inplace(

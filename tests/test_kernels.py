@@ -103,6 +103,24 @@ def test_huge_values_do_not_overflow(isa: str) -> None:
     check_against_reference(big, 10)
 
 
+def test_far_below_the_max_underflows_to_zero(isa: str) -> None:
+    # Differences beyond exp's range (the AVX-512 pass lets such terms flush to zero instead of
+    # clamping them) next to ordinary ones, one block with a later, larger max, and masked tokens.
+    z = random_logits(20000, seed=7)
+    z[::5] -= 150.0
+    z[5000] = 60.0
+    z[15000:15010] = -np.inf
+    check_against_reference(z, 10)
+
+
+def test_kernels_leave_the_floating_point_mode_as_they_found_it(isa: str) -> None:
+    # A kernel that flushes denormals while it runs must restore the mode: otherwise numpy code
+    # in the caller's thread would silently lose subnormal results afterwards.
+    K.junction_stats(random_logits(5000, seed=8), K.TopK(10))
+    tiny = np.array([1e-38], dtype=np.float32) * np.float32(1e-3)
+    assert tiny[0] > 0.0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_and_posinf_raise(isa: str, bad: float) -> None:
     z = random_logits(49152, seed=7)

@@ -58,6 +58,47 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
     return float(np.median(times) * 1e3)
 
 
+def step_share(path: str, k: int, n_tokens: int, threads: int | None) -> dict[str, object] | None:
+    """Decode ``n_tokens`` greedily on a real model and time, at every step and on that step's
+    own logits buffer, one llama.cpp decode, the native gate call and the numpy equivalent.
+    Reports medians and the gate's share of a step (the issue's "under 1% of a step")."""
+    from pathlib import Path
+
+    from sia_edge.llama_backend import LlamaContext, LlamaModel
+
+    model = LlamaModel(path, what="model")
+    ctx = LlamaContext(model, n_ctx=n_tokens + 64, n_threads=threads)
+    try:
+        ids = model.tokenize("The history of the printing press begins")
+        ctx.decode(ids, 0)
+        topk = K.TopK(k)
+        numpy_fn = NumpyJunction(model.n_vocab, k)
+        decode_ms, core_ms, numpy_ms = [], [], []
+        pos = len(ids)
+        for _ in range(n_tokens):
+            z = ctx.logits()
+            t0 = time.perf_counter()
+            K.junction_stats(z, topk)
+            t1 = time.perf_counter()
+            np_ids, _, _ = numpy_fn(z)
+            t2 = time.perf_counter()
+            if not np.array_equal(np_ids, topk.ids):
+                print(f"MISMATCH on {Path(path).name}: core and numpy top-k disagree", file=sys.stderr)
+                return None
+            core_ms.append((t1 - t0) * 1e3)
+            numpy_ms.append((t2 - t1) * 1e3)
+            t0 = time.perf_counter()
+            ctx.decode([int(topk.ids[0])], pos)
+            decode_ms.append((time.perf_counter() - t0) * 1e3)
+            pos += 1
+    finally:
+        ctx.close()
+    step, core, nump = (float(np.median(x)) for x in (decode_ms, core_ms, numpy_ms))
+    return {"model": Path(path).name, "vocab": model.n_vocab, "tokens": n_tokens,
+            "decode_ms": round(step, 3), "core_ms": round(core, 4), "numpy_ms": round(nump, 4),
+            "core_share_of_step": round(core / step, 5), "numpy_share_of_step": round(nump / step, 4)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -65,6 +106,11 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
     ap.add_argument("--isa", choices=K.available_isas(), help="force one instruction set")
+    ap.add_argument("--step-models", nargs="*", default=None, metavar="GGUF",
+                    help="also measure the gate's share of a real decode step on these models "
+                         "(default: the default base model; pass none to skip)")
+    ap.add_argument("--step-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads for --step-models")
     args = ap.parse_args()
     if args.isa:
         K.force_isa(args.isa)
@@ -93,8 +139,20 @@ def main() -> int:
             "speedup_vs_numpy": round(numpy_ms / core_ms, 1), "core_over_floor": round(core_ms / floor_ms, 2),
         })
 
+    step_models = args.step_models
+    if step_models is None:
+        from sia_edge.models import default_base_model
+
+        step_models = [str(default_base_model())]
+    steps = []
+    for path in step_models:
+        row = step_share(path, args.k, args.step_tokens, args.threads)
+        if row is None:
+            return 1
+        steps.append(row)
+
     report = {"isa": K.active_isa(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "reps": args.reps, "results": results}
+              "reps": args.reps, "results": results, "steps": steps}
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 

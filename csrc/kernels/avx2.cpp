@@ -41,7 +41,7 @@ inline __m256 exp256(__m256 x) {
     const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
     const __m256 poly = _mm256_fmadd_ps(r4, c, _mm256_fmadd_ps(r2, b, a));
     __m256 p = _mm256_fmadd_ps(r2, poly, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // n >= -126 because x >= kExpFloor = -87, so 2^n is a normal float.
+    // n >= -116 because x >= kExpFloor = -80, so 2^n is a normal float.
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }

@@ -11,9 +11,12 @@
 //   {int32 id; float logit; float p} as llama-cpp-python's logits processors see it.
 //   SIMD paths vectorise stride 1 and fall back to the scalar path for other strides.
 // * Full-vocabulary log-sum-exp and entropy are computed blockwise: exponentials of
-//   (z - running max) <= 0 in float32 (SIMD: Cephes-style polynomial, relative error < 3e-7;
-//   scalar: std::exp), arguments clamped at -87 so that exp never underflows into denormals
-//   (such terms are below 2e-38 and do not change a sum that contains the max term, 1.0).
+//   (z - running max) in float32. Scalar: std::exp with the argument clamped at kExpFloor = -80
+//   (such terms are below 2e-35 and do not change a sum that contains the max term, 1.0).
+//   AVX2 / NEON: Cephes-style polynomial (relative error < 3e-7), same clamp. AVX-512: a
+//   32-entry 2^(j/32) table and a degree-2 polynomial (relative error < 4e-7 for terms above
+//   1e-5 of the max, < 3e-6 below), no clamp: the kernel runs with flush-to-zero set (and
+//   restores the caller's mode), so terms far below the max underflow to exactly 0.
 //   Each block of kBlock elements is summed in float32 lanes, blocks are added in double.
 //   Result: |lse error| < 1e-5 and |entropy error| < 1e-4 nats for vocabularies up to 2^20.
 // * Top-k entropy, top-k sampling and the value head's final reduction run in double.
@@ -29,7 +32,7 @@ namespace sia {
 
 constexpr int32_t kMaxTopK = 1024;   // top-k is an insertion list; k is small (10 by default)
 constexpr int64_t kBlock = 2048;     // elements per block: 8 KiB of float32, stays in L1
-constexpr float kExpFloor = -87.0f;  // exp argument clamp, see the precision policy
+constexpr float kExpFloor = -80.0f;  // exp argument clamp, see the precision policy
 
 struct JunctionStats {
     double topk_entropy;   // nats, of softmax over the k largest logits (the SIA gate statistic)
