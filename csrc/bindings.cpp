@@ -141,16 +141,23 @@ struct Rng {
     uint64_t state;
 };
 
-// What the gate sees at one step; returned only for a step that can be sampled.
-struct StepStats {
-    double topk_entropy, full_lse, full_entropy;
-};
+// What the gate sees at one step, returned only for a step that can be sampled: a struct
+// sequence (a named tuple made by CPython), which costs a tuple allocation per call where a
+// pybind11 class instance would cost a registered-instance insertion too.
+PyStructSequence_Field stats_fields[] = {
+    {"topk_entropy", "nats over softmax of the top-k logits (SIA's gate statistic)"},
+    {"full_lse", "log-sum-exp over the vocabulary"},
+    {"full_entropy", "nats over softmax of the whole vocabulary"},
+    {nullptr, nullptr}};
+PyStructSequence_Desc stats_desc = {"sia_edge._core.JunctionStats",
+                                    "What the gate sees at one step (all finite).", stats_fields, 3};
+PyTypeObject* stats_type = nullptr;  // created at module import
 
 struct NonFiniteLogits : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-StepStats checked(const sia::JunctionStats& s) {
+py::object checked(const sia::JunctionStats& s) {
     if (s.nan_count || s.posinf_count)
         throw NonFiniteLogits("the model produced " + std::to_string(s.nan_count) + " NaN and " +
                               std::to_string(s.posinf_count) +
@@ -158,7 +165,11 @@ StepStats checked(const sia::JunctionStats& s) {
                               "(try another GGUF quantisation)");
     if (!(s.full_lse > -std::numeric_limits<double>::infinity()))
         throw NonFiniteLogits("every logit is -inf: nothing can be sampled (is every token masked?)");
-    return StepStats{s.topk_entropy, s.full_lse, s.full_entropy};
+    py::object out = py::reinterpret_steal<py::object>(PyStructSequence_New(stats_type));
+    if (!out) throw py::error_already_set();
+    const double values[3] = {s.topk_entropy, s.full_lse, s.full_entropy};
+    for (int i = 0; i < 3; ++i) PyStructSequence_SetItem(out.ptr(), i, PyFloat_FromDouble(values[i]));
+    return out;
 }
 
 }  // namespace
@@ -175,23 +186,9 @@ PYBIND11_MODULE(_core, m) {
     m.def("force_isa", &sia::force_isa, py::arg("name"));
     m.def("active_isa", [] { return std::string(sia::active_kernels().isa); });
 
-    py::class_<StepStats>(m, "JunctionStats", "What the gate sees at one step (all finite).")
-        .def_readonly("topk_entropy", &StepStats::topk_entropy,
-                      "nats over softmax of the top-k logits (SIA's gate statistic)")
-        .def_readonly("full_lse", &StepStats::full_lse, "log-sum-exp over the vocabulary")
-        .def_readonly("full_entropy", &StepStats::full_entropy, "nats over softmax of the whole vocabulary")
-        .def(
-            "__eq__",
-            [](const StepStats& a, const StepStats& b) {
-                return a.topk_entropy == b.topk_entropy && a.full_lse == b.full_lse &&
-                       a.full_entropy == b.full_entropy;
-            },
-            py::is_operator())
-        .def("__repr__", [](const StepStats& s) {
-            return "JunctionStats(topk_entropy=" + std::to_string(s.topk_entropy) +
-                   ", full_lse=" + std::to_string(s.full_lse) +
-                   ", full_entropy=" + std::to_string(s.full_entropy) + ")";
-        });
+    stats_type = PyStructSequence_NewType(&stats_desc);
+    if (!stats_type) throw py::error_already_set();
+    m.add_object("JunctionStats", py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(stats_type)));
     py::register_exception<NonFiniteLogits>(m, "NonFiniteLogitsError", PyExc_ValueError);
 
     // The GIL is released around every kernel: they touch only the buffers held by the Buffer

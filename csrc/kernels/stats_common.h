@@ -111,6 +111,118 @@ inline void stats_span_scalar(const float* x, int64_t n, int64_t stride, int32_t
     }
 }
 
+// exp(z - R) may exceed 1 in the fused pass; below this headroom the float lanes cannot
+// overflow (e^60 * 2048 < 3e38), above it the block is summed again against its own max.
+constexpr float kFusedHeadroom = 60.0f;
+
+// The careful sums of one L1-resident block: S += exp(z - M), T += exp(z - M) * (z - M) with
+// M = st.M, NaN and +inf lanes dropped. For the rare blocks the fused pass cannot take.
+template <class Ops>
+inline void careful_block_sums(const Ops& ops, const float* xb, int64_t len, StatsState& st) {
+    using V = typename Ops::V;
+    const V vm = ops.set1(st.M), floor = ops.set1(kExpFloor);
+    V vs = ops.set1(0.0f), vt = vs;
+    for (int64_t i = 0; i < len; i += Ops::kWidth) {
+        const V v = ops.load(xb + i);
+        const V d = ops.max(ops.sub(v, vm), floor);
+        const V e = ops.exp(d);
+        vs = ops.add(vs, ops.where_le(v, vm, e));  // v <= M drops NaN and +inf
+        vt = ops.fmadd(ops.where_le(v, vm, e), ops.where_le(v, vm, d), vt);
+    }
+    st.S += ops.hsum(vs);
+    st.T += ops.hsum(vt);
+}
+
+// The SIMD junction_stats pass, written once over an ISA's vector operations (Ops: V, kWidth,
+// load, set1, max, sub, add, fmadd, ge_mask, where_le, hmax, hsum, exp and fused_diff); each
+// ISA file instantiates it with its own compiler flags. Per block of kBlock logits, one fused
+// pass: the block max, the top-k (a test against the k-th logit held in a register, on the
+// pairwise max of two vectors, refreshed only after an insertion) and the exponential sums
+// against R, the max of the blocks so far, with no masks: fused_diff(v, R) keeps a NaN, and a
+// NaN or +inf logit makes the T sum non-finite (e * d never is finite then). Such a block, a
+// block whose max exceeds R by more than the headroom, or one with no reference yet is counted
+// and summed again on the careful path; a block with a smaller new max is rescaled after.
+template <class Ops>
+inline void fused_stats_span(const Ops& ops, const float* logits, int64_t n, StatsState& st) {
+    using V = typename Ops::V;
+    constexpr int64_t W = Ops::kWidth;
+    constexpr int G = Ops::kGroup;  // vectors per top-k test
+    const float inf = std::numeric_limits<float>::infinity();
+    const int64_t n_vec = n - n % W;
+    for (int64_t b = 0; b < n_vec; b += kBlock) {
+        const int64_t len = n_vec - b < kBlock ? n_vec - b : kBlock;
+        const float* xb = logits + b;
+        if (st.M == -inf) {  // no reference max yet: take this block's (NaN ignored), one cheap pass
+            V vmax0 = ops.set1(-inf);
+            for (int64_t i = 0; i < len; i += W) vmax0 = ops.max(ops.load(xb + i), vmax0);
+            st.raise_max(ops.hmax(vmax0));
+        }
+        const bool have_ref = st.M != -inf;
+        const V vm = ops.set1(have_ref ? st.M : 0.0f);
+        V vmax = ops.set1(-inf);
+        V vs[2] = {ops.set1(0.0f), ops.set1(0.0f)}, vt[2] = {vs[0], vs[0]};  // two independent chains
+        V thr = ops.set1(st.threshold());
+        // >= so that the list fills from -inf; once full, ties with the k-th are rejected by
+        // insert() (the lower id stays), so >= only costs a rare extra call. Never true for NaN.
+        const auto insert_candidates = [&](int64_t i, V v) {
+            for (unsigned cand = ops.ge_mask(v, thr); cand; cand &= cand - 1) {
+                const int j = __builtin_ctz(cand);
+                st.insert(static_cast<int32_t>(b + i + j), xb[i + j]);
+            }
+            thr = ops.set1(st.threshold());
+        };
+        const auto accumulate = [&](int u, V v) {
+            const V d = ops.fused_diff(v, vm);
+            const V e = ops.exp(d);
+            vs[u] = ops.add(vs[u], e);
+            vt[u] = ops.fmadd(e, d, vt[u]);
+        };
+        int64_t i = 0;
+        for (; i + G * W <= len; i += G * W) {
+            V v[G];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) v[g] = ops.load(xb + i + g * W);
+            // One top-k test on the group's lane-wise max. A NaN lane can hide another vector's
+            // lane from it; harmless, as a NaN anywhere makes the step rejected (the top-k is
+            // unspecified, see the policy).
+            V group_max = v[G - 1];
+#pragma GCC unroll 4
+            for (int g = G - 2; g >= 0; --g) group_max = ops.max(group_max, v[g]);
+            vmax = ops.max(group_max, vmax);
+            if (ops.ge_mask(group_max, thr)) {
+#pragma GCC unroll 4
+                for (int g = 0; g < G; ++g)
+                    insert_candidates(i + g * W, v[g]);  // id order: ties keep the lower id
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) accumulate(g & 1, v[g]);
+        }
+        for (; i < len; i += W) {
+            const V v = ops.load(xb + i);
+            vmax = ops.max(v, vmax);
+            if (ops.ge_mask(v, thr)) insert_candidates(i, v);
+            accumulate(0, v);
+        }
+        const float block_max = ops.hmax(vmax);
+        const double s = ops.hsum(ops.add(vs[0], vs[1])), t = ops.hsum(ops.add(vt[0], vt[1]));
+        if (!have_ref || !std::isfinite(t) || !std::isfinite(s) || !(block_max <= st.M + kFusedHeadroom)) {
+            for (int64_t j = 0; j < len; ++j) {  // rare: count non-finite logits exactly
+                if (xb[j] != xb[j])
+                    ++st.nan_count;
+                else if (xb[j] == inf)
+                    ++st.posinf_count;
+            }
+            st.raise_max(block_max);
+            if (st.M != -inf) careful_block_sums(ops, xb, len, st);
+            continue;
+        }
+        st.S += s;
+        st.T += t;
+        st.raise_max(block_max);  // rescales this block's sums with the earlier ones
+    }
+    stats_span_scalar(logits + n_vec, n - n_vec, 1, static_cast<int32_t>(n_vec), st);
+}
+
 inline void stats_begin(StatsState& st, int32_t k, int32_t* top_ids, float* top_logits) {
     st.k = k;
     st.ids = top_ids;
