@@ -160,7 +160,9 @@ inline void fused_stats_span(const Ops& ops, const float* logits, int64_t n, Sta
         const bool have_ref = st.M != -inf;
         const V vm = ops.set1(have_ref ? st.M : 0.0f);
         V vmax = ops.set1(-inf);
-        V vs[2] = {ops.set1(0.0f), ops.set1(0.0f)}, vt[2] = {vs[0], vs[0]};  // two independent chains
+        // Four independent accumulator chains: the exponentials of a group overlap in flight.
+        const V zero = ops.set1(0.0f);
+        V vs[4] = {zero, zero, zero, zero}, vt[4] = {zero, zero, zero, zero};
         V thr = ops.set1(st.threshold());
         // >= so that the list fills from -inf; once full, ties with the k-th are rejected by
         // insert() (the lower id stays), so >= only costs a rare extra call. Never true for NaN.
@@ -195,7 +197,7 @@ inline void fused_stats_span(const Ops& ops, const float* logits, int64_t n, Sta
                     insert_candidates(i + g * W, v[g]);  // id order: ties keep the lower id
             }
 #pragma GCC unroll 4
-            for (int g = 0; g < G; ++g) accumulate(g & 1, v[g]);
+            for (int g = 0; g < G; ++g) accumulate(g & 3, v[g]);
         }
         for (; i < len; i += W) {
             const V v = ops.load(xb + i);
@@ -204,7 +206,8 @@ inline void fused_stats_span(const Ops& ops, const float* logits, int64_t n, Sta
             accumulate(0, v);
         }
         const float block_max = ops.hmax(vmax);
-        const double s = ops.hsum(ops.add(vs[0], vs[1])), t = ops.hsum(ops.add(vt[0], vt[1]));
+        const double s = ops.hsum(ops.add(ops.add(vs[0], vs[1]), ops.add(vs[2], vs[3])));
+        const double t = ops.hsum(ops.add(ops.add(vt[0], vt[1]), ops.add(vt[2], vt[3])));
         if (!have_ref || !std::isfinite(t) || !std::isfinite(s) || !(block_max <= st.M + kFusedHeadroom)) {
             for (int64_t j = 0; j < len; ++j) {  // rare: count non-finite logits exactly
                 if (xb[j] != xb[j])

@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end on real models and print the JSON they promise.
+
+Speed is not asserted here (the machine is shared); the scripts check correctness before timing,
+and these tests check that they still run, agree with themselves and report sane figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tool(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_kernels_reports_every_size_and_a_real_step(base_model_path: Path) -> None:
+    out = run_tool("tools/bench_kernels.py", "--json", "--reps", "5", "--vocab", "1000", "4099",
+                   "--step-models", str(base_model_path), "--step-tokens", "4")
+    assert [r["vocab"] for r in out["results"]] == [1000, 4099]
+    for r in out["results"]:
+        assert r["core_ms"] > 0 and r["numpy_ms"] > 0 and r["floor_ms"] > 0
+    (step,) = out["steps"]
+    assert step["vocab"] == 49152 and step["tokens"] == 4
+    assert 0 < step["core_share_of_step"] < 1 and step["decode_ms"] > 0
+
+
+def test_bench_junction_cost_predicts_from_its_measurements(value_model_path: Path) -> None:
+    out = run_tool("tools/bench_junction_cost.py", "--json", "--reps", "1", "--ratios", "0.2,0.5",
+                   "--value-models", str(value_model_path))
+    base = out["base_step_ms"]
+    (row,) = out["value_models"]
+    assert row["layers"] >= 1 and set(row["catchup_ms"]) == {"2", "5"}
+    # The prediction is the documented formula over the measured parts.
+    r = 0.2
+    sparse = (base + r * (row["catchup_ms"]["5"] + row["branch_ms"])) / base
+    assert row["by_ratio"]["0.2"]["sparse_x_plain"] == pytest.approx(sparse, abs=1e-3)
+    assert row["dense_x_plain"] == pytest.approx((base + row["branch_ms"]) / base, abs=1e-3)
+
+
+def test_bench_junction_cost_refuses_bad_ratios() -> None:
+    proc = subprocess.run([sys.executable, "tools/bench_junction_cost.py", "--ratios", "0"], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--ratios must lie in (0, 1]" in proc.stderr

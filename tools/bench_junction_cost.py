@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""What one junction costs against one base decode step, and what that allows.
+
+    python tools/bench_junction_cost.py --json
+
+Times, on the same machine in one run (medians over --reps):
+  base_step_ms   one single-token decode of the base model with its logits (what `plain` pays)
+  catchup_ms     the value model's catch-up: a batch of n tokens with no output rows, for the
+                 batch sizes a gate at each --ratios produces (about 1 / ratio tokens)
+  branch_ms      the k one-token branches in one batch with hidden states (embeddings on: llama.cpp
+                 also computes the vocabulary head on these rows)
+for every value model given (default: the base backbone with a random head, as the issue's decode
+benchmark uses, re-quantised to each --quant type, plus the default trained value model if
+installed). From these it predicts, per intervention ratio r,
+  sparse / plain = (B + catchup(1/r) * r + r * branch) / B      dense / plain = (B + branch) / B
+(dense commits the sampled branch, so it never catches up), and says whether the issue's goals
+"sparse <= 1.5x plain at 15-30%" and "dense >= 2.5x sparse" can hold together for that model.
+tools/bench_decode.py measures the real modes; this one explains them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from sia_edge.llama_backend import LlamaContext, LlamaModel
+from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model
+from sia_edge.value_format import random_head_value_gguf
+
+QUANT_TYPES = {
+    "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+}
+
+
+def requantise(src: Path, dst: Path, ftype: int) -> Path:
+    """The same weights in another llama.cpp type (from an already quantised file: fine for timing,
+    not for quality, which is why the export pipeline quantises from f16 instead)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantise {src.name} to {dst.name}")
+    return dst
+
+
+def median_ms(times: list[float]) -> float:
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def time_base_step(path: Path, prefix: list[int], reps: int, threads: int | None) -> float:
+    ctx = LlamaContext(LlamaModel(path, what="base model"), n_ctx=len(prefix) + 16, n_threads=threads)
+    try:
+        ctx.decode(prefix, 0)
+        times = []
+        for _ in range(reps):
+            ctx.seq_rm(0, len(prefix), -1)
+            t0 = time.perf_counter()
+            ctx.decode([prefix[-1]], len(prefix))
+            ctx.logits()
+            times.append(time.perf_counter() - t0)
+        return median_ms(times)
+    finally:
+        ctx.close()
+
+
+def time_value(path: Path, prefix: list[int], k: int, batch_sizes: list[int], reps: int,
+               threads: int | None) -> dict[str, object]:
+    model = LlamaModel(path, what="value model")
+    ctx = LlamaContext(model, n_ctx=len(prefix) + max(batch_sizes) + k + 8, n_seq_max=k + 1, n_batch=512,
+                       n_threads=threads)
+    try:
+        ctx.decode(prefix, 0, output_last=False)
+        p = len(prefix)
+        # Correctness first: the k branches are k different continuations of the cached prefix.
+        for j in range(k):
+            ctx.seq_cp(0, j + 1)
+        ctx.set_embeddings(True)
+        ctx.decode(prefix[:k], p, seq_ids=list(range(1, k + 1)))
+        hidden = ctx.hidden_states(k).copy()
+        for j in range(k):
+            ctx.seq_rm(j + 1)
+        if not np.isfinite(hidden).all() or len({row.tobytes() for row in hidden}) != len(set(prefix[:k])):
+            raise RuntimeError(f"{path.name}: branch hidden states are not finite or not one per candidate")
+        catchup: dict[int, list[float]] = {n: [] for n in batch_sizes}
+        branch = []
+        for _ in range(reps):
+            for n in batch_sizes:
+                ctx.set_embeddings(False)
+                t0 = time.perf_counter()
+                ctx.decode(prefix[:n], p, output_last=False)
+                catchup[n].append(time.perf_counter() - t0)
+                ctx.seq_rm(0, p, -1)
+            for j in range(k):
+                ctx.seq_cp(0, j + 1)
+            ctx.set_embeddings(True)
+            t0 = time.perf_counter()
+            ctx.decode(prefix[:k], p, seq_ids=list(range(1, k + 1)))
+            ctx.hidden_states(k)
+            branch.append(time.perf_counter() - t0)
+            for j in range(k):
+                ctx.seq_rm(j + 1)
+        return {"layers": int(llama_cpp.llama_model_n_layer(model.ptr)),
+                "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()}, "branch_ms": median_ms(branch)}
+    finally:
+        ctx.close()
+
+
+def predict(base_ms: float, value: dict[str, object], ratios: list[float]) -> dict[str, object]:
+    branch = float(value["branch_ms"])  # type: ignore[arg-type]
+    catchup = value["catchup_ms"]
+    assert isinstance(catchup, dict)
+    dense = (base_ms + branch) / base_ms
+    rows = {}
+    for r in ratios:
+        n = max(1, round(1 / r))
+        sparse = (base_ms + r * (float(catchup[str(n)]) + branch)) / base_ms
+        rows[str(r)] = {"sparse_x_plain": round(sparse, 3), "dense_x_sparse": round(dense / sparse, 3),
+                        "both_goals": sparse <= 1.5 and dense / sparse >= 2.5}
+    return {"dense_x_plain": round(dense, 3), "by_ratio": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print only the JSON object")
+    ap.add_argument("--model", type=Path, default=None, help="base GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--value-models", type=Path, nargs="*", default=None,
+                    help="value GGUFs (default: the base backbone with a random head, as is and re-quantised "
+                         "to each --quant type, and the default value model if installed)")
+    ap.add_argument("--quant", default="q4_0,q8_0", help="re-quantisations of the random-head backbone")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--ratios", default="0.15,0.2,0.3", help="intervention ratios to predict")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if not all(0 < r <= 1 for r in ratios):
+        ap.error("--ratios must lie in (0, 1]")
+    quants = [q for q in args.quant.split(",") if q]
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    if unknown:
+        ap.error(f"unknown --quant {unknown}; choose from {sorted(QUANT_TYPES)}")
+    batch_sizes = sorted({max(1, round(1 / r)) for r in ratios})
+
+    base = args.model or default_base_model()
+    base_model = LlamaModel(base, what="base model")
+    prefix = base_model.tokenize("The history of the printing press begins in the fifteenth century, when " * 6)
+    prefix = prefix[:120]
+    with tempfile.TemporaryDirectory() as tmp:
+        values: list[tuple[str, Path]] = []
+        if args.value_models is None:
+            fixture = random_head_value_gguf(base, Path(tmp) / "value-random-head.gguf")
+            values.append((f"random head, {base.name} as is", fixture))
+            for q in quants:
+                values.append((f"random head, {q}",
+                               requantise(fixture, Path(tmp) / f"value-random-head-{q}.gguf", QUANT_TYPES[q])))
+            with contextlib.suppress(ModelNotFoundError):  # not built here: nothing to compare
+                values.append(("default value model", default_value_model()))
+        else:
+            values = [(p.name, p) for p in args.value_models]
+        base_ms = time_base_step(base, prefix, args.reps * 4, args.threads)
+        rows = []
+        for name, path in values:
+            v = time_value(path, prefix, args.k, batch_sizes, args.reps, args.threads)
+            rows.append({"value_model": name, "file_mb": round(path.stat().st_size / 2**20, 1), **v,
+                         "branch_x_base_step": round(float(v["branch_ms"]) / base_ms, 2),  # type: ignore[arg-type]
+                         **predict(base_ms, v, ratios)})
+    report = {"model": base.name, "machine": platform.machine(), "k": args.k, "base_step_ms": base_ms,
+              "value_models": rows}
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
