@@ -54,7 +54,7 @@ case "$cmd" in
     setup
     log "ruff"; "$VENV/bin/ruff" check sia_edge tools tests
     log "mypy"; "$VENV/bin/mypy"
-    log "clang-format"; "$VENV/bin/clang-format" --dry-run --Werror $(find csrc -name '*.cpp' -o -name '*.h')
+    log "clang-format"; "$VENV/bin/clang-format" --dry-run --Werror $(find csrc tests/native -name '*.cpp' -o -name '*.h')
     log "pytest"; exec "$PY" -m pytest "$@"
     ;;
   *) echo "usage: ./dev.sh run|test|setup [ARGS]" >&2; exit 2 ;;

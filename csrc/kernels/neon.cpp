@@ -11,7 +11,9 @@
 namespace sia {
 namespace {
 
-// exp(x) for x in [kExpFloor, 0]: x = n ln2 + r, Cephes expf polynomial, 2^n via the exponent.
+// exp(x) for x in [kExpFloor, kFusedHeadroom]: x = n ln2 + r, Cephes expf polynomial, 2^n via the
+// exponent (n >= -116 as x >= kExpFloor = -80; above the headroom the fused pass discards the
+// block). NEON has no float permute from a register table, so no 2^(j/32) table as on x86.
 inline float32x4_t exp_neon(float32x4_t x) {
     const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
     float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
@@ -27,6 +29,31 @@ inline float32x4_t exp_neon(float32x4_t x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
 
+struct OpsNeon {
+    using V = float32x4_t;
+    static constexpr int64_t kWidth = 4;
+    static constexpr int kGroup = 4;  // not measured: no arm64 machine here (checked under qemu)
+
+    static V load(const float* p) { return vld1q_f32(p); }
+    static V set1(float x) { return vdupq_n_f32(x); }
+    static V max(V a, V b) { return vmaxnmq_f32(a, b); }  // a NaN operand is ignored, as on x86
+    static V sub(V a, V b) { return vsubq_f32(a, b); }
+    static V add(V a, V b) { return vaddq_f32(a, b); }
+    static V fmadd(V a, V b, V c) { return vfmaq_f32(c, a, b); }
+    static unsigned ge_mask(V a, V b) {
+        const uint32x4_t bits = {1u, 2u, 4u, 8u};
+        return vaddvq_u32(vandq_u32(vcgeq_f32(a, b), bits));
+    }
+    static V where_le(V a, V b, V x) {
+        return vreinterpretq_f32_u32(vandq_u32(vcleq_f32(a, b), vreinterpretq_u32_f32(x)));
+    }
+    static float hmax(V v) { return vmaxnmvq_f32(v); }
+    static double hsum(V v) { return static_cast<double>(vaddvq_f32(v)); }
+    // Clamped: -inf becomes exp(kExpFloor); vmaxq (not vmaxnmq) keeps a NaN.
+    static V fused_diff(V v, V ref) { return vmaxq_f32(vdupq_n_f32(kExpFloor), vsubq_f32(v, ref)); }
+    static V exp(V x) { return exp_neon(x); }
+};
+
 }  // namespace
 
 void junction_stats_neon(const float* logits, int64_t n, int64_t stride, int32_t k, int32_t* top_ids,
@@ -38,50 +65,7 @@ void junction_stats_neon(const float* logits, int64_t n, int64_t stride, int32_t
         st.finish(out);
         return;
     }
-    const float inf = std::numeric_limits<float>::infinity();
-    const int64_t n_vec = n - n % 4;
-    for (int64_t b = 0; b < n_vec; b += kBlock) {
-        const int64_t len = n_vec - b < kBlock ? n_vec - b : kBlock;
-        const float* xb = logits + b;
-        float32x4_t vmax = vdupq_n_f32(-inf);
-        for (int64_t i = 0; i < len; i += 4) {
-            const float32x4_t v = vld1q_f32(xb + i);
-            // vmaxnmq ignores a NaN operand, like the scalar path.
-            vmax = vmaxnmq_f32(vmax, v);
-            // finite and < +inf lanes compare true; NaN or +inf lanes give 0.
-            const uint32x4_t good = vcltq_f32(v, vdupq_n_f32(inf));
-            if (vminvq_u32(good) == 0) {
-                for (int j = 0; j < 4; ++j) {
-                    if (xb[i + j] != xb[i + j])
-                        ++st.nan_count;
-                    else if (xb[i + j] == inf)
-                        ++st.posinf_count;
-                }
-            }
-            const float thr = st.threshold();
-            const uint32x4_t cand =
-                st.count < k ? vcgeq_f32(v, vdupq_n_f32(thr)) : vcgtq_f32(v, vdupq_n_f32(thr));
-            if (vmaxvq_u32(cand) != 0) {
-                for (int j = 0; j < 4; ++j) st.insert(static_cast<int32_t>(b + i + j), xb[i + j]);
-            }
-        }
-        st.raise_max(vmaxvq_f32(vmax));
-        if (st.M == -inf) continue;
-        const float32x4_t vm = vdupq_n_f32(st.M);
-        const float32x4_t floor = vdupq_n_f32(kExpFloor);
-        float32x4_t vs = vdupq_n_f32(0.0f), vt = vdupq_n_f32(0.0f);
-        for (int64_t i = 0; i < len; i += 4) {
-            const float32x4_t v = vld1q_f32(xb + i);
-            const uint32x4_t ok = vcleq_f32(v, vm);  // drops NaN and +inf
-            const float32x4_t d = vmaxq_f32(vsubq_f32(v, vm), floor);
-            const float32x4_t e = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(exp_neon(d)), ok));
-            vs = vaddq_f32(vs, e);
-            vt = vfmaq_f32(vt, e, d);
-        }
-        st.S += static_cast<double>(vaddvq_f32(vs));
-        st.T += static_cast<double>(vaddvq_f32(vt));
-    }
-    stats_span_scalar(logits + n_vec, n - n_vec, 1, static_cast<int32_t>(n_vec), st);
+    fused_stats_span(OpsNeon{}, logits, n, st);
     st.finish(out);
 }
 

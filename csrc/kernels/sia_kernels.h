@@ -13,7 +13,8 @@
 // * Full-vocabulary log-sum-exp and entropy are computed blockwise: exponentials of
 //   (z - running max) in float32. Scalar: std::exp with the argument clamped at kExpFloor = -80
 //   (such terms are below 2e-35 and do not change a sum that contains the max term, 1.0).
-//   AVX2 / NEON: Cephes-style polynomial (relative error < 3e-7), same clamp. AVX-512: a
+//   NEON: Cephes-style polynomial (relative error < 3e-7), same clamp. AVX2: an 8-entry 2^(j/8)
+//   table and a degree-3 polynomial (relative error < 3e-7), same clamp. AVX-512: a
 //   32-entry 2^(j/32) table and a degree-2 polynomial (relative error < 4e-7 for terms above
 //   1e-5 of the max, < 3e-6 below), no clamp: the kernel runs with flush-to-zero set (and
 //   restores the caller's mode), so terms far below the max underflow to exactly 0.
