@@ -168,7 +168,11 @@ py::object checked(const sia::JunctionStats& s) {
     py::object out = py::reinterpret_steal<py::object>(PyStructSequence_New(stats_type));
     if (!out) throw py::error_already_set();
     const double values[3] = {s.topk_entropy, s.full_lse, s.full_entropy};
-    for (int i = 0; i < 3; ++i) PyStructSequence_SetItem(out.ptr(), i, PyFloat_FromDouble(values[i]));
+    for (int i = 0; i < 3; ++i) {
+        PyObject* value = PyFloat_FromDouble(values[i]);
+        if (!value) throw py::error_already_set();
+        PyStructSequence_SetItem(out.ptr(), i, value);  // steals the reference
+    }
     return out;
 }
 
@@ -188,6 +192,9 @@ PYBIND11_MODULE(_core, m) {
 
     stats_type = PyStructSequence_NewType(&stats_desc);
     if (!stats_type) throw py::error_already_set();
+    // The module gets its own reference; stats_type keeps one for the life of the process, so
+    // deleting the attribute cannot free a type that checked() still builds instances of.
+    Py_INCREF(stats_type);
     m.add_object("JunctionStats", py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(stats_type)));
     py::register_exception<NonFiniteLogits>(m, "NonFiniteLogitsError", PyExc_ValueError);
 

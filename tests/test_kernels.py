@@ -121,6 +121,24 @@ def test_kernels_leave_the_floating_point_mode_as_they_found_it(isa: str) -> Non
     assert tiny[0] > 0.0
 
 
+def test_result_type_outlives_its_module_attributes() -> None:
+    # The extension keeps its own reference to the JunctionStats type: deleting every Python name
+    # for it must not free the type that later results are built from.
+    import gc
+
+    from sia_edge import _core
+
+    del _core.JunctionStats, K.JunctionStats
+    try:
+        gc.collect()
+        stats = _core.junction_stats(random_logits(100, seed=9), 10, np.zeros(10, np.int32), np.zeros(10, np.float32))
+        assert type(stats).__name__ == "JunctionStats"
+        assert math.isfinite(stats.full_lse) and stats.full_lse > stats.topk_entropy
+    finally:
+        _core.JunctionStats = K.JunctionStats = type(_core.junction_stats(
+            random_logits(10, seed=9), 1, np.zeros(1, np.int32), np.zeros(1, np.float32)))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_and_posinf_raise(isa: str, bad: float) -> None:
     z = random_logits(49152, seed=7)

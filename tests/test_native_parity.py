@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,26 @@ def test_neon_matches_scalar_under_qemu(tmp_path: Path) -> None:
         pytest.skip("no arm64 cross-compiler and qemu-aarch64 here (apt-get install g++-aarch64-linux-gnu qemu-user)")
     out = build_and_run(compiler, ["-static"], ["neon.cpp", "scalar.cpp"], [qemu], tmp_path / "parity")
     assert "neon vs scalar:" in out and " 0 failures" in out
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 only")
+def test_imports_and_runs_on_a_cpu_without_avx() -> None:
+    # The ISA files are compiled with -mavx2 / -mavx512f: nothing in them may run before
+    # dispatch.cpp has checked the CPU, or an older CPU dies with SIGILL at import time. qemu's
+    # Nehalem model has SSE4.2 and no AVX.
+    qemu = shutil.which("qemu-x86_64")
+    if not qemu:
+        pytest.skip("no qemu-x86_64 here (apt-get install qemu-user)")
+    code = (
+        "import numpy as np\n"
+        "from sia_edge import kernels as K\n"
+        "z = np.random.default_rng(0).standard_normal(5000).astype(np.float32)\n"
+        "t = K.TopK(10)\n"
+        "s = K.junction_stats(z, t)\n"
+        "assert int(t.ids[0]) == int(np.argmax(z)) and s.full_lse > s.topk_entropy\n"
+        "print(K.available_isas())\n"
+    )
+    run = subprocess.run([qemu, "-cpu", "Nehalem", sys.executable, "-c", code], check=False,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "['scalar']"
