@@ -16,14 +16,16 @@
 namespace sia {
 namespace {
 
-// exp(x) for x in [kExpFloor, kFusedHeadroom] in eight instructions, relative error below 4e-7
-// where it matters (x > -12; below, the terms are < 1e-5 of the max term and the error grows
-// to 3e-6 at kExpFloor). x = (32 n + j) ln2 / 32 + r with |r| <= ln2 / 64, so
-// exp(x) = 2^n * 2^(j/32) * e^r: 2^(j/32) from a 32-entry table held in two registers (one
-// permute), e^r from a degree-2 polynomial, 2^n by vscalefps (which floors its exponent).
+// exp(x) for x <= kFusedHeadroom in eight instructions (Ops512::exp below), relative error below
+// 4e-7 where it matters (x > -12; below, the terms are < 1e-5 of the max term and the error grows
+// to 3e-6 at -80; under the kernel's flush-to-zero, results below the float range become 0).
+// x = (32 n + j) ln2 / 32 + r with |r| <= ln2 / 64, so exp(x) = 2^n * 2^(j/32) * e^r: 2^(j/32)
+// from a 32-entry table held in two registers (one permute), e^r from a degree-2 polynomial, 2^n
+// by vscalefps (which floors its exponent).
 // The fixed-point trick: t = x * 32/ln2 + 1.5 * 2^23 rounds x * 32/ln2 to an integer m held in
 // t's low mantissa bits (so the permute reads j = m mod 32 from them), and
 // (t - 1.5 * 2^23) / 32 = m / 32 is exact, with floor(m / 32) = n.
+
 // 2^(j/32), j < 32, rounded to float: literals, so that nothing in this file runs at load time
 // (it is compiled with -mavx512f and may only run after dispatch.cpp has checked the CPU).
 alignas(64) constexpr float kExp2Table[32] = {1.0f,
