@@ -124,10 +124,10 @@ inline void careful_block_sums(const Ops& ops, const float* xb, int64_t len, Sta
     V vs = ops.set1(0.0f), vt = vs;
     for (int64_t i = 0; i < len; i += Ops::kWidth) {
         const V v = ops.load(xb + i);
-        const V d = ops.max(ops.sub(v, vm), floor);
-        const V e = ops.exp(d);
-        vs = ops.add(vs, ops.where_le(v, vm, e));  // v <= M drops NaN and +inf
-        vt = ops.fmadd(ops.where_le(v, vm, e), ops.where_le(v, vm, d), vt);
+        const V d = ops.where_le(v, vm, ops.max(ops.sub(v, vm), floor));  // v <= M drops NaN and +inf
+        const V e = ops.where_le(v, vm, ops.exp(d));
+        vs = ops.add(vs, e);
+        vt = ops.fmadd(e, d, vt);
     }
     st.S += ops.hsum(vs);
     st.T += ops.hsum(vt);
@@ -137,7 +137,7 @@ inline void careful_block_sums(const Ops& ops, const float* xb, int64_t len, Sta
 // load, set1, max, sub, add, fmadd, ge_mask, where_le, hmax, hsum, exp and fused_diff); each
 // ISA file instantiates it with its own compiler flags. Per block of kBlock logits, one fused
 // pass: the block max, the top-k (a test against the k-th logit held in a register, on the
-// pairwise max of two vectors, refreshed only after an insertion) and the exponential sums
+// lane-wise max of a group of kGroup vectors, refreshed only after an insertion) and the exponential sums
 // against R, the max of the blocks so far, with no masks: fused_diff(v, R) keeps a NaN, and a
 // NaN or +inf logit makes the T sum non-finite (e * d never is finite then). Such a block, a
 // block whose max exceeds R by more than the headroom, or one with no reference yet is counted
