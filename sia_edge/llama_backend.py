@@ -67,7 +67,9 @@ class LlamaModel:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
         self.name = self.meta("general.name") or self.path.stem
         self._fingerprint: str | None = None
-        self._piece_buf = ctypes.create_string_buffer(256)
+        # One scratch buffer per thread: token_to_piece runs without the GIL, so a buffer shared
+        # by parallel generations would hand one thread the bytes another just wrote.
+        self._piece_scratch = threading.local()
 
     def __del__(self) -> None:
         ptr = getattr(self, "ptr", None)
@@ -117,12 +119,15 @@ class LlamaModel:
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens rendered as empty)."""
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        buf = getattr(self._piece_scratch, "buf", None)
+        if buf is None:
+            buf = self._piece_scratch.buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, big, len(big), 0, False)
             return big.raw[:n]
-        return self._piece_buf.raw[:n]
+        return buf.raw[:n]
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

@@ -107,19 +107,44 @@ def test_same_seed_same_output_and_seed_matters(engine: SteeringEngine) -> None:
 def test_threads_match_sequential_runs(engine: SteeringEngine) -> None:
     jobs = [(HARMFUL, 21), (BENIGN, 22), (HARMFUL, 23)]
     cfg = SteeringConfig(tau=0.9)
-    sequential = [run(engine, p, max_tokens=24, config=cfg, seed=s)[0].tokens for p, s in jobs]
+    sequential = []
+    for p, s in jobs:
+        gen, _ = run(engine, p, max_tokens=24, config=cfg, seed=s)
+        sequential.append((gen.tokens, gen.text))
     results: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
 
     def worker(i: int) -> None:
         p, s = jobs[i]
-        results[i] = run(engine, p, max_tokens=24, config=cfg, seed=s)[0].tokens
+        gen, _ = run(engine, p, max_tokens=24, config=cfg, seed=s)
+        results[i], texts[i] = gen.tokens, gen.text
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [results[i] for i in range(len(jobs))] == sequential
+    assert [results[i] for i in range(len(jobs))] == [tokens for tokens, _ in sequential]
+    assert [texts[i] for i in range(len(jobs))] == [text for _, text in sequential]
+
+
+def test_detokenizing_from_many_threads_gives_each_its_own_bytes(engine: SteeringEngine) -> None:
+    # llama.cpp's token_to_piece runs without the GIL: a buffer shared between threads would
+    # hand one thread another's bytes (seen as "*Orange" served as "* range" by the server).
+    model = engine.base
+    ids = list(range(200, 2200))
+    expected = [model.piece(t) for t in ids]
+    got: dict[int, list[list[bytes]]] = {}
+
+    def worker(i: int) -> None:
+        got[i] = [[model.piece(t) for t in ids] for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(rounds == expected for i in range(4) for rounds in got[i])
 
 
 def test_steering_changes_the_distribution(engine: SteeringEngine) -> None:
