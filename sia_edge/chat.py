@@ -188,7 +188,8 @@ class ChatSession:
 
     def settings_text(self) -> str:
         c = self.config
-        return f"mode {mode_name(c.gate)}, tau {c.tau:g}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
+        head = f", head {c.head}" if c.head else ""
+        return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
 
     def stats_text(self) -> str:
         lines = [f"settings: {self.settings_text()}"]

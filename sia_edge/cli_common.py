@@ -115,6 +115,9 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--target-ratio", type=_ratio, metavar="R",
                    help="pick tau so that about this fraction of tokens are junctions (measured once on "
                         "unsteered runs, then cached); replaces --tau")
+    g.add_argument("--head", type=_int, metavar="N",
+                   help="also steer the first N tokens of every answer, where it commits to refusing or "
+                        "complying (default 0: the entropy gate alone)")
     g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
     g.add_argument("--w", type=finite_float, metavar="X", help="steering strength (default 1.0)")
     g.add_argument("--temperature", type=finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
@@ -183,7 +186,7 @@ def steering_config(args: argparse.Namespace, *, value_model: bool) -> SteeringC
             raise CliError("--target-ratio needs a value model: pass --value-model PATH.gguf")
         mode = "off"
     kwargs: dict[str, Any] = {"gate": mode}
-    for name in ("tau", "k", "w", "temperature", "target_ratio"):
+    for name in ("tau", "k", "w", "temperature", "target_ratio", "head"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
@@ -212,7 +215,8 @@ def _finite_or_none(v: Any) -> Any:
 def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, Any]:
     """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
     d = {k: _finite_or_none(v) for k, v in stats.as_dict().items()}
-    d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, seed=seed)
+    d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, head=config.head,
+             seed=seed)
     return d
 
 

@@ -29,6 +29,7 @@ from sia_edge import kernels
 from sia_edge.gate import JunctionGate, SteeringConfig, tau_for_ratio
 from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, default_threads
 from sia_edge.models import default_base_model, models_dir
+from sia_edge.value_format import atomic_output, commit_output
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
@@ -140,7 +141,8 @@ class SteeringEngine:
             self._check_tokenizers(self.value)
         self._pool: list[_Slot] = []
         self._pool_lock = threading.Lock()
-        self._tau_cache: dict[tuple[str, int, float, float], float] = {}
+        self._tau_cache: dict[tuple[str, int, float, float, int], float] = {}
+        self._calibration_lock = threading.Lock()
 
     # ----------------------------------------------------------------- setup checks
     def _check_tokenizers(self, value: ValueModel) -> None:
@@ -272,7 +274,8 @@ class SteeringEngine:
         self, prompts: Sequence[str | Messages] | None = None, *, config: SteeringConfig | None = None,
         max_tokens: int = 96, seed: int = 0,
     ) -> list[float]:
-        """The gate statistic at every step of unsteered (``off``) runs of the base model."""
+        """The gate statistic at every step of unsteered (``off``) runs of the base model; the
+        first ``config.head`` steps of each run are +inf (junctions whatever tau is)."""
         cfg = config or SteeringConfig()
         off = SteeringConfig(gate="off", k=cfg.k, temperature=cfg.temperature)
         on_full = cfg.gate == "full-entropy"
@@ -280,34 +283,34 @@ class SteeringEngine:
         for i, p in enumerate(prompts or [[{"role": "user", "content": q}] for q in self.CALIBRATION_PROMPTS]):
             gen = self.generate(p, max_tokens=max_tokens, config=off, seed=seed + i)
             with gen:
-                stats.extend(ev.entropy for ev in gen)
+                run = [ev.entropy for ev in gen]
             if on_full:
-                stats[len(stats) - gen.stats.tokens:] = gen.full_entropies
+                run = list(gen.full_entropies[: len(run)])
+            run[: cfg.head] = [math.inf] * min(cfg.head, len(run))
+            stats.extend(run)
         return stats
 
     def calibrate_tau(self, config: SteeringConfig) -> float:
         """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model."""
         assert config.target_ratio is not None
-        key = (config.gate, config.k, config.temperature, config.target_ratio)
+        key = (config.gate, config.k, config.temperature, config.target_ratio, config.head)
         if key in self._tau_cache:
             return self._tau_cache[key]
-        cache_file = models_dir() / "tau-calibration.json"
-        disk_key = f"{self.base.fingerprint}|{self.base.path.name}|{key}"
-        with contextlib.suppress(OSError, ValueError):
-            disk = json.loads(cache_file.read_text())
-            if disk_key in disk:
-                self._tau_cache[key] = float(disk[disk_key])
+        # One calibration at a time: concurrent requests for the same uncached ratio wait for the
+        # first one's answer instead of each running the unsteered calibration generations.
+        with self._calibration_lock:
+            if key in self._tau_cache:
                 return self._tau_cache[key]
-        tau = tau_for_ratio(self.gate_statistics(config=config), config.target_ratio)
-        self._tau_cache[key] = tau
-        with contextlib.suppress(OSError, ValueError):
-            disk = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            disk[disk_key] = tau
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(disk, indent=1))
-            tmp.replace(cache_file)
-        return tau
+            cache_file = models_dir() / "tau-calibration.json"
+            disk_key = f"{self.base.fingerprint}|{self.base.path.name}|{key}"
+            stored = _read_tau_file(cache_file).get(disk_key)
+            if isinstance(stored, (int, float)):
+                self._tau_cache[key] = float(stored)
+                return self._tau_cache[key]
+            tau = tau_for_ratio(self.gate_statistics(config=config), config.target_ratio)
+            self._tau_cache[key] = tau
+            _store_tau(cache_file, disk_key, tau)
+            return tau
 
     # ----------------------------------------------------------------- best-of-N
     def best_of_n(
@@ -344,6 +347,33 @@ class SteeringEngine:
             results.append((gen.text, score, gen.stats))
         best = max(results, key=lambda r: r[1])
         return best[0], results
+
+
+_TAU_FILE_LOCK = threading.Lock()  # engines of one process share the file's read-modify-write
+
+
+def _read_tau_file(path: Path) -> dict[str, Any]:
+    """The tau cache, or {} if it is missing or unreadable (it is only a cache: recalibrating is safe)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_tau(path: Path, key: str, tau: float) -> None:
+    """Add one entry; the file is replaced atomically (a unique temporary file, then a rename), so
+    a reader never sees half of it. Failing to write only costs a recalibration next time."""
+    with _TAU_FILE_LOCK:
+        data = _read_tau_file(path)
+        data[key] = tau
+        with contextlib.suppress(OSError):
+            tmp = atomic_output(path)
+            try:
+                tmp.write_text(json.dumps(data, indent=1))
+                commit_output(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def _bos(model: LlamaModel) -> int:

@@ -20,6 +20,8 @@ Modes (``--modes``, a comma list)
 ``bon@4``           Best-of-N: 4 unsteered samples, the one with the highest mean value-model V
                     over its response wins (as ``SteeringEngine.best_of_n``)
 ``sparse+bon@4``    Best-of-N over steered samples; any mode above can take ``+bon@N``
+``sparse+head@3``   also steer the first 3 tokens of every answer (the official code's first-N
+                    gate joined to the mode's own; any steering mode can take ``+head@N``)
 ==================  ===========================================================================
 
 Whether a prompt is harmful (the safety reward and the over-refusal rate need it) comes from the
@@ -86,7 +88,8 @@ PROG = "python -m sia_edge.eval"
 DEFAULT_MODES = "off,sparse,dense,random@sparse"
 DEFAULT_MAX_TOKENS = 128
 MODE_SYNTAX = (
-    "off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%|@MODE, bon@N, MODE+bon@N"
+    "off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%|@MODE, bon@N, MODE+bon@N, "
+    "MODE+head@N"
 )
 
 
@@ -102,11 +105,12 @@ class EvalMode:
     p: float | None = None  # random gate: fixed steering probability
     match: str | None = None  # random gate: take p from this mode's measured rate, per set
     bon: int = 1  # Best-of-N samples (1: a single sample)
+    head: int = 0  # also steer the first `head` tokens of every answer
 
     @property
     def family(self) -> str:
         """What the plot draws as one line: the gate's name, with ``+bon`` for Best-of-N."""
-        base = {"entropy": "sparse"}.get(self.gate, self.gate)
+        base = {"entropy": "sparse"}.get(self.gate, self.gate) + ("+head" if self.head else "")
         if self.bon == 1:
             return base
         return "bon" if base == "off" else f"{base}+bon"
@@ -116,7 +120,7 @@ class EvalMode:
         return self.gate != "off" or self.bon > 1
 
     def config(self, *, k: int, w: float, temperature: float, p: float | None = None) -> SteeringConfig:
-        kwargs: dict[str, Any] = {"gate": self.gate, "k": k, "w": w, "temperature": temperature}
+        kwargs: dict[str, Any] = {"gate": self.gate, "k": k, "w": w, "temperature": temperature, "head": self.head}
         if self.tau is not None:
             kwargs["tau"] = self.tau
         if self.target_ratio is not None:
@@ -153,31 +157,44 @@ def parse_mode(text: str) -> EvalMode:
     label = text.strip().lower()
     if not label:
         raise ModeError("empty mode in --modes (two commas in a row?)")
-    base, bon = label, 1
-    if "+" in label:
-        base, _, suffix = label.rpartition("+")
-        m = re.fullmatch(r"bon@(\d+)", suffix)
-        if not m or not base:
-            raise ModeError(f"mode {label!r}: only '+bon@N' can follow a mode (for example sparse+bon@4)")
-        bon = int(m.group(1))
-    elif label.startswith("bon"):
-        m = re.fullmatch(r"bon@(\d+)", label)
+    base, suffixes = label, {"bon": 1, "head": 0}
+    seen: set[str] = set()
+    while "+" in base:  # '+bon@N' and '+head@N' suffixes, each at most once, in any order
+        rest, _, suffix = base.rpartition("+")
+        m = re.fullmatch(r"(bon|head)@(\d+)", suffix)
+        if not m or not rest:
+            raise ModeError(
+                f"mode {label!r}: only '+bon@N' and '+head@N' can follow a mode (for example sparse+bon@4, "
+                "sparse@30%+head@3)"
+            )
+        if m.group(1) in seen:
+            raise ModeError(f"mode {label!r}: '+{m.group(1)}@N' is given twice")
+        seen.add(m.group(1))
+        suffixes[m.group(1)] = int(m.group(2))
+        base = rest
+    bon, head = suffixes["bon"], suffixes["head"]
+    if base.startswith("bon"):
+        m = re.fullmatch(r"bon@(\d+)", base)
         if not m:
             raise ModeError(f"mode {label!r}: Best-of-N is written bon@N, for example bon@4")
+        if "bon" in seen:
+            raise ModeError(f"mode {label!r}: '+bon@N' is given twice")
         base, bon = "off", int(m.group(1))
     if bon < 1:
         raise ModeError(f"mode {label!r}: Best-of-N needs N >= 1")
+    if head and base.partition("@")[0] == "off":
+        raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
     name, _, arg = base.partition("@")
     if name in ("off", "dense"):
         if arg:
             raise ModeError(f"mode {label!r}: {name} takes no '@' setting")
-        return EvalMode(label, name, bon=bon)
+        return EvalMode(label, name, bon=bon, head=head)
     if name in ("sparse", "entropy", "full-entropy"):
         gate = "full-entropy" if name == "full-entropy" else "entropy"
         if not arg:
-            return EvalMode(label, gate, bon=bon)
+            return EvalMode(label, gate, bon=bon, head=head)
         tau, ratio = _level(arg, label)
-        return EvalMode(label, gate, tau=tau, target_ratio=ratio, bon=bon)
+        return EvalMode(label, gate, tau=tau, target_ratio=ratio, bon=bon, head=head)
     if name == "random":
         if not arg:
             raise ModeError(
@@ -190,9 +207,9 @@ def parse_mode(text: str) -> EvalMode:
             assert p is not None
             if not 0.0 <= p <= 1.0:
                 raise ModeError(f"mode {label!r}: a probability must be between 0 and 1")
-            return EvalMode(label, "random", p=p, bon=bon)
+            return EvalMode(label, "random", p=p, bon=bon, head=head)
         parse_mode(arg)  # the named mode must at least be valid syntax
-        return EvalMode(label, "random", match=arg, bon=bon)
+        return EvalMode(label, "random", match=arg, bon=bon, head=head)
     raise ModeError(f"unknown mode {label!r}; modes are {MODE_SYNTAX}")
 
 

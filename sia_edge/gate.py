@@ -14,8 +14,14 @@ off            never (plain top-k sampling in the same loop)
 random         with probability p, independently of the model (same-ratio baseline)
 =============  ==============================================================================
 
+``head`` N adds the official code's first-N-positions gate to any steering gate: the first N
+tokens of every answer are junctions whatever their statistic (``off`` stays off). An answer's opening is where it
+commits to refusing or complying ("I" -> "'m sorry" / "'m happy to"), and the second and third tokens
+of such openings often have low entropy, so the entropy gate alone passes them unsteered.
+
 ``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
-same model and takes its (1 - ratio) quantile, as the paper picks tau offline.
+same model and takes its (1 - ratio) quantile, as the paper picks tau offline (the ``head`` steps
+count towards the ratio).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class SteeringConfig:
     temperature: float = 1.0
     p: float = 0.2  # random gate: steering probability
     target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
+    head: int = 0  # also steer the first `head` tokens of every answer
 
     def __post_init__(self) -> None:
         gate = MODE_ALIASES.get(self.gate, self.gate)
@@ -59,6 +66,8 @@ class SteeringConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
+        if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
+            raise ValueError(f"head must be a whole number of tokens >= 0, got {self.head!r}")
         if self.target_ratio is not None:
             if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
                 raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
@@ -90,17 +99,24 @@ class JunctionGate:
         }.get(config.gate)
         # The random gate has its own stream, so it does not shift the sampling RNG.
         self._coin = random.Random(seed ^ 0x5EED_6A7E)
+        self._head_left = config.head if config.steers else 0  # 'off' never steers
 
     def threshold(self) -> float:
+        """The threshold of the next step (call once per generated token, in order)."""
+        if self._head_left > 0:
+            self._head_left -= 1
+            return -math.inf
         if self._fixed is not None:
             return self._fixed
         return -math.inf if self._coin.random() < self.config.p else math.inf
 
 
 def tau_for_ratio(statistics: list[float] | np.ndarray, ratio: float) -> float:
-    """The tau that makes ``ratio`` of the given gate statistics junctions (statistic >= tau)."""
+    """The tau that makes ``ratio`` of the given gate statistics junctions (statistic >= tau).
+    +inf marks a step that is a junction whatever tau is (a ``head`` step); if those alone exceed
+    the ratio, tau is +inf and only they are steered."""
     values = np.asarray(statistics, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    values = values[~np.isnan(values)]
     if values.size == 0:
         raise ValueError("no gate statistics to calibrate on")
     return float(np.quantile(values, 1.0 - ratio, method="higher"))

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
 server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
-fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``; ``seed`` and
+fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``; ``seed`` and
 ``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
 Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
 
@@ -119,6 +119,7 @@ class _GenerationRequest(_Strict):
     w: float | None = None
     target_ratio: float | None = None
     p: float | None = None
+    head: int | None = None
     # OpenAI fields sia-edge refuses when they would change anything
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -234,6 +235,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0
     waiting: int = 0
+    starting: int = 0  # requests being validated and tokenised: they count against the queue too
     peak_active: int = 0
     completed: int = 0
     cancelled: int = 0
@@ -268,7 +270,7 @@ class ServerState:
         return {
             "status": "ok", "model": self.model_id, "version": __version__,
             "value_model": self.engine.value.name if self.engine.value is not None else None,
-            "parallel": self.parallel, "active": self.active, "waiting": self.waiting,
+            "parallel": self.parallel, "active": self.active, "waiting": self.waiting + self.starting,
             "peak_active": self.peak_active, "completed": self.completed, "cancelled": self.cancelled,
             "failed": self.failed,
         }
@@ -323,8 +325,9 @@ async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEv
     state.peak_active = max(state.peak_active, state.active)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
-    worker = loop.run_in_executor(state.executor, _drain, gen, loop, queue)
+    worker: asyncio.Future[None] | None = None
     try:
+        worker = loop.run_in_executor(state.executor, _drain, gen, loop, queue)
         while True:
             item = await queue.get()
             if isinstance(item, _End):
@@ -335,16 +338,21 @@ async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEv
             yield item
     finally:
         gen.cancel()
-        with anyio.CancelScope(shield=True):  # even when this request is being cancelled
-            await worker
-        state.active -= 1
-        if gen.stats.stop_reason == "cancelled":
-            state.cancelled += 1
-        elif gen.stats.stop_reason == "error":
-            state.failed += 1
-        else:
-            state.completed += 1
-        state.slots.release()
+        try:
+            if worker is not None:
+                with anyio.CancelScope(shield=True):  # even when this request is being cancelled
+                    await worker
+        finally:
+            # Even if a second, native asyncio cancellation cut the wait short: a slot that is
+            # never released would shrink the server for good.
+            state.active -= 1
+            if gen.stats.stop_reason == "cancelled":
+                state.cancelled += 1
+            elif gen.stats.stop_reason == "error" or worker is None:
+                state.failed += 1
+            else:
+                state.completed += 1
+            state.slots.release()
 
 
 def _finish_reason(gen: Generation, stopped: bool) -> str:
@@ -423,7 +431,7 @@ def create_app(
                 "value_model": engine.value.name if engine.value is not None else None,
                 "n_ctx": engine.n_ctx,
                 "defaults": {"mode": mode_name(config.gate), "tau": config.tau, "k": config.k, "w": config.w,
-                             "temperature": config.temperature, "max_tokens": max_tokens},
+                             "temperature": config.temperature, "head": config.head, "max_tokens": max_tokens},
             },
         }
 
@@ -441,15 +449,25 @@ def create_app(
 
     async def start(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
         _refuse_unsupported(req)
-        if state.waiting >= state.max_queue:
+        # Checked and counted with no await in between, so a burst of requests cannot all pass
+        # the check before any of them is counted: room is --parallel slots plus --max-queue.
+        if state.active + state.waiting + state.starting >= state.parallel + state.max_queue:
             raise ApiError(429, f"the server is busy: {state.active} generations running and "
-                                f"{state.waiting} waiting; retry later", type="server_busy", code="queue_full")
+                                f"{state.waiting + state.starting} waiting; retry later", type="server_busy",
+                           code="queue_full")
+        state.starting += 1
+        try:
+            return await _prepare(req, prompt)
+        finally:
+            state.starting -= 1
+
+    async def _prepare(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
         stops = _stops(req)
         changes: dict[str, Any] = {}
         mode = req.sia_mode if req.sia_mode is not None else req.gate
         if mode is not None:
             changes["gate"] = mode
-        for name in ("tau", "k", "w", "temperature", "p", "target_ratio"):
+        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head"):
             if getattr(req, name) is not None:
                 changes[name] = getattr(req, name)
         try:

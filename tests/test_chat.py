@@ -175,6 +175,7 @@ def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path
         (["--model", "/nonexistent/model.gguf", "--prompt", "hi"], "does not exist"),
         (["--value-model", "{not_gguf}", "--prompt", "hi"], "is not a GGUF file"),
         (["--target-ratio", "1.5"], "strictly between 0 and 1"),
+        (["--head", "-1", "--prompt", "hi"], "head must be a whole number of tokens >= 0"),
     ],
 )
 def test_wrong_options_and_files_give_one_line(env: dict[str, str], tmp_path: Path, args: list[str],

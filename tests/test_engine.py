@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from sia_edge import _reference as ref
 from sia_edge import kernels
 from sia_edge.engine import ContextOverflowError, SteeringEngine, TokenizerMismatchError
-from sia_edge.gate import SteeringConfig
+from sia_edge.gate import SteeringConfig, tau_for_ratio
 from sia_edge.models import ModelNotFoundError
 from sia_edge.value_format import ValueFormatError, read_value_meta, write_gguf_with_value_meta
 
@@ -213,6 +215,8 @@ def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
         ({"k": 0}, "k must be a positive integer"),
         ({"tau": math.inf}, "tau must be a finite number"),
         ({"tau": math.nan}, "tau must be a finite number"),
+        ({"head": -1}, "head must be a whole number"),
+        ({"head": 1.5}, "head must be a whole number"),
         ({"w": math.nan}, "w must be a finite number"),
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"target_ratio": 1.5}, "target_ratio must be in"),
@@ -283,6 +287,61 @@ def test_random_gate_and_target_ratio(engine: SteeringEngine, tmp_path: Path, mo
     frac = float(np.mean(np.asarray(stats) >= tau))
     assert 0.2 <= frac <= 0.3
     assert (tmp_path / "tau-calibration.json").exists()
+
+
+def test_head_steers_exactly_the_first_tokens(engine: SteeringEngine) -> None:
+    never = SteeringConfig(tau=3.0)  # above ln 10: the entropy gate alone never fires
+    gen, events = run(engine, HARMFUL, max_tokens=12, config=replace(never, head=4), seed=5)
+    assert [ev.junction for ev in events] == [True] * 4 + [False] * (len(events) - 4)
+    assert all(len(ev.values) == never.k for ev in events[:4])
+    plain, _ = run(engine, HARMFUL, max_tokens=12, config=never, seed=5)
+    assert plain.stats.junctions == 0 and gen.stats.junctions == 4
+    off, _ = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(gate="off", head=4), seed=5)
+    assert off.stats.junctions == 0  # 'off' stays off
+    # with the entropy gate on too: the head's steps, then the entropy gate's own rule
+    _, ev_e = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(tau=1.2, head=2), seed=5)
+    assert ev_e[0].junction and ev_e[1].junction
+    assert [ev.junction for ev in ev_e[2:]] == [ev.entropy >= 1.2 for ev in ev_e[2:]]
+
+
+def test_target_ratio_counts_the_head(engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    prompts = [HARMFUL, BENIGN]
+    stats = engine.gate_statistics(prompts, config=SteeringConfig(head=3), max_tokens=20)
+    assert stats[:3] == [math.inf] * 3 and math.isinf(stats[20]) and all(math.isfinite(x) for x in stats[3:20])
+    tau = tau_for_ratio(stats, 0.25)
+    assert 0.25 <= float(np.mean(np.asarray(stats) >= tau)) <= 0.3
+    assert tau_for_ratio(stats, 0.1) == math.inf  # the head alone is 15% of these steps
+    head_tau = engine.calibrate_tau(SteeringConfig(target_ratio=0.3, head=3))
+    plain_tau = engine.calibrate_tau(SteeringConfig(target_ratio=0.3))
+    assert head_tau > plain_tau  # the forced head steps leave fewer junctions to the entropy gate
+
+
+def test_tau_cache_survives_corruption_and_concurrent_calibration(
+    engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    cache = tmp_path / "tau-calibration.json"
+    cache.write_text('{"half a file": 1.')  # as an interrupted writer of an older version left it
+    calls = []
+    real = engine.gate_statistics
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, max_tokens=16)
+
+    monkeypatch.setattr(engine, "gate_statistics", counted)
+    cfg = SteeringConfig(target_ratio=0.37)
+    taus: list[float] = []
+    threads = [threading.Thread(target=lambda: taus.append(engine.calibrate_tau(cfg))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(taus)) == 1 and len(taus) == 3  # one calibration, shared
+    stored = json.loads(cache.read_text())
+    assert list(stored.values()) == [taus[0]]
+    assert not [p for p in tmp_path.iterdir() if p.name != cache.name]  # no temporary file left
 
 
 def test_best_of_n(engine: SteeringEngine) -> None:

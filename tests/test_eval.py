@@ -40,12 +40,18 @@ MODES = "off,sparse,dense,random@sparse,bon@2"
         ("bon@4", "off", None, None, None, None, 4, "bon"),
         ("sparse+bon@4", "entropy", None, None, None, None, 4, "sparse+bon"),
         ("sparse@1.2+bon@2", "entropy", 1.2, None, None, None, 2, "sparse+bon"),
+        ("sparse@20%+head@3", "entropy", None, 0.2, None, None, 1, "sparse+head"),
+        ("sparse+head@3+bon@4", "entropy", None, None, None, None, 4, "sparse+head+bon"),
+        ("sparse+bon@4+head@3", "entropy", None, None, None, None, 4, "sparse+head+bon"),
+        ("random@sparse@0.8+head@2", "random", None, None, None, "sparse@0.8", 1, "random+head"),
     ],
 )
 def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | None, p: float | None,
                      match: str | None, bon: int, family: str) -> None:
     m = ev.parse_mode(text)
     assert (m.gate, m.tau, m.target_ratio, m.p, m.match, m.bon, m.family) == (gate, tau, ratio, p, match, bon, family)
+    head = re.search(r"\+head@(\d+)", text)
+    assert m.head == (int(head.group(1)) if head else 0)
     assert m.label == text.lower()
 
 
@@ -59,6 +65,10 @@ def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | Non
         ("random@1.5", "between 0 and 1"),
         ("bon@x", "bon@N"),
         ("sparse+best@4", "+bon@N"),
+        ("off+head@3", "'off' never steers"),
+        ("bon@4+head@2", "'off' never steers"),
+        ("sparse+head@3+head@2", "'+head@N' is given twice"),
+        ("sparse+bon@2+bon@3", "'+bon@N' is given twice"),
         ("dense@0.5", "takes no '@' setting"),
         ("off,,sparse", "empty mode"),
         ("sparse,sparse", "listed twice"),
@@ -75,6 +85,7 @@ def test_mode_config() -> None:
     assert ev.parse_mode("random@sparse").config(k=10, w=1.0, temperature=1.0, p=0.37).p == pytest.approx(0.37)
     cfg = ev.parse_mode("sparse@20%").config(k=5, w=2.0, temperature=0.7)
     assert (cfg.gate, cfg.target_ratio, cfg.k, cfg.w, cfg.temperature) == ("entropy", 0.2, 5, 2.0, 0.7)
+    assert cfg.head == 0 and ev.parse_mode("dense+head@2").config(k=5, w=2.0, temperature=0.7).head == 2
 
 
 # --------------------------------------------------------------------------- prompt files

@@ -5,6 +5,7 @@ concurrent requests, malformed requests, and a client that disconnects mid-strea
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -52,12 +53,9 @@ class Server:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server(base_model_path: Path, value_model_path: Path) -> Iterator[Server]:
-    # One thread per generation: with --parallel 2 on two cores, two llama.cpp threads each would
-    # fight over the cores (its thread barrier spins) and run many times slower.
-    engine = SteeringEngine(base_model_path, value_model_path, n_ctx=1024, n_threads=1)
-    app = create_app(engine, parallel=2, max_tokens=16)
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[Server]:
+    """``app`` served by uvicorn on a free loopback port in a background thread."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -77,6 +75,19 @@ def server(base_model_path: Path, value_model_path: Path) -> Iterator[Server]:
         srv.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_engine(base_model_path: Path, value_model_path: Path) -> SteeringEngine:
+    # One thread per generation: with --parallel 2 on two cores, two llama.cpp threads each would
+    # fight over the cores (its thread barrier spins) and run many times slower.
+    return SteeringEngine(base_model_path, value_model_path, n_ctx=1024, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(server_engine: SteeringEngine) -> Iterator[Server]:
+    with running(create_app(server_engine, parallel=2, max_tokens=16)) as s:
+        yield s
 
 
 def test_models(server: Server) -> None:
@@ -102,6 +113,13 @@ def test_chat_completion_with_steering_fields(server: Server) -> None:
     assert sia["mode"] == "dense" and sia["k"] == 4 and sia["w"] == 2.0 and sia["seed"] == 11
     assert sia["junctions"] == sia["tokens"] == r.usage.completion_tokens
     assert sia["intervention_rate"] == pytest.approx(1.0)
+
+
+def test_head_field_steers_the_first_tokens(server: Server) -> None:
+    r = server.client().chat.completions.create(
+        model="m", messages=PROMPT, max_tokens=8, seed=11, extra_body={"sia_mode": "sparse", "tau": 3.0, "head": 3})
+    sia = (r.model_extra or {})["sia"]
+    assert sia["head"] == 3 and sia["tokens"] >= 3 and sia["junctions"] == 3  # tau 3 > ln 10: only the head
 
     off = server.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=6, seed=1,
                                                   extra_body={"sia_mode": "off"})
@@ -180,6 +198,29 @@ def test_concurrent_requests_are_safe(server: Server) -> None:
     assert 1 <= h["peak_active"] <= 2  # --parallel 2: the other requests waited their turn
 
 
+def test_a_burst_beyond_the_queue_gets_429(server_engine: SteeringEngine) -> None:
+    with running(create_app(server_engine, parallel=1, max_queue=1, max_tokens=8)) as srv:
+        body = {"messages": PROMPT, "max_tokens": 4, "seed": 1}
+        # A stream left unread holds the only slot while the burst arrives (counting on: the base
+        # model does not stop, and finish_reason "length" below shows that it held it throughout).
+        held_body = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 150, "stream": True, "seed": 1,
+                     "sia_mode": "off"}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=120, json=held_body) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()
+            next(lines)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                replies = list(pool.map(
+                    lambda _: httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120), range(4)))
+            chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200, 429, 429, 429], codes  # room: one slot (held) plus a queue of one
+        refused = [_error(r) for r in replies if r.status_code == 429]
+        assert all(e["code"] == "queue_full" and "busy" in e["message"] for e in refused)
+        assert srv.wait_idle()["waiting"] == 0
+
+
 def _error(r: httpx.Response) -> dict[str, Any]:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -198,6 +239,7 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": PROMPT, "sia_mode": "sideways"}, "sia_mode", "unknown gate"),
         ({"messages": PROMPT, "tau": "high"}, "tau", "valid number"),
         ({"messages": PROMPT, "target_ratio": 2}, "target_ratio", "target_ratio must be in (0, 1)"),
+        ({"messages": PROMPT, "head": -2}, "head", "head must be a whole number of tokens >= 0"),
         ({"messages": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "rewrite the logits"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages.0.content", "only text parts"),
