@@ -87,8 +87,15 @@ class GenerationStats:
     tau: float = math.nan  # the threshold used (after target_ratio calibration)
 
     @property
+    def steps(self) -> int:
+        """Sampling decisions: the tokens, plus the end-of-generation token if one was sampled
+        (a decision the gate saw and may have steered, though it adds no text)."""
+        return self.tokens + (self.stop_reason == "eos")
+
+    @property
     def intervention_rate(self) -> float:
-        return self.junctions / self.tokens if self.tokens else 0.0
+        """Junctions per sampling decision (1.0 for dense steering, ending in EOS or not)."""
+        return self.junctions / self.steps if self.steps else 0.0
 
     @property
     def ms_per_token(self) -> float:

@@ -33,7 +33,8 @@ Metrics per mode and prompt set
 - ``mean_reward`` (and its standard error): the built-in safety reward by default (``--reward``).
 - ``refusal_rate``: fraction of answers that refuse (the keyword detector of
   ``sia_edge.train.rewards.is_refusal``); ``over_refusal_rate``: the same over the benign prompts.
-- ``intervention_rate``: junctions / generated tokens (Best-of-N: over all N samples).
+- ``intervention_rate``: junctions / sampling decisions (the tokens, plus the end-of-sequence token
+  when one was sampled; Best-of-N: over all N samples).
 - ``value_tokens_per_token``: tokens the value model decoded per answer token (branches, catch-up
   and, for Best-of-N, ranking).
 - ``ms_per_token``: generation time (prompt prefill excluded) per answer token; for Best-of-N the
@@ -370,7 +371,7 @@ class RowResult:
     text: str
     prompt_ids: list[int]
     tokens: list[int]  # the answer's token ids
-    steps: int  # tokens generated across all samples (Best-of-N: N answers)
+    steps: int  # sampling decisions across all samples (tokens, plus each sample's EOS step)
     junctions: int
     value_tokens: int
     gen_ms: float  # generation time without the prompt prefill (Best-of-N: all samples + ranking)
@@ -421,7 +422,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
         st = gen.stats
         return RowResult(
             set_name, index, item, mode.label, seed, gen.text, list(gen.prompt_tokens), list(gen.tokens),
-            steps=st.tokens, junctions=st.junctions, value_tokens=st.value_tokens,
+            steps=st.steps, junctions=st.junctions, value_tokens=st.value_tokens,
             gen_ms=st.total_ms - st.prefill_ms, tau=_finite(st.tau) if entropy_gate else None, p=p,
             stats=_stats_dict(st),
         )
@@ -448,7 +449,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
     best = max(range(len(samples)), key=lambda j: samples[j][0])  # first of equals, as best_of_n
     score, text, prompt_ids, tokens, st = samples[best]
     tau = _finite(st.tau) if entropy_gate else None
-    steps = sum(s[4].tokens for s in samples)
+    steps = sum(s[4].steps for s in samples)
     junctions = sum(s[4].junctions for s in samples)
     value_tokens = sum(s[4].value_tokens for s in samples) + ranking_tokens
     stats = {

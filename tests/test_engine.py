@@ -289,6 +289,17 @@ def test_random_gate_and_target_ratio(engine: SteeringEngine, tmp_path: Path, mo
     assert (tmp_path / "tau-calibration.json").exists()
 
 
+def test_dense_intervention_rate_is_one_when_the_answer_ends_in_eos(engine: SteeringEngine) -> None:
+    # The EOS step is sampled (and steered) but adds no token: it counts as a decision, so the
+    # rate of dense steering is 1, not (tokens + 1) / tokens.
+    prompt = [{"role": "user", "content": "Reply with one word: yes or no?"}]
+    runs = (run(engine, prompt, max_tokens=30, config=SteeringConfig(gate="dense"), seed=s)[0] for s in range(8))
+    gen = next((g for g in runs if g.stats.stop_reason == "eos"), None)
+    assert gen is not None, "no answer of eight ended in EOS within 30 tokens"
+    assert gen.stats.junctions == gen.stats.tokens + 1 == gen.stats.steps
+    assert gen.stats.intervention_rate == 1.0
+
+
 def test_head_steers_exactly_the_first_tokens(engine: SteeringEngine) -> None:
     never = SteeringConfig(tau=3.0)  # above ln 10: the entropy gate alone never fires
     gen, events = run(engine, HARMFUL, max_tokens=12, config=replace(never, head=4), seed=5)
