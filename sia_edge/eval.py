@@ -110,7 +110,7 @@ class EvalMode:
 
     @property
     def family(self) -> str:
-        """What the plot draws as one line: the gate's name, with ``+bon`` for Best-of-N."""
+        """What the plot draws as one line: the gate's name, with ``+head`` and ``+bon`` if used."""
         base = {"entropy": "sparse"}.get(self.gate, self.gate) + ("+head" if self.head else "")
         if self.bon == 1:
             return base
@@ -158,8 +158,8 @@ def parse_mode(text: str) -> EvalMode:
     label = text.strip().lower()
     if not label:
         raise ModeError("empty mode in --modes (two commas in a row?)")
-    base, suffixes = label, {"bon": 1, "head": 0}
-    seen: set[str] = set()
+    base = label
+    suffixes: dict[str, int] = {}
     while "+" in base:  # '+bon@N' and '+head@N' suffixes, each at most once, in any order
         rest, _, suffix = base.rpartition("+")
         m = re.fullmatch(r"(bon|head)@(\d+)", suffix)
@@ -168,24 +168,23 @@ def parse_mode(text: str) -> EvalMode:
                 f"mode {label!r}: only '+bon@N' and '+head@N' can follow a mode (for example sparse+bon@4, "
                 "sparse@30%+head@3)"
             )
-        if m.group(1) in seen:
+        if m.group(1) in suffixes:
             raise ModeError(f"mode {label!r}: '+{m.group(1)}@N' is given twice")
-        seen.add(m.group(1))
         suffixes[m.group(1)] = int(m.group(2))
         base = rest
-    bon, head = suffixes["bon"], suffixes["head"]
+    bon, head = suffixes.get("bon", 1), suffixes.get("head", 0)
     if base.startswith("bon"):
         m = re.fullmatch(r"bon@(\d+)", base)
         if not m:
             raise ModeError(f"mode {label!r}: Best-of-N is written bon@N, for example bon@4")
-        if "bon" in seen:
+        if "bon" in suffixes:
             raise ModeError(f"mode {label!r}: '+bon@N' is given twice")
         base, bon = "off", int(m.group(1))
     if bon < 1:
         raise ModeError(f"mode {label!r}: Best-of-N needs N >= 1")
-    if head and base.partition("@")[0] == "off":
-        raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
     name, _, arg = base.partition("@")
+    if head and name == "off":
+        raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
     if name in ("off", "dense"):
         if arg:
             raise ModeError(f"mode {label!r}: {name} takes no '@' setting")

@@ -15,9 +15,10 @@ random         with probability p, independently of the model (same-ratio baseli
 =============  ==============================================================================
 
 ``head`` N adds the official code's first-N-positions gate to any steering gate: the first N
-tokens of every answer are junctions whatever their statistic (``off`` stays off). An answer's opening is where it
-commits to refusing or complying ("I" -> "'m sorry" / "'m happy to"), and the second and third tokens
-of such openings often have low entropy, so the entropy gate alone passes them unsteered.
+tokens of every answer are junctions whatever their statistic (``off`` stays off). An answer's
+opening is where it commits to refusing or complying ("I" -> "'m sorry" / "'m happy to"), and the
+second and third tokens of such openings often have low entropy, so the entropy gate alone passes
+them unsteered (measured in docs/RESULTS.md, where steering them did not raise refusals).
 
 ``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
 same model and takes its (1 - ratio) quantile, as the paper picks tau offline (the ``head`` steps
