@@ -99,7 +99,7 @@ PROMPTS = [
 
 
 def test_data_generation_resumes_and_is_deterministic(tmp_path: Path, base_model_path: Path) -> None:
-    sample, base_name, fp = engine_sampler(base_model_path, max_tokens=6, k=10, n_ctx=256, n_threads=1)
+    sample, base_name, fp, _ = engine_sampler(base_model_path, max_tokens=6, k=10, n_ctx=256, n_threads=1)
     reward = load_reward("safety")
     kw: dict[str, Any] = {"reward": reward, "base_model": base_name, "base_fingerprint": fp,
                           "samples_per_prompt": 2, "seed": 7, "progress": False}
@@ -142,7 +142,7 @@ def test_data_generation_resumes_and_is_deterministic(tmp_path: Path, base_model
 def test_explore_first_draws_the_first_token_from_the_top_k(tmp_path: Path, base_model_path: Path) -> None:
     from sia_edge.engine import SteeringEngine
 
-    sample, base_name, fp = engine_sampler(base_model_path, max_tokens=4, k=10, n_ctx=256, n_threads=1,
+    sample, base_name, fp, _ = engine_sampler(base_model_path, max_tokens=4, k=10, n_ctx=256, n_threads=1,
                                            explore_first=True)
     prompts = [PromptItem("How do I make a pipe bomb?", harmful=True)]
     out = tmp_path / "explore.jsonl"
@@ -162,7 +162,7 @@ def test_explore_first_draws_the_first_token_from_the_top_k(tmp_path: Path, base
 
 def test_forced_openings_start_every_response_and_are_recorded(tmp_path: Path, base_model_path: Path) -> None:
     openings = ["I'm sorry, but I can't help with that.", "No, I can't help with that."]
-    sample, base_name, fp = engine_sampler(base_model_path, max_tokens=16, k=10, n_ctx=256, n_threads=1,
+    sample, base_name, fp, _ = engine_sampler(base_model_path, max_tokens=16, k=10, n_ctx=256, n_threads=1,
                                            openings=openings)
     prompts = [PromptItem("How do I make a pipe bomb?", harmful=True), PromptItem("Bake bread?", harmful=False)]
     out = tmp_path / "forced.jsonl"
@@ -179,3 +179,50 @@ def test_forced_openings_start_every_response_and_are_recorded(tmp_path: Path, b
         generate_value_data(prompts, out, **kw)
     with pytest.raises(Exception, match="two kinds of data"):
         engine_sampler(base_model_path, n_ctx=256, n_threads=1, explore_first=True, openings=openings)
+
+
+def test_steered_data_samples_the_steered_policy_and_records_it(tmp_path: Path, base_model_path: Path,
+                                                                value_model_path: Path) -> None:
+    """--steer: every row is exactly what the engine generates under that steering with the row's
+    seed (not the base model's own answer), and the policy is recorded, so files never mix."""
+    from sia_edge.engine import SteeringEngine, TokenIds
+    from sia_edge.gate import SteeringConfig
+    from sia_edge.train import TrainError
+    from sia_edge.train.data import SteeredPolicy
+
+    prompts = [PromptItem("How do I make a pipe bomb?", harmful=True), PromptItem("Bake bread?", harmful=False)]
+    steer = SteeredPolicy("dense", value_model_path, w=8.0)
+    sample, base_name, fp, policy = engine_sampler(base_model_path, max_tokens=8, k=10, n_ctx=256, n_threads=1,
+                                                   steer=steer)
+    assert policy is not None and policy.startswith("dense w=8 value=")
+    out = tmp_path / "steered.jsonl"
+    kw: dict[str, Any] = {"reward": load_reward("safety"), "base_model": base_name, "base_fingerprint": fp,
+                          "samples_per_prompt": 2, "seed": 4, "progress": False}
+    assert generate_value_data(prompts, out, sample=sample, policy=policy, **kw) == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["policy"] == policy for r in rows)
+
+    engine = SteeringEngine(base_model_path, value_model_path, n_ctx=256, n_threads=1)
+    steered = SteeringConfig(gate="dense", k=10, w=8.0)
+    unsteered = SteeringConfig(gate="off", k=10)
+    differs = 0
+    for r in rows:
+        ids = TokenIds(r["prompt_ids"])
+        for config in (steered, unsteered):
+            with engine.generate(ids, max_tokens=8, config=config, seed=r["seed"]) as gen:
+                for _ in gen:
+                    pass
+            if config is steered:
+                assert list(gen.tokens) == r["response_ids"]
+            else:
+                differs += list(gen.tokens) != r["response_ids"]
+    assert differs >= 3  # the steering changed the answers, so the rows are not the base model's
+
+    with pytest.raises(TrainError, match="--steer"):  # no mixing with the base model's own rows
+        generate_value_data(prompts, out, sample=sample, **kw)
+    for bad in ("bon@4", "sparse+bon@2", "random@sparse"):
+        with pytest.raises(TrainError, match="one steered sample"):
+            engine_sampler(base_model_path, n_ctx=256, n_threads=1, steer=SteeredPolicy(bad, value_model_path))
+    with pytest.raises(TrainError, match="finite"):
+        engine_sampler(base_model_path, n_ctx=256, n_threads=1,
+                       steer=SteeredPolicy("dense", value_model_path, w=float("nan")))

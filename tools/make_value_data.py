@@ -12,6 +12,7 @@ hf:REWARD_MODEL_DIR. See docs/TRAINING.md.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="text file of forced openings, one per line: every response starts with one of them "
                     "and the base model continues it (off-policy data, e.g. data/openings/refusals.txt; "
                     "see docs/TRAINING.md)")
+    ap.add_argument("--steer", metavar="MODE", default=None,
+                    help="sample from a steered policy instead of the base model's own: an eval mode "
+                    "(sparse@25%%, sparse@1.7, dense, random@0.3; see python -m sia_edge.eval --help) with "
+                    "--value-model and --w (policy-iteration data; see docs/TRAINING.md)")
+    ap.add_argument("--value-model", metavar="PATH.gguf", default=None,
+                    help="the value model that --steer steers with (default: the default value model)")
+    ap.add_argument("--w", type=float, default=1.0, help="steering strength of --steer (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="start the output file afresh")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -53,21 +61,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    from sia_edge.train.data import engine_sampler, generate_value_data, read_openings, read_prompts
+    if args.steer is None and (args.value_model is not None or args.w != 1.0):
+        ap.error("--value-model and --w only apply with --steer MODE")
+    if not math.isfinite(args.w):
+        ap.error(f"--w must be a finite number, got {args.w}")
+
+    from sia_edge.models import default_value_model, resolve_gguf
+    from sia_edge.train.data import (
+        SteeredPolicy,
+        engine_sampler,
+        generate_value_data,
+        read_openings,
+        read_prompts,
+    )
     from sia_edge.train.rewards import load_reward
 
     prompts = read_prompts(args.prompts, harmful=args.harmful)
     openings = read_openings(args.openings) if args.openings else []
     reward = load_reward(args.reward)
-    sample, base_name, fingerprint = engine_sampler(
+    steer = None
+    if args.steer is not None:
+        value = (resolve_gguf(args.value_model, "value model (--value-model)") if args.value_model
+                 else default_value_model())
+        steer = SteeredPolicy(args.steer, value, w=args.w)
+    sample, base_name, fingerprint, policy = engine_sampler(
         args.model, max_tokens=args.max_tokens, k=args.k, temperature=args.temperature, n_ctx=args.n_ctx,
-        n_threads=args.threads, explore_first=args.explore_first, openings=openings,
+        n_threads=args.threads, explore_first=args.explore_first, openings=openings, steer=steer,
     )
     try:
         n = generate_value_data(
             prompts, args.out, sample=sample, reward=reward, base_model=base_name, base_fingerprint=fingerprint,
             samples_per_prompt=args.samples_per_prompt, seed=args.seed, overwrite=args.overwrite,
             progress=not args.no_progress, explore_first=args.explore_first, openings=openings,
+            policy=policy,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted: the rows so far are in {args.out}; rerun the same command to resume",

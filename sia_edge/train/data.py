@@ -12,7 +12,7 @@ One JSONL row per sampled response::
      "seed": 1234567}
 
 Generation samples through the engine with the gate ``off`` (plain top-k sampling, exactly the
-distribution that steering will later reweight), with a seed derived from (run seed, prompt,
+distribution that steering will later reweight) or, with ``--steer``, a steered policy, with a seed derived from (run seed, prompt,
 sample) so any row can be regenerated alone. The file is appended to and flushed row by row; a
 rerun skips the rows already there, so an interrupted run resumes where it stopped.
 """
@@ -26,13 +26,18 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sia_edge.train import TrainError
+
+if TYPE_CHECKING:
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.gate import SteeringConfig
 
 __all__ = [
     "PromptItem",
     "SampleFn",
+    "SteeredPolicy",
     "ValueRow",
     "derive_seed",
     "engine_sampler",
@@ -120,12 +125,28 @@ def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
 SampleFn = Callable[[list[dict[str, str]], int], tuple[list[int], list[int], str, str]]
 
 
+@dataclass(frozen=True)
+class SteeredPolicy:
+    """Sample from a steered policy instead of the base model's own: an eval mode (``sparse@25%``,
+    ``dense``, ...) with a value model and a strength.
+
+    Data sampled from the steered policy tells a value model what its own choices lead to: it
+    shows where a value model's favourite candidates end up when the steering that trusts them
+    runs (one round of policy iteration, as value-guided decoding does). See docs/TRAINING.md."""
+
+    mode: str
+    value_model: str | os.PathLike[str]
+    w: float = 1.0
+
+
 def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int = 256, k: int = 10,
                    temperature: float = 1.0, n_ctx: int = 2048, n_threads: int | None = None,
                    explore_first: bool = False, openings: Sequence[str] = (),
-                   ) -> tuple[SampleFn, str, str]:
-    """Sampling through ``SteeringEngine`` with the gate ``off``. Returns the sample function,
-    the base model's file name and its tokenizer fingerprint.
+                   steer: SteeredPolicy | None = None,
+                   ) -> tuple[SampleFn, str, str, str | None]:
+    """Sampling through ``SteeringEngine``, with the gate ``off`` unless ``steer`` is given.
+    Returns the sample function, the base model's file name, its tokenizer fingerprint and the
+    identity of the steered policy (None for the base model's own), which every row records.
 
     ``explore_first``: the first response token is drawn uniformly from the base model's top-k
     instead of from its distribution, the rest on-policy. The first answer token is the junction
@@ -142,10 +163,11 @@ def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int
     import random
 
     from sia_edge.engine import SteeringEngine, TokenIds
-    from sia_edge.gate import SteeringConfig
 
-    engine = SteeringEngine(None if base_model is None else Path(base_model), n_ctx=n_ctx, n_threads=n_threads, k_max=max(k, 1))
-    config = SteeringConfig(gate="off", k=k, temperature=temperature)
+    engine = SteeringEngine(None if base_model is None else Path(base_model),
+                            None if steer is None else Path(steer.value_model),
+                            n_ctx=n_ctx, n_threads=n_threads, k_max=max(k, 1))
+    config, policy = _steered_config(engine, steer, k=k, temperature=temperature)
 
     opening_ids = [engine.base.tokenize(text, add_special=False, parse_special=False) for text in openings]
     if any(not ids for ids in opening_ids):
@@ -175,7 +197,36 @@ def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int
             return prompt_ids, [], "", "eos"
         return continue_from(prompt_ids, [first], seed)
 
-    return sample, engine.base.path.name, engine.base.fingerprint
+    return sample, engine.base.path.name, engine.base.fingerprint, policy
+
+
+def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: int, temperature: float,
+                    ) -> tuple[SteeringConfig, str | None]:
+    """The engine config of ``steer`` and its identity: mode with the resolved tau, w and the value
+    model's file hash, so that a file never mixes rows of two policies."""
+    from sia_edge.eval import parse_mode
+    from sia_edge.gate import SteeringConfig
+
+    if steer is None:
+        return SteeringConfig(gate="off", k=k, temperature=temperature), None
+    mode = parse_mode(steer.mode)
+    if mode.bon != 1 or (mode.gate == "random" and mode.p is None):
+        raise TrainError(f"--steer {steer.mode}: a data policy is one steered sample: use off, sparse, "
+                         "sparse@TAU, sparse@N%, dense or random@P (no Best-of-N, no random@MODE)")
+    try:
+        config = mode.config(k=k, w=steer.w, temperature=temperature)
+    except ValueError as e:
+        raise TrainError(f"--steer {steer.mode}: {e}") from None
+    if not config.steers:
+        return config, None
+    if config.target_ratio is not None:
+        config = config.with_tau(engine.calibrate_tau(config))
+    with open(steer.value_model, "rb") as fh:
+        value_id = hashlib.sha256(fh.read()).hexdigest()[:12]
+    setting = f"@{config.tau:.4f}" if config.gate in ("entropy", "full-entropy") else (
+        f"@{config.p:g}" if config.gate == "random" else "")
+    head = f"+head@{config.head}" if config.head else ""
+    return config, f"{config.gate}{setting}{head} w={config.w:g} value={value_id}"
 
 
 def _repair_tail(path: Path) -> None:
@@ -195,18 +246,18 @@ def openings_id(openings: Sequence[str]) -> str | None:
 
 
 def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool,
-              openings: str | None) -> set[str]:
+              openings: str | None, policy: str | None) -> set[str]:
     done: set[str] = set()
     if not path.exists():
         return done
     _repair_tail(path)
     for _, row in iter_jsonl(path):
         if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
-                bool(row.get("explore_first", False)), row.get("openings_id")) != (
-                    fingerprint, seed, reward_name, explore_first, openings):
+                bool(row.get("explore_first", False)), row.get("openings_id"), row.get("policy")) != (
+                    fingerprint, seed, reward_name, explore_first, openings, policy):
             raise TrainError(
-                f"{path} holds rows of another run (different base model, seed, reward, --explore-first "
-                "or --openings); "
+                f"{path} holds rows of another run (different base model, seed, reward, --explore-first, "
+                "--openings or --steer); "
                 "pass --overwrite or another --out"
             )
         done.add(str(row["id"]))
@@ -227,10 +278,12 @@ def generate_value_data(
     progress: bool = True,
     explore_first: bool = False,
     openings: Sequence[str] = (),
+    policy: str | None = None,
 ) -> int:
     """Sample, score and append rows to ``out_path``; returns the number of new rows.
-    ``explore_first`` and ``openings`` are recorded (they must be what ``sample`` does): a file
-    never mixes rows sampled in different ways."""
+    ``explore_first``, ``openings`` and ``policy`` (the steered policy's identity, None for the
+    base model) are recorded (they must be what ``sample`` does): a file never mixes rows sampled
+    in different ways."""
     from sia_edge.train.rewards import check_reward
 
     if samples_per_prompt < 1:
@@ -240,7 +293,7 @@ def generate_value_data(
     if overwrite and out.exists():
         out.unlink()
     done = _existing(out, fingerprint=base_fingerprint, seed=seed, reward_name=reward.name,
-                     explore_first=explore_first, openings=openings_id(openings))
+                     explore_first=explore_first, openings=openings_id(openings), policy=policy)
     todo = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt) if f"p{i}-s{s}" not in done]
     bar = _progress(len(prompts) * samples_per_prompt, len(done), progress)
     written = 0
@@ -260,7 +313,7 @@ def generate_value_data(
                 "reward": check_reward(float(value), f"prompt {i} sample {s}"),
                 "reward_name": reward.name, "base_model": base_model, "base_fingerprint": base_fingerprint,
                 "seed": row_seed, "seed_base": seed, "explore_first": explore_first,
-                "openings_id": openings_id(openings),
+                "openings_id": openings_id(openings), "policy": policy,
             })
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
