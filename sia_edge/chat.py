@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CliError("the prompt is empty")
     base = base_model_path(args.model)
     choice = choose_value_model(args.value_model)
-    config = steering_config(args, value_model=choice.available)  # wrong settings fail before loading
+    config = steering_config(args, choice)  # wrong settings fail before loading
     if choice.notice:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)
     engine = build_engine(args, base, choice)

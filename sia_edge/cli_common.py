@@ -111,7 +111,9 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--mode", type=_mode, metavar="MODE",
                    help="when to steer: sparse (SIA: steer where the top-k entropy >= tau; the default), "
                         "dense (every token), off (plain top-k sampling); also full-entropy, random")
-    g.add_argument("--tau", type=finite_float, metavar="X", help="entropy threshold in nats (default 1.0)")
+    g.add_argument("--tau", type=finite_float, metavar="X",
+                   help="entropy threshold in nats (default: the value model's recommended target ratio, "
+                        "else 1.0)")
     g.add_argument("--target-ratio", type=_ratio, metavar="R",
                    help="pick tau so that about this fraction of tokens are junctions (measured once on "
                         "unsteered runs, then cached); replaces --tau")
@@ -119,7 +121,8 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
                    help="also steer the first N tokens of every answer, where it commits to refusing or "
                         "complying (default 0: the entropy gate alone)")
     g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
-    g.add_argument("--w", type=finite_float, metavar="X", help="steering strength (default 1.0)")
+    g.add_argument("--w", type=finite_float, metavar="X",
+                   help="steering strength (default: the value model's recommendation, else 1.0)")
     g.add_argument("--temperature", type=finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
     g.add_argument("--seed", type=_int, metavar="N", help="random seed (default: a new one for every answer)")
     g.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
@@ -137,6 +140,17 @@ class ValueModelChoice:
     @property
     def available(self) -> bool:
         return self.path is not None
+
+    def recommended(self) -> dict[str, float]:
+        """The steering settings the value model's GGUF recommends (``sia.steering.*``: the ones
+        it was evaluated with), used where the user gives none; {} without a value model."""
+        if self.path is None:
+            return {}
+        from sia_edge.value_format import read_value_meta
+
+        meta = read_value_meta(self.path)
+        return {k: v for k, v in (("w", meta.steering_w), ("target_ratio", meta.steering_target_ratio))
+                if v is not None}
 
 
 def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelChoice:
@@ -175,10 +189,14 @@ def build_engine(args: argparse.Namespace, base: Path, choice: ValueModelChoice)
     return SteeringEngine(base, choice.path, n_ctx=args.n_ctx, n_threads=args.threads)
 
 
-def steering_config(args: argparse.Namespace, *, value_model: bool) -> SteeringConfig:
+def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> SteeringConfig:
     """The ``SteeringConfig`` from the steering options. Without a value model the default mode
-    falls back to ``off``; asking for steering explicitly is an error."""
+    falls back to ``off``; asking for steering explicitly is an error. Settings the user leaves
+    out come from the value model's recommendation (``ValueModelChoice.recommended``), then from
+    the paper's defaults: ``w`` always, ``target_ratio`` when neither ``--tau`` nor
+    ``--target-ratio`` is given and the gate is an entropy gate."""
     mode = args.mode or "sparse"
+    value_model = choice.available
     if not value_model:
         if args.mode not in (None, "off"):
             raise CliError(f"--mode {args.mode} needs a value model: pass --value-model PATH.gguf")
@@ -190,6 +208,12 @@ def steering_config(args: argparse.Namespace, *, value_model: bool) -> SteeringC
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
+    recommended = choice.recommended() if value_model else {}
+    if "w" in recommended:
+        kwargs.setdefault("w", recommended["w"])
+    entropy_gate = MODE_ALIASES.get(mode, mode) in ("entropy", "full-entropy")
+    if "target_ratio" in recommended and entropy_gate and args.tau is None and args.target_ratio is None:
+        kwargs["target_ratio"] = recommended["target_ratio"]
     try:
         return SteeringConfig(**kwargs)
     except ValueError as exc:

@@ -801,7 +801,8 @@ def build_parser() -> CliParser:
     g.add_argument("--seed", type=int, default=0, help="base seed; each prompt gets its own, the same in every mode "
                    "(default: %(default)s)")
     g.add_argument("--k", type=positive_int, default=10, help="candidates per step (default: %(default)s)")
-    g.add_argument("--w", type=finite_float, default=1.0, help="steering strength (default: %(default)s)")
+    g.add_argument("--w", type=finite_float, default=None,
+                   help="steering strength (default: the value model's recommendation, else 1.0)")
     g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: %(default)s)")
     g.add_argument("--reward", default="safety", help="safety (built in, default) or a spec of "
                    "sia_edge.train.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR")
@@ -867,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CliError("--temperature must be >= 0 (0 = greedy)")
     for m in modes:  # settings errors (k, w, tau ...) before any model loads
         try:
-            m.config(k=args.k, w=args.w, temperature=args.temperature, p=0.0)
+            m.config(k=args.k, w=1.0 if args.w is None else args.w, temperature=args.temperature, p=0.0)
         except ValueError as exc:
             raise CliError(f"mode {m.label}: {exc}") from None
 
@@ -882,6 +883,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif needs_value:
         value = default_value_model()  # ModelNotFoundError says how to build it
     engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=max(32, args.k))
+    if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
+        recommended = engine.value.meta.steering_w if engine.value is not None else None
+        args.w = recommended if recommended is not None else 1.0
     progress = not args.no_progress
     if progress:
         print(f"base {engine.base.path.name}, value {engine.value.path.name if engine.value else '(none)'}; "

@@ -18,6 +18,12 @@ sia.reward.std              float32      (R - mean) / std; raw reward = V * std 
 sia.tokenizer.fingerprint   string       ``tokenizer_fingerprint`` of the training tokenizer
 sia.base_model              string       name of the base model the values were trained for
 sia.objective               string       free text: what "good" meant (reward name)
+sia.steering.w              float32      optional: the steering strength the model was
+                                         evaluated with; the chat and server use it when no
+                                         ``--w`` is given
+sia.steering.target_ratio   float32      optional: likewise the junction budget (fraction of
+                                         steered tokens), used when neither ``--tau`` nor
+                                         ``--target-ratio`` is given
 ==========================  ===========  =====================================================
 
 The engine steers with the normalised value V (so ``w`` is in units of reward standard
@@ -27,6 +33,7 @@ deviations). Both the export tool and the engine use this module and nothing els
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import tempfile
@@ -43,6 +50,7 @@ __all__ = [
     "ValueFormatError",
     "ValueHeadMeta",
     "add_value_meta",
+    "check_recommended_steering",
     "fingerprint_from_gguf",
     "random_head_value_gguf",
     "read_gguf_kv",
@@ -63,6 +71,8 @@ KEY_REWARD_STD = "sia.reward.std"
 KEY_TOKENIZER_FP = "sia.tokenizer.fingerprint"
 KEY_BASE_MODEL = "sia.base_model"
 KEY_OBJECTIVE = "sia.objective"
+KEY_STEERING_W = "sia.steering.w"
+KEY_STEERING_TARGET_RATIO = "sia.steering.target_ratio"
 
 
 class ValueFormatError(ValueError):
@@ -80,6 +90,9 @@ class ValueHeadMeta:
     objective: str = ""
     hidden_state: str = HIDDEN_STATE_FINAL_NORM
     extra: dict[str, str] = field(default_factory=dict)
+    # The settings this model was evaluated with (None: the paper's defaults apply).
+    steering_w: float | None = None
+    steering_target_ratio: float | None = None
 
     def __post_init__(self) -> None:
         w = np.ascontiguousarray(self.weight, dtype=np.float32)
@@ -90,11 +103,20 @@ class ValueHeadMeta:
             raise ValueFormatError("value head weight or bias contains NaN/inf: the training run diverged")
         if not (np.isfinite(self.reward_std) and self.reward_std > 0):
             raise ValueFormatError(f"reward std must be finite and > 0, got {self.reward_std}")
+        check_recommended_steering(self.steering_w, self.steering_target_ratio)
         if self.hidden_state != HIDDEN_STATE_FINAL_NORM:
             raise ValueFormatError(
                 f"unsupported hidden state {self.hidden_state!r}; this version reads only "
                 f"{HIDDEN_STATE_FINAL_NORM!r}"
             )
+
+
+def check_recommended_steering(w: float | None, target_ratio: float | None) -> None:
+    """The recommended settings a value GGUF may carry must be ones the engine accepts."""
+    if w is not None and not (math.isfinite(w) and w > 0):
+        raise ValueFormatError(f"the recommended steering strength w must be finite and > 0, got {w}")
+    if target_ratio is not None and not 0.0 < target_ratio < 1.0:
+        raise ValueFormatError(f"the recommended target ratio must be in (0, 1), got {target_ratio}")
 
 
 def tokenizer_fingerprint(tokens: Iterable[str | bytes]) -> str:
@@ -242,7 +264,13 @@ def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
         base_model=str(opt(KEY_BASE_MODEL, "")),
         objective=str(opt(KEY_OBJECTIVE, "")),
         hidden_state=str(opt(KEY_HIDDEN_STATE, HIDDEN_STATE_FINAL_NORM)),
+        steering_w=_optional_float(_field_value(reader, KEY_STEERING_W)),
+        steering_target_ratio=_optional_float(_field_value(reader, KEY_STEERING_TARGET_RATIO)),
     )
+
+
+def _optional_float(v: object) -> float | None:
+    return None if v is None else float(v)  # type: ignore[arg-type]
 
 
 def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-untyped-def]
@@ -256,6 +284,10 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
     writer.add_string(KEY_TOKENIZER_FP, meta.tokenizer_fingerprint)
     writer.add_string(KEY_BASE_MODEL, meta.base_model)
     writer.add_string(KEY_OBJECTIVE, meta.objective)
+    if meta.steering_w is not None:
+        writer.add_float32(KEY_STEERING_W, float(meta.steering_w))
+    if meta.steering_target_ratio is not None:
+        writer.add_float32(KEY_STEERING_TARGET_RATIO, float(meta.steering_target_ratio))
 
 
 def atomic_output(path: str | os.PathLike[str]) -> Path:

@@ -193,3 +193,40 @@ def test_settings_the_engine_refuses_give_one_line(env: dict[str, str], value_mo
     r = chat(env, "--prompt", "hi", "--value-model", value_model_path, "--k", "100")
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def recommending_value_model(tmp_path_factory: pytest.TempPathFactory, value_model_path: Path) -> Path:
+    """The fixture value model, exported with recommended settings (w 3, 25% junctions)."""
+    from dataclasses import replace
+
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    dst = tmp_path_factory.mktemp("recommending") / "value-recommending.gguf"
+    meta = replace(read_value_meta(value_model_path), steering_w=3.0, steering_target_ratio=0.25)
+    write_gguf_with_value_meta(value_model_path, dst, meta)
+    return dst
+
+
+def test_the_value_models_recommended_settings_fill_in_what_the_user_leaves_out(
+        env: dict[str, str], recommending_value_model: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    from sia_edge.gate import SteeringConfig, tau_for_ratio
+
+    def calibrated(ratio: float) -> float:  # what calibrate_tau computes, without filling the shared
+        # engine's in-memory tau cache (other tests watch it write its cache file)
+        return tau_for_ratio(engine.gate_statistics(config=SteeringConfig(target_ratio=ratio)), ratio)
+
+    def stats(*args: str) -> dict[str, object]:
+        r = chat(env, "--prompt", "Name a colour.", "--json", "--value-model", recommending_value_model,
+                 "--max-tokens", "4", "--seed", "2", *args, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["stats"]  # type: ignore[no-any-return]
+
+    default = stats()
+    assert default["mode"] == "sparse" and default["w"] == 3.0
+    assert default["tau"] == pytest.approx(calibrated(0.25)) and default["tau"] != pytest.approx(1.0)
+    explicit = stats("--w", "2", "--tau", "1.2")  # what the user says wins
+    assert (explicit["w"], explicit["tau"]) == (2.0, pytest.approx(1.2))
+    ratio = stats("--target-ratio", "0.5")
+    assert ratio["w"] == 3.0 and ratio["tau"] == pytest.approx(calibrated(0.5))
+    assert stats("--mode", "dense")["w"] == 3.0

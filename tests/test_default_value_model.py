@@ -4,7 +4,9 @@ a refusal is worth more than compliance on a harmful request, and less on a beni
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,26 @@ def test_it_matches_the_base_model_and_the_recorded_depth(default_value) -> None
     head = read_value_meta(BUILT)
     assert head.objective == "safety" and head.reward_std > 0
     assert np.allclose(head.reward_mean, meta["reward_mean"]) and np.allclose(head.reward_std, meta["reward_std"])
+    # the settings it was evaluated with travel in the GGUF, so the chat uses them by default
+    assert (head.steering_w, head.steering_target_ratio) == (meta["steering"]["w"], meta["steering"]["target_ratio"])
+
+
+def test_setup_rebuilds_the_gguf_when_the_assets_change(tmp_path: Path) -> None:
+    """The setup's digest of assets/ matches the built GGUF's stamp (so the GGUF is current), and
+    any change of the assets changes the digest (so the next setup rebuilds)."""
+    spec = importlib.util.spec_from_file_location("build_default", REPO_ROOT / "tools/build_default_value_model.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    digest = build.assets_digest()
+    assert build.stamp_path(BUILT).read_text().strip() == digest
+    build.ASSETS = tmp_path / "assets"
+    shutil.copytree(ASSETS, build.ASSETS)
+    assert build.assets_digest() == digest
+    meta = json.loads((build.ASSETS / "value_meta.json").read_text())
+    meta["steering"]["w"] = 1.0
+    (build.ASSETS / "value_meta.json").write_text(json.dumps(meta))
+    assert build.assets_digest() != digest
 
 
 def _mean_value(engine, prompt: str, answer: str) -> float:  # type: ignore[no-untyped-def]

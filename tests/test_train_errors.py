@@ -140,6 +140,13 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
         export_value_model(tmp_path / "half", tmp_path / "v")
     with pytest.raises(TrainError, match="unknown quantisation type"):
         export_value_model(tmp_path / "half", tmp_path / "v", types=["q3_xs"])
+    # recommended steering settings are checked before anything loads
+    with pytest.raises(TrainError, match=r"unknown recommended steering setting.*tau"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": 1.0})
+    with pytest.raises(ValueError, match=r"target ratio must be in \(0, 1\), got 30"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"target_ratio": 30})
+    with pytest.raises(ValueError, match="w must be finite and > 0, got -1"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"w": -1})
 
 
 @pytest.mark.parametrize(("tool", "args", "message"), [

