@@ -24,6 +24,19 @@ def value_model_path(tmp_path_factory: pytest.TempPathFactory, base_model_path: 
 
 
 @pytest.fixture(scope="session")
+def recommending_value_model(tmp_path_factory: pytest.TempPathFactory, value_model_path: Path) -> Path:
+    """The fixture value model, exported with recommended settings (w 3, 25% junctions)."""
+    from dataclasses import replace
+
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    dst = tmp_path_factory.mktemp("recommending") / "value-recommending.gguf"
+    meta = replace(read_value_meta(value_model_path), steering_w=3.0, steering_target_ratio=0.25)
+    write_gguf_with_value_meta(value_model_path, dst, meta)
+    return dst
+
+
+@pytest.fixture(scope="session")
 def engine(base_model_path: Path, value_model_path: Path):
     from sia_edge.engine import SteeringEngine
 

@@ -195,19 +195,6 @@ def test_settings_the_engine_refuses_give_one_line(env: dict[str, str], value_mo
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
-@pytest.fixture(scope="module")
-def recommending_value_model(tmp_path_factory: pytest.TempPathFactory, value_model_path: Path) -> Path:
-    """The fixture value model, exported with recommended settings (w 3, 25% junctions)."""
-    from dataclasses import replace
-
-    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
-
-    dst = tmp_path_factory.mktemp("recommending") / "value-recommending.gguf"
-    meta = replace(read_value_meta(value_model_path), steering_w=3.0, steering_target_ratio=0.25)
-    write_gguf_with_value_meta(value_model_path, dst, meta)
-    return dst
-
-
 def test_the_value_models_recommended_settings_fill_in_what_the_user_leaves_out(
         env: dict[str, str], recommending_value_model: Path, engine) -> None:  # type: ignore[no-untyped-def]
     from sia_edge.gate import SteeringConfig, tau_for_ratio

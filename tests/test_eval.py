@@ -214,6 +214,7 @@ def test_summary_structure(e2e: dict[str, Any]) -> None:
     assert [m["mode"] for m in s["modes"]] == MODES.split(",")
     assert [(x["name"], x["kind"], x["n"]) for x in s["sets"]] == [("harmful", "harmful", 2), ("benign", "benign", 1)]
     assert s["settings"]["max_tokens"] == 8 and s["settings"]["seed"] == 3 and s["machine"]["cores"] >= 1
+    assert s["settings"]["w"] == 1.0  # the value model recommends nothing: the paper's w
     res = {(r["mode"], r["set"]): r for r in s["results"]}
     assert len(res) == len(s["results"]) == 10
     for (mode, pset), r in res.items():
@@ -235,6 +236,23 @@ def test_summary_structure(e2e: dict[str, Any]) -> None:
             assert r["p"] == pytest.approx(res[("sparse", pset)]["intervention_rate"])
         if mode == "sparse":
             assert r["tau"] == 1.0
+
+
+def test_w_defaults_to_the_value_models_recommendation(prompt_files: tuple[Path, Path], base_model_path: Path,
+                                                      recommending_value_model: Path) -> None:
+    _, benign = prompt_files
+
+    def settings_w(*extra: str) -> float:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = _run(["--benign", str(benign), "--model", str(base_model_path),
+                       "--value-model", str(recommending_value_model), "--modes", "dense", "--max-tokens", "2",
+                       "--threads", "1", "--n-ctx", "256", "--json", "--no-progress", *extra])
+        assert rc == 0, buf.getvalue()
+        return float(json.loads(buf.getvalue())["settings"]["w"])
+
+    assert settings_w() == 3.0
+    assert settings_w("--w", "2") == 2.0
 
 
 def test_outputs_rows(e2e: dict[str, Any]) -> None:
