@@ -148,9 +148,7 @@ class ValueModelChoice:
             return {}
         from sia_edge.value_format import read_value_meta
 
-        meta = read_value_meta(self.path)
-        return {k: v for k, v in (("w", meta.steering_w), ("target_ratio", meta.steering_target_ratio))
-                if v is not None}
+        return read_value_meta(self.path).recommended_steering()
 
 
 def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelChoice:

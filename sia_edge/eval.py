@@ -884,8 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = default_value_model()  # ModelNotFoundError says how to build it
     engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=max(32, args.k))
     if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
-        recommended = engine.value.meta.steering_w if engine.value is not None else None
-        args.w = recommended if recommended is not None else 1.0
+        args.w = engine.value.meta.recommended_steering().get("w", 1.0) if engine.value is not None else 1.0
     progress = not args.no_progress
     if progress:
         print(f"base {engine.base.path.name}, value {engine.value.path.name if engine.value else '(none)'}; "

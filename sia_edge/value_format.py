@@ -110,6 +110,11 @@ class ValueHeadMeta:
                 f"{HIDDEN_STATE_FINAL_NORM!r}"
             )
 
+    def recommended_steering(self) -> dict[str, float]:
+        """The recommended settings this model carries (``w``, ``target_ratio``), those it has."""
+        pairs = (("w", self.steering_w), ("target_ratio", self.steering_target_ratio))
+        return {k: v for k, v in pairs if v is not None}
+
 
 def check_recommended_steering(w: float | None, target_ratio: float | None) -> None:
     """The recommended settings a value GGUF may carry must be ones the engine accepts."""

@@ -13,8 +13,9 @@ One JSONL row per sampled response::
 
 Generation samples through the engine with the gate ``off`` (plain top-k sampling, exactly the
 distribution that steering will later reweight) or, with ``--steer``, from a steered policy, with
-a seed derived from (run seed, prompt, sample) so any row can be regenerated alone. The file is appended to and flushed row by row; a
-rerun skips the rows already there, so an interrupted run resumes where it stopped.
+a seed derived from (run seed, prompt, sample) so any row can be regenerated alone. The file is
+appended to and flushed row by row; a rerun skips the rows already there, so an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
