@@ -32,8 +32,9 @@ from sia_edge.cli_common import (
     run_cli,
     stats_payload,
     steering_config,
+    undecodable_text,
 )
-from sia_edge.gate import SteeringConfig
+from sia_edge.gate import MAX_SEED, SteeringConfig
 
 __all__ = ["ChatSession", "Highlighter", "main"]
 
@@ -240,7 +241,7 @@ class ChatSession:
         prompt = self._prompt(text)
         if prompt is None:
             return None
-        seed = self.seed + self.turn if self.seed is not None else new_seed()
+        seed = (self.seed + self.turn) & MAX_SEED if self.seed is not None else new_seed()
         self.turn += 1
         try:
             gen = self.engine.generate(prompt, max_tokens=self.max_tokens, config=self.config, seed=seed)
@@ -300,6 +301,10 @@ class ChatSession:
             line = line.strip()
             if not line:
                 continue
+            problem = undecodable_text(line)
+            if problem:  # before anything joins the history: one bad line must not spoil the next
+                self.note(f"error: {problem}")
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return 0
@@ -349,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise CliError("the prompt is empty")
+    problem = undecodable_text(prompt) if prompt is not None else None
+    if problem:
+        raise CliError(f"--prompt: {problem}")
     base = base_model_path(args.model)
     choice = choose_value_model(args.value_model)
     config = steering_config(args, choice)  # wrong settings fail before loading

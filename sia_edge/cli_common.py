@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sia_edge.gate import GATES, MODE_ALIASES, SteeringConfig
+from sia_edge.gate import GATES, MAX_SEED, MODE_ALIASES, SteeringConfig
 from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model, resolve_gguf
 
 __all__ = [
@@ -32,9 +32,13 @@ __all__ = [
     "choose_value_model",
     "mode_name",
     "new_seed",
+    "positive_int",
     "run_cli",
+    "seed_int",
     "stats_payload",
     "steering_config",
+    "thread_count",
+    "undecodable_text",
 ]
 
 EXIT_ERROR = 2
@@ -70,6 +74,24 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def seed_int(text: str) -> int:
+    """A seed: a whole number the engine's 64-bit generator takes."""
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """--threads: 1 to llama.cpp's maximum."""
+    from sia_edge.llama_backend import MAX_THREADS
+
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads (llama.cpp's limit), got {text!r}")
+    return v
+
+
 def finite_float(text: str) -> float:
     try:
         v = float(text)
@@ -101,7 +123,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--value-model", metavar="PATH.gguf",
                    help="value model that steers the base model (default: the project's default value "
                         "model in models/, or $SIA_EDGE_VALUE_MODEL)")
-    g.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per model (default: all cores)")
+    g.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads per model (default: all cores)")
     g.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s, capped at the model's training length)")
 
@@ -124,9 +146,23 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--w", type=finite_float, metavar="X",
                    help="steering strength (default: the value model's recommendation, else 1.0)")
     g.add_argument("--temperature", type=finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
-    g.add_argument("--seed", type=_int, metavar="N", help="random seed (default: a new one for every answer)")
+    g.add_argument("--seed", type=seed_int, metavar="N", help="random seed (default: a new one for every answer)")
     g.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                    help="longest answer in tokens (default: %(default)s)")
+
+
+def undecodable_text(text: str) -> str | None:
+    """Why ``text`` cannot be tokenised, or None. Bytes that were not UTF-8 reach Python as lone
+    surrogates (stdin and argv decode with 'surrogateescape'; JSON may escape them), which the
+    tokenizer cannot encode: say so, and where, instead of a codec error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"code point U+{ord(bad):04X}"
+        return (f"the text is not valid UTF-8 ({byte} at character {exc.start + 1}); "
+                "send UTF-8 text (check the terminal's or the file's encoding)")
+    return None
 
 
 # --------------------------------------------------------------------------- models
@@ -259,7 +295,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, and keep Python from complaining at exit.

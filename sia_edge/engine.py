@@ -26,10 +26,10 @@ from typing import Any
 from typing_extensions import Self
 
 from sia_edge import kernels
-from sia_edge.gate import JunctionGate, SteeringConfig, tau_for_ratio
-from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, default_threads
+from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, tau_for_ratio
+from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, check_threads, default_threads
 from sia_edge.models import default_base_model, models_dir
-from sia_edge.value_format import atomic_output, commit_output
+from sia_edge.value_format import KEY_VERSION, atomic_output, commit_output
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
@@ -138,7 +138,11 @@ class SteeringEngine:
             raise ValueError(f"n_ctx must be between 16 and 1048576, got {n_ctx}")
         if not 1 <= k_max <= kernels.MAX_TOP_K:
             raise ValueError(f"k_max must be between 1 and {kernels.MAX_TOP_K}, got {k_max}")
+        check_threads(n_threads)
         self.base = LlamaModel(base_model if base_model is not None else default_base_model(), what="base model")
+        if self.base.meta(KEY_VERSION) is not None:  # a value GGUF would "chat" with a cut-down backbone
+            raise ValueError(f"{self.base.path.name} is a value model (it carries a value head), not a base model: "
+                             "pass it as the value model (--value-model) and a base model as --model")
         self.n_ctx = min(n_ctx, self.base.n_ctx_train) if self.base.n_ctx_train > 0 else n_ctx
         self.n_threads = n_threads or default_threads()
         self.k_max = k_max
@@ -229,6 +233,8 @@ class SteeringEngine:
         config = config or SteeringConfig()
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
         if config.k > min(self.k_max, self.base.n_vocab):
             raise ValueError(f"k = {config.k} exceeds the engine's k_max {self.k_max} or the vocabulary")
         if config.steers and self.value is None:
@@ -311,7 +317,7 @@ class SteeringEngine:
             cache_file = models_dir() / "tau-calibration.json"
             disk_key = f"{self.base.fingerprint}|{self.base.path.name}|{key}"
             stored = _read_tau_file(cache_file).get(disk_key)
-            if isinstance(stored, (int, float)):
+            if isinstance(stored, (int, float)) and math.isfinite(stored):
                 self._tau_cache[key] = float(stored)
                 return self._tau_cache[key]
             tau = tau_for_ratio(self.gate_statistics(config=config), config.target_ratio)
@@ -341,7 +347,7 @@ class SteeringEngine:
         prompt_text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
         results = []
         for i in range(n):
-            gen = self.generate(prompt, max_tokens=max_tokens, config=config, seed=seed + i)
+            gen = self.generate(prompt, max_tokens=max_tokens, config=config, seed=(seed + i) & MAX_SEED)
             with gen:
                 for _ in gen:
                     pass

@@ -65,8 +65,16 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from sia_edge.cli_common import CliError, CliParser, add_model_options, finite_float, positive_int, run_cli
-from sia_edge.gate import SteeringConfig
+from sia_edge.cli_common import (
+    CliError,
+    CliParser,
+    add_model_options,
+    finite_float,
+    positive_int,
+    run_cli,
+    seed_int,
+)
+from sia_edge.gate import MAX_SEED, SteeringConfig
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
@@ -139,6 +147,8 @@ class ModeError(CliError):
 
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+MAX_BON = 256  # samples per prompt: a typo like bon@100000000 would otherwise run for ever
+K_MAX = 32  # candidates per step, as the chat and server allow
 
 
 def _level(text: str, label: str) -> tuple[float | None, float | None]:
@@ -180,9 +190,11 @@ def parse_mode(text: str) -> EvalMode:
         if "bon" in suffixes:
             raise ModeError(f"mode {label!r}: '+bon@N' is given twice")
         base, bon = "off", int(m.group(1))
-    if bon < 1:
-        raise ModeError(f"mode {label!r}: Best-of-N needs N >= 1")
-    name, _, arg = base.partition("@")
+    if not 1 <= bon <= MAX_BON:
+        raise ModeError(f"mode {label!r}: Best-of-N takes N from 1 to {MAX_BON}")
+    name, at, arg = base.partition("@")
+    if at and not arg:
+        raise ModeError(f"mode {label!r}: nothing follows '@'; give a setting ({name}@1.2, {name}@30%) or drop the '@'")
     if head and name == "off":
         raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
     if name in ("off", "dense"):
@@ -201,6 +213,8 @@ def parse_mode(text: str) -> EvalMode:
                 f"mode {label!r}: random needs a ratio: random@0.2, random@20% or random@sparse "
                 "(the rate a sparse mode measured)"
             )
+        if re.fullmatch("-" + _NUMBER + "%?", arg):
+            raise ModeError(f"mode {label!r}: a probability must be between 0 and 1")
         if re.fullmatch(_NUMBER + "%?", arg):
             value, ratio = _level(arg, label)
             p = ratio if ratio is not None else value
@@ -431,7 +445,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
     prefill_ms = 0.0
     ranking_tokens = 0
     for i in range(mode.bon):
-        gen = engine.generate(messages, max_tokens=max_tokens, config=config, seed=seed + i)
+        gen = engine.generate(messages, max_tokens=max_tokens, config=config, seed=(seed + i) & MAX_SEED)
         with gen:
             for _ in gen:
                 pass
@@ -798,7 +812,7 @@ def build_parser() -> CliParser:
     g.add_argument("--modes", default=DEFAULT_MODES, help="comma list of modes (default: %(default)s)")
     g.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help="longest answer in tokens (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="base seed; each prompt gets its own, the same in every mode "
+    g.add_argument("--seed", type=seed_int, default=0, help="base seed; each prompt gets its own, the same in every mode "
                    "(default: %(default)s)")
     g.add_argument("--k", type=positive_int, default=10, help="candidates per step (default: %(default)s)")
     g.add_argument("--w", type=finite_float, default=None,
@@ -836,10 +850,27 @@ def _prepare_output(path: str | None, what: str) -> None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise CliError(f"{what}: {p} is a directory; give a file name")
+    if what == "--plot":
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if p.suffix.lower().lstrip(".") not in formats:
+            raise CliError(f"--plot: {p.name} is not an image file name; end it with one of "
+                           f"{', '.join('.' + f for f in sorted(formats))} (for example results.png)")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"{what}: cannot create the directory {p.parent} ({exc.strerror})") from None
+
+
+def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet]) -> None:
+    """Every prompt fits the context: found before the run, not after hours of it."""
+    for s in sets:
+        for i, item in enumerate(s.prompts):
+            n = len(engine.encode_prompt(item.messages()))
+            if n >= engine.n_ctx:
+                raise CliError(f"{s.path}: prompt {i + 1} has {n} tokens with the chat template, but the context "
+                               f"holds {engine.n_ctx}; shorten it, drop it, or raise --n-ctx")
 
 
 def _iter_missing_harmful(sets: Sequence[PromptSet]) -> Iterator[str]:
@@ -866,6 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_output(path, what)
     if args.temperature < 0:
         raise CliError("--temperature must be >= 0 (0 = greedy)")
+    if args.k > K_MAX:
+        raise CliError(f"--k must be at most {K_MAX}, got {args.k}")
     for m in modes:  # settings errors (k, w, tau ...) before any model loads
         try:
             m.config(k=args.k, w=1.0 if args.w is None else args.w, temperature=args.temperature, p=0.0)
@@ -882,7 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = resolve_gguf(args.value_model, "value model (--value-model)")
     elif needs_value:
         value = default_value_model()  # ModelNotFoundError says how to build it
-    engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=max(32, args.k))
+    engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=K_MAX)
+    _check_prompts_fit(engine, sets)
     if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
         args.w = engine.value.meta.recommended_steering().get("w", 1.0) if engine.value is not None else 1.0
     progress = not args.no_progress

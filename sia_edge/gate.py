@@ -37,6 +37,7 @@ __all__ = ["GATES", "JunctionGate", "SteeringConfig", "tau_for_ratio"]
 
 GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
 MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
+MAX_SEED = 2**64 - 1  # a generation's seed feeds the native sampler's unsigned 64-bit generator
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,17 @@ class JunctionGate:
 
 def tau_for_ratio(statistics: list[float] | np.ndarray, ratio: float) -> float:
     """The tau that makes ``ratio`` of the given gate statistics junctions (statistic >= tau).
-    +inf marks a step that is a junction whatever tau is (a ``head`` step); if those alone exceed
-    the ratio, tau is +inf and only they are steered."""
+    +inf marks a step that is a junction whatever tau is (a ``head`` step); if those alone reach
+    the ratio, no tau can meet it, and that is an error that says so."""
     values = np.asarray(statistics, dtype=np.float64)
     values = values[~np.isnan(values)]
     if values.size == 0:
         raise ValueError("no gate statistics to calibrate on")
-    return float(np.quantile(values, 1.0 - ratio, method="higher"))
+    tau = float(np.quantile(values, 1.0 - ratio, method="higher"))
+    if math.isinf(tau):
+        head_share = float(np.mean(np.isinf(values)))
+        raise ValueError(
+            f"head steers {head_share:.0%} of the calibration tokens by itself, more than target_ratio "
+            f"{ratio:g} allows; lower head or raise target_ratio"
+        )
+    return tau

@@ -43,8 +43,22 @@ def _init_backend() -> None:
             _initialised = True
 
 
+# ggml's GGML_MAX_N_THREADS: far more threads than that made llama.cpp hang or crash the process
+# (100,000 segfaulted, 5,000 hung creating threads; measured), so it is refused up front.
+MAX_THREADS = 512
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def check_threads(n_threads: int | None) -> None:
+    """Refuse a thread count llama.cpp cannot run with (None means all cores)."""
+    if n_threads is None:
+        return
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {n_threads!r} "
+                         f"(this machine has {default_threads()} cores)")
 
 
 class LlamaModel:
@@ -171,6 +185,7 @@ class LlamaContext:
         n_threads: int | None = None,
         embeddings: bool = False,
     ) -> None:
+        check_threads(n_threads)
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx

@@ -52,9 +52,10 @@ from sia_edge.cli_common import (
     run_cli,
     stats_payload,
     steering_config,
+    undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.gate import SteeringConfig
+from sia_edge.gate import MAX_SEED, SteeringConfig
 
 __all__ = ["ApiError", "ServerState", "create_app", "main"]
 
@@ -106,7 +107,7 @@ class _GenerationRequest(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -462,6 +463,12 @@ def create_app(
             state.starting -= 1
 
     async def _prepare(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
+        texts = [("prompt", prompt)] if isinstance(prompt, str) else [
+            (f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt)]
+        for field_name, text in texts:
+            problem = undecodable_text(text)
+            if problem:
+                raise ApiError(400, f"{field_name}: {problem}", param=field_name, code="invalid_value")
         stops = _stops(req)
         changes: dict[str, Any] = {}
         mode = req.sia_mode if req.sia_mode is not None else req.gate

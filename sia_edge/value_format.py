@@ -149,7 +149,8 @@ def _reader(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
     try:
         return gguf.GGUFReader(str(p), "r")
     except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
-        raise ValueFormatError(f"{p}: not a readable GGUF file ({exc})") from None
+        raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
+                               "re-download it") from None
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -217,7 +218,8 @@ def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> d
     except ValueFormatError:
         raise
     except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise ValueFormatError(f"{p}: not a readable GGUF file ({exc})") from None
+        raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
+                               "re-download it") from None
 
 
 def _field_value(reader, key: str):  # type: ignore[no-untyped-def]

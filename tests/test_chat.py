@@ -176,17 +176,41 @@ def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path
         (["--value-model", "{not_gguf}", "--prompt", "hi"], "is not a GGUF file"),
         (["--target-ratio", "1.5"], "strictly between 0 and 1"),
         (["--head", "-1", "--prompt", "hi"], "head must be a whole number of tokens >= 0"),
+        # a negative seed was a TypeError traceback; 100,000 threads crashed llama.cpp (SIGSEGV)
+        (["--seed", "-1", "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),
+        (["--seed", str(2**64), "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),
+        (["--threads", "100000", "--prompt", "hi"], "expected at most 512 threads"),
+        (["--model", "{value_gguf}", "--value-model", "{value_gguf}", "--prompt", "hi"], "is a value model (it carries a value head), not a base"),
     ],
 )
-def test_wrong_options_and_files_give_one_line(env: dict[str, str], tmp_path: Path, args: list[str],
-                                               message: str) -> None:
+def test_wrong_options_and_files_give_one_line(env: dict[str, str], tmp_path: Path, value_model_path: Path,
+                                               args: list[str], message: str) -> None:
     not_gguf = tmp_path / "notes.txt"
     not_gguf.write_text("hello")
-    r = chat(env, *[a.replace("{not_gguf}", str(not_gguf)) for a in args])
+    value_gguf = str(value_model_path)
+    r = chat(env, *[a.replace("{not_gguf}", str(not_gguf)).replace("{value_gguf}", value_gguf) for a in args])
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert message in r.stderr
+
+
+def test_text_that_is_not_utf8_is_refused_and_forgotten(env: dict[str, str], value_model_path: Path) -> None:
+    # A 0xff byte reaches Python as a lone surrogate. It used to fail in the tokenizer with a codec
+    # error, and the bad turn stayed in the history, so the next, valid line failed the same way.
+    session = b"hi \xff there\nSay yes.\n/stats\n/quit\n"
+    r = subprocess.run([*CHAT, "--value-model", str(value_model_path), "--max-tokens", "4", "--seed", "2"],
+                       input=session, capture_output=True, timeout=90, cwd=REPO, env=env, check=False)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, err
+    assert err.count("error: the text is not valid UTF-8 (byte 0xff at character 4)") == 1, err
+    assert "session: 1 answer," in out, out  # the valid line was answered
+    assert "Traceback" not in err and "codec" not in err
+    r = subprocess.run([*CHAT, "--prompt", "-"], input=b"caf\xe9\n", capture_output=True, timeout=90, cwd=REPO,
+                       env=env, check=False)
+    assert r.returncode == 2 and r.stderr.decode() == (
+        "error: --prompt: the text is not valid UTF-8 (byte 0xe9 at character 4); send UTF-8 text "
+        "(check the terminal's or the file's encoding)\n")
 
 
 def test_settings_the_engine_refuses_give_one_line(env: dict[str, str], value_model_path: Path) -> None:

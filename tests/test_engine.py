@@ -322,10 +322,24 @@ def test_target_ratio_counts_the_head(engine: SteeringEngine, tmp_path: Path, mo
     assert stats[:3] == [math.inf] * 3 and math.isinf(stats[20]) and all(math.isfinite(x) for x in stats[3:20])
     tau = tau_for_ratio(stats, 0.25)
     assert 0.25 <= float(np.mean(np.asarray(stats) >= tau)) <= 0.3
-    assert tau_for_ratio(stats, 0.1) == math.inf  # the head alone is 15% of these steps
+    with pytest.raises(ValueError, match=r"head steers 15% of the calibration tokens by itself.*lower head"):
+        tau_for_ratio(stats, 0.1)  # the head alone is 15% of these steps: no tau gives 10%
     head_tau = engine.calibrate_tau(SteeringConfig(target_ratio=0.3, head=3))
     plain_tau = engine.calibrate_tau(SteeringConfig(target_ratio=0.3))
     assert head_tau > plain_tau  # the forced head steps leave fewer junctions to the entropy gate
+
+
+def test_a_head_beyond_the_target_ratio_is_refused_and_not_cached(
+    engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # head 600 makes every calibration step a junction: it used to cache tau = Infinity (not JSON)
+    # and then fail with "tau must be a finite number", a setting the user never gave.
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    monkeypatch.setattr(engine, "CALIBRATION_PROMPTS", ("Name a colour.",))
+    with pytest.raises(ValueError, match=r"head steers 100% .*target_ratio 0\.25 allows; lower head"):
+        engine.generate(HARMFUL, max_tokens=4, config=SteeringConfig(target_ratio=0.25, head=600))
+    assert not (tmp_path / "tau-calibration.json").exists()
+    assert all(key[-1] != 600 for key in engine._tau_cache)
 
 
 def test_tau_cache_survives_corruption_and_concurrent_calibration(

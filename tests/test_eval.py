@@ -300,14 +300,24 @@ def test_table_and_plot_from_a_summary(e2e: dict[str, Any], tmp_path: Path) -> N
         (["--benign", "{plain}", "--outputs", "{plain}/out.jsonl"], "cannot create the directory"),
         (["--benign", "{plain}", "--plot", "{dir}"], "is a directory"),
         (["--benign", "{plain}", "--modes", "off", "--model", "{plain}"], "not a GGUF file"),
+        (["--benign", "{plain}", "--k", "33"], "--k must be at most 32"),  # was an out-of-memory context
+        (["--benign", "{plain}", "--modes", "sparse@"], "nothing follows '@'"),  # was plain sparse
+        (["--benign", "{plain}", "--modes", "random@-0.1"], "a probability must be between 0 and 1"),
+        (["--benign", "{plain}", "--modes", "bon@100000000"], "Best-of-N takes N from 1 to 256"),  # ran for ever
+        (["--benign", "{plain}", "--plot", "{dir}/plot.txt"], "plot.txt is not an image file name"),
+        (["--benign", "{plain}", "--seed", "-1"], "expected a whole number from 0 to 2**64 - 1"),
+        (["--benign", "{plain}", "--threads", "100000"], "expected at most 512 threads"),
+        # found before any answer is generated, naming the file and the prompt
+        (["--benign", "{long}", "--modes", "off", "--n-ctx", "64"], "long.txt: prompt 2 has"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                         message: str) -> None:
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "plain.txt").write_text("Hello?\n")
+    (tmp_path / "long.txt").write_text("Hello?\n" + "word " * 200 + "\n")
     paths = {"missing": str(tmp_path / "missing.txt"), "empty": str(tmp_path / "empty.txt"),
-             "plain": str(tmp_path / "plain.txt"), "dir": str(tmp_path)}
+             "plain": str(tmp_path / "plain.txt"), "dir": str(tmp_path), "long": str(tmp_path / "long.txt")}
     assert _run([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -243,6 +243,9 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "rewrite the logits"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages.0.content", "only text parts"),
+        # these two were HTTP 500 with a traceback in the log (the native generator takes a uint64)
+        ({"messages": PROMPT, "seed": -1}, "seed", "greater than or equal to 0"),
+        ({"messages": PROMPT, "seed": 2**70}, "seed", "less than or equal to 18446744073709551615"),
     ],
 )
 def test_malformed_chat_requests(server: Server, body: dict[str, Any], param: str, words: str) -> None:
@@ -263,6 +266,11 @@ def test_other_malformed_requests(server: Server) -> None:
     assert r.status_code == 400 and _error(r)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3]}, timeout=30)
     assert r.status_code == 400 and _error(r)["param"] == "prompt"
+    # a JSON-escaped lone surrogate (bytes that were not UTF-8): was the tokenizer's codec error
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=30, headers={"content-type": "application/json"},
+                   content=b'{"messages": [{"role": "user", "content": "hi \\udcff there"}]}')
+    assert r.status_code == 400 and _error(r)["param"] == "messages.0.content"
+    assert "not valid UTF-8 (byte 0xff at character 4)" in _error(r)["message"]
     long = [{"role": "user", "content": "word " * 3000}]
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": long}, timeout=30)
     assert r.status_code == 400 and _error(r)["code"] == "context_length_exceeded"

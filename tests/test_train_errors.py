@@ -128,6 +128,32 @@ def test_bad_prompt_files(tmp_path: Path) -> None:
         read_prompts(_write(tmp_path / "e.txt", []))
     txt = read_prompts(_write(tmp_path / "p.txt", ["How do I bake bread?", "", "Write a poem."]), harmful=False)
     assert [p.prompt for p in txt] == ["How do I bake bread?", "Write a poem."] and txt[0].harmful is False
+    # the file and line of a byte that is not UTF-8, not a bare codec error without a file name
+    (tmp_path / "latin1.txt").write_bytes("Hello?\nCaf\u00e9 au lait?\n".encode("latin-1"))
+    with pytest.raises(TrainError, match=r"latin1\.txt:2: prompt file is not UTF-8 text \(byte 0xe9\); save it as UTF-8"):
+        read_prompts(tmp_path / "latin1.txt", harmful=False)
+    with pytest.raises(TrainError, match="is a directory; pass the file inside it"):
+        read_prompts(tmp_path)
+    # only "\n" ends a prompt, as when the file was read line by line (splitlines() would also split at U+2028)
+    assert [p.prompt for p in read_prompts(_write(tmp_path / "u.txt", ["one\u2028two"]))] == ["one\u2028two"]
+
+
+def test_make_value_data_never_cuts_a_file_that_is_not_its_own(tmp_path: Path) -> None:
+    """--out pointing at someone else's file: refused, the file untouched. It used to drop the
+    file's last line as "a partial row" before it checked the rows (one-line notes: emptied)."""
+    prompts = str(REPO / "data/prompts/benign_heldout.jsonl")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, no newline at the end")
+    blob = tmp_path / "big.out"
+    blob.write_bytes(bytes(range(256)) * 64)
+    for target, message in ((notes, "notes.txt does not end like a value-data file"),
+                            (blob, "big.out is not UTF-8 text, so it is not this tool's output")):
+        before = target.read_bytes()
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_value_data.py"), prompts, "--out",
+                               str(target), "--max-tokens", "2", "--threads", "1", "--no-progress"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert target.read_bytes() == before
 
 
 def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
@@ -163,6 +189,19 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
     ("export_value_gguf.py", ["no-such-dir", "--out", "v"], "does not exist"),
     ("export_value_gguf.py", [], "--self-check"),
     ("train_value.py", ["--out"], "expected one argument"),
+    # found by a bad-input review: each was accepted, a bare OS/codec error, or a traceback
+    ("make_value_data.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", "o.jsonl", "--threads", "0"],
+     "expected a positive integer"),
+    ("make_value_data.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", "o.jsonl", "--k", "100000"],
+     "--k must be at most 1024"),
+    ("make_value_data.py", [str(REPO / "data/prompts"), "--out", "o.jsonl"], "prompts is a directory"),
+    ("train_value.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", str(REPO / "README.md")],
+     "README.md is a file; training writes a directory there"),
+    ("train_value.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", "o", "--seed", "-1"],
+     "expected a whole number from 0 to 2**64 - 1"),
+    ("export_value_gguf.py", [str(REPO / "README.md"), "--out", "v"], "README.md is a file, not a directory"),
+    ("export_value_gguf.py", ["d", "--out", "v", "--check", "--check-rows", "0"], "expected a positive integer"),
+    ("export_value_gguf.py", ["d", "--out", "v", "--check", "--tau", "nan"], "expected a finite number"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, tool: str, args: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], capture_output=True, text=True,

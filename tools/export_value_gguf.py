@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sia_edge.cli_common import CliParser, run_cli
+from sia_edge.cli_common import CliParser, finite_float, positive_int, run_cli, thread_count
 
 
 def _check_sequences(model_dir: Path, check_data: str | None, n: int) -> list[tuple[list[int], list[int]]]:
@@ -49,22 +49,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--types", default="f16,q8_0,q4_k_m", help="comma-separated: f32, f16, q8_0, q4_k_m")
     ap.add_argument("--check", action="store_true", help="parity check PyTorch vs llama.cpp per type")
     ap.add_argument("--check-data", default=None, help="value-data JSONL for --check (default: training data)")
-    ap.add_argument("--check-rows", type=int, default=8)
-    ap.add_argument("--k", type=int, default=10, help="candidates per junction (base model's top-k)")
-    ap.add_argument("--tau", type=float, default=1.0, help="junction threshold on top-k entropy (nats)")
-    ap.add_argument("--junctions-per-row", type=int, default=4)
+    ap.add_argument("--check-rows", type=positive_int, default=8)
+    ap.add_argument("--k", type=positive_int, default=10, help="candidates per junction (base model's top-k)")
+    ap.add_argument("--tau", type=finite_float, default=1.0, help="junction threshold on top-k entropy (nats)")
+    ap.add_argument("--junctions-per-row", type=positive_int, default=4)
     ap.add_argument("--self-check", action="store_true",
                     help="train, export and check a tiny random llama in a temporary folder")
-    ap.add_argument("--steps", type=int, default=40, help="training steps of --self-check")
+    ap.add_argument("--steps", type=positive_int, default=40, help="training steps of --self-check")
     ap.add_argument("--keep", default=None, help="--self-check: keep its files in this directory")
     ap.add_argument("--steering-w", type=float, default=None, metavar="W",
                     help="recommend this steering strength in the GGUF (the chat and server use it when no "
                     "--w is given; default: value_meta.json's 'steering', if any)")
     ap.add_argument("--steering-target-ratio", type=float, default=None, metavar="R",
                     help="recommend this junction budget in (0, 1), used when no --tau or --target-ratio is given")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     args = ap.parse_args(argv)
+    from sia_edge.kernels import MAX_TOP_K
+
+    if args.k > MAX_TOP_K:
+        ap.error(f"--k must be at most {MAX_TOP_K}, got {args.k}")
     from sia_edge.train import quiet_library_warnings
 
     quiet_library_warnings()
@@ -87,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():  # before importing torch: a typo should fail fast
-        raise TrainError(f"value model directory {model_dir} does not exist")
+        what = "is a file, not a directory" if model_dir.exists() else "does not exist"
+        raise TrainError(f"value model directory {model_dir} {what}; pass train_value.py's --out directory")
     from sia_edge.train.export import export_value_model
 
     steering = None

@@ -12,11 +12,10 @@ hf:REWARD_MODEL_DIR. See docs/TRAINING.md.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 
-from sia_edge.cli_common import CliParser, run_cli
+from sia_edge.cli_common import CliParser, finite_float, positive_int, run_cli, seed_int, thread_count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,13 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="base model GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--reward", default="safety", help="safety | module:function | file.py:function | "
                     "jsonl:LABELS | hf:DIR (default: safety)")
-    ap.add_argument("--samples-per-prompt", type=int, default=1)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--k", type=int, default=10, help="top-k of the sampler (as the engine's gate 'off')")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-ctx", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--samples-per-prompt", type=positive_int, default=1)
+    ap.add_argument("--max-tokens", type=positive_int, default=256)
+    ap.add_argument("--k", type=positive_int, default=10, help="top-k of the sampler (as the engine's gate 'off')")
+    ap.add_argument("--temperature", type=finite_float, default=1.0)
+    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--n-ctx", type=positive_int, default=2048)
+    ap.add_argument("--threads", type=thread_count, default=None)
     flag = ap.add_mutually_exclusive_group()
     flag.add_argument("--harmful", dest="harmful", action="store_const", const=True, default=None,
                       help="every prompt without a 'harmful' field is harmful")
@@ -50,21 +49,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--value-model and --w (policy-iteration data; see docs/TRAINING.md)")
     ap.add_argument("--value-model", metavar="PATH.gguf", default=None,
                     help="the value model that --steer steers with (default: the default value model)")
-    ap.add_argument("--w", type=float, default=1.0, help="steering strength of --steer (default: %(default)s)")
+    ap.add_argument("--w", type=finite_float, default=1.0, help="steering strength of --steer (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="start the output file afresh")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from sia_edge.train import quiet_library_warnings
 
     quiet_library_warnings()
-    for name in ("samples_per_prompt", "max_tokens", "k", "n_ctx"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    from sia_edge.kernels import MAX_TOP_K
 
+    if args.k > MAX_TOP_K:
+        ap.error(f"--k must be at most {MAX_TOP_K}, got {args.k}")
     if args.steer is None and (args.value_model is not None or args.w != 1.0):
         ap.error("--value-model and --w only apply with --steer MODE")
-    if not math.isfinite(args.w):
-        ap.error(f"--w must be a finite number, got {args.w}")
 
     from sia_edge.models import default_value_model, resolve_gguf
     from sia_edge.train.data import (
@@ -96,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy=policy,
         )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the rows so far are in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
+        print(f"\nthe rows so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
         raise
     print(f"wrote {n} new rows to {args.out}", file=sys.stderr)
     return 0

@@ -15,8 +15,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from sia_edge.cli_common import CliParser, run_cli
+from sia_edge.cli_common import CliParser, run_cli, seed_int, thread_count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,12 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="keep only the first N decoder layers of the backbone: a shallower value model "
                     "costs about N/L of a full one per junction (default: all layers)")
     ap.add_argument("--objective", default=None, help="what 'good' meant (default: the reward's name)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before loading torch and the backbone
+        ap.error(f"--out {args.out} is a file; training writes a directory there: pass a new or existing directory")
     from sia_edge.train import quiet_library_warnings
 
     quiet_library_warnings()

@@ -21,6 +21,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -74,31 +75,44 @@ class ValueRow:
     reward_name: str = ""
 
 
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text input, or a TrainError that names the file and the problem
+    (missing, a directory, not UTF-8) instead of a bare codec or OS error."""
+    if path.is_dir():
+        raise TrainError(f"{what} {path} is a directory; pass the file inside it")
+    if not path.is_file():
+        raise TrainError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise TrainError(f"{path}:{line}: {what} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                         "save it as UTF-8") from None
+    return io.StringIO(text).readlines()  # split at "\n" only, as reading the file line by line does
+
+
 def read_prompts(path: str | os.PathLike[str], *, harmful: bool | None = None) -> list[PromptItem]:
     """Prompts from a ``.jsonl`` file (``{"prompt": str, "harmful": bool, "system": str}`` rows)
     or a text file (one prompt per line). ``harmful`` sets the flag for every prompt that has none."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise TrainError(f"prompt file {p} does not exist")
     items: list[PromptItem] = []
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if p.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise TrainError(f"{p}:{n}: not JSON ({exc})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    raise TrainError(f"{p}:{n}: each row needs a non-empty string 'prompt'")
-                h = row.get("harmful", harmful)
-                if h is not None and not isinstance(h, bool):
-                    raise TrainError(f"{p}:{n}: 'harmful' must be true or false, got {h!r}")
-                system = row.get("system")
-                items.append(PromptItem(row["prompt"], h, system if isinstance(system, str) else None))
-            else:
-                items.append(PromptItem(line.rstrip("\n"), harmful))
+    for n, line in enumerate(read_text_lines(p, "prompt file"), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise TrainError(f"{p}:{n}: not JSON ({exc})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise TrainError(f"{p}:{n}: each row needs a non-empty string 'prompt'")
+            h = row.get("harmful", harmful)
+            if h is not None and not isinstance(h, bool):
+                raise TrainError(f"{p}:{n}: 'harmful' must be true or false, got {h!r}")
+            system = row.get("system")
+            items.append(PromptItem(row["prompt"], h, system if isinstance(system, str) else None))
+        else:
+            items.append(PromptItem(line.rstrip("\n"), harmful))
     if not items:
         raise TrainError(f"prompt file {p} has no prompts")
     return items
@@ -107,9 +121,7 @@ def read_prompts(path: str | os.PathLike[str], *, harmful: bool | None = None) -
 def read_openings(path: str | os.PathLike[str]) -> list[str]:
     """Forced openings from a text file: one per line, blank lines and ``#`` comments skipped."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise TrainError(f"openings file {p} does not exist")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text_lines(p, "openings file")]
     openings = [line for line in lines if line and not line.startswith("#")]
     if not openings:
         raise TrainError(f"openings file {p} has no openings (one per line)")
@@ -231,11 +243,16 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
 
 
 def _repair_tail(path: Path) -> None:
-    """Drop a partial last line left by an interrupted write."""
+    """Drop a partial last line left by an interrupted write. Called only once every complete
+    line has been checked to be a row of this run, and only a tail that starts like one of our
+    rows is dropped: a file that is not ours is refused, never cut."""
     with open(path, "rb+") as fh:
         data = fh.read()
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
+            if not data[cut:].startswith(b'{"id": "p'):
+                raise TrainError(f"{path} does not end like a value-data file (its last line is not a row); "
+                                 "pass --overwrite or another --out")
             fh.truncate(cut)
 
 
@@ -249,10 +266,29 @@ def openings_id(openings: Sequence[str]) -> str | None:
 def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool,
               openings: str | None, policy: str | None) -> set[str]:
     done: set[str] = set()
+    if path.is_dir():
+        raise TrainError(f"--out {path} is a directory; pass a file name such as {path / 'data.jsonl'}")
     if not path.exists():
         return done
-    _repair_tail(path)
-    for _, row in iter_jsonl(path):
+    # Only complete lines are checked: an interrupted write may have cut the last one anywhere,
+    # even inside a UTF-8 character.
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    try:
+        lines = complete.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise TrainError(f"{path} is not UTF-8 text, so it is not this tool's output; "
+                         "pass another --out (or --overwrite to replace it)") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            raise TrainError(f"{path}:{n} is not a value-data row, so {path} is not this tool's output; "
+                             "pass another --out (or --overwrite to replace it)")
         if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
                 bool(row.get("explore_first", False)), row.get("openings_id"), row.get("policy")) != (
                     fingerprint, seed, reward_name, explore_first, openings, policy):
@@ -262,6 +298,7 @@ def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, expl
                 "pass --overwrite or another --out"
             )
         done.add(str(row["id"]))
+    _repair_tail(path)
     return done
 
 
@@ -342,17 +379,16 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TrainError(f"{path}:{n}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise TrainError(f"{path}:{n}: each row must be a JSON object")
-            yield n, row
+    for n, line in enumerate(read_text_lines(path, "data file"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TrainError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise TrainError(f"{path}:{n}: each row must be a JSON object")
+        yield n, row
 
 
 def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int | None = None) -> list[ValueRow]:
@@ -362,8 +398,6 @@ def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int 
     skipped = 0
     for raw_path in paths:
         path = Path(raw_path).expanduser()
-        if not path.is_file():
-            raise TrainError(f"data file {path} does not exist")
         for n, row in iter_jsonl(path):
             where = f"{path}:{n}"
             try:

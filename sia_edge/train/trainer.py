@@ -507,7 +507,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     except KeyboardInterrupt:
         if dist.main and step > last_saved and not dist.active:
             _save_checkpoint(out, step, net, opt, state_dict(), cfg.keep_checkpoints, rng_resume)
-            say(f"\ninterrupted: saved a checkpoint at step {step}; rerun the same command to resume")
+            say(f"\nsaved a checkpoint at step {step}; rerun the same command to resume")
         raise
     finally:
         if bar is not None:
