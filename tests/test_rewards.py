@@ -133,3 +133,6 @@ def test_hf_sequence_classification_reward(tmp_path: Path, smollm2_tokenizer_dir
         assert all(0.0 <= x <= 1.0 for x in batch)
     with pytest.raises(TrainError, match="does not exist"):
         load_reward(f"hf:{tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()  # transformers answered this with a page about tokenizer backends
+    with pytest.raises(TrainError, match=r"empty has no config\.json: give the directory a Hugging Face"):
+        load_reward(f"hf:{tmp_path / 'empty'}")

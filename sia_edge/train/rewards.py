@@ -200,6 +200,9 @@ class HFReward(Reward):
         hf_logging.set_verbosity_error()
         if not path.is_dir():
             raise TrainError(f"reward model directory {path} does not exist")
+        if not (path / "config.json").is_file():  # transformers' own message is a page about tokenizer backends
+            raise TrainError(f"reward model directory {path} has no config.json: give the directory a Hugging Face "
+                             "sequence-classification model was saved to (save_pretrained)")
         try:
             self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = AutoModelForSequenceClassification.from_pretrained(
