@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)
     engine = build_engine(args, base, choice)
     if config.target_ratio is not None:
-        if prompt is None:
+        if prompt is None and engine.cached_tau(config) is None:
             print(f"note: measuring tau for target ratio {config.target_ratio:g} (once per model; cached)",
                   file=sys.stderr, flush=True)
         config = config.with_tau(engine.calibrate_tau(config))

@@ -303,26 +303,38 @@ class SteeringEngine:
             stats.extend(run)
         return stats
 
-    def calibrate_tau(self, config: SteeringConfig) -> float:
-        """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model."""
+    def _tau_keys(self, config: SteeringConfig) -> tuple[tuple[str, int, float, float, int], str]:
         assert config.target_ratio is not None
         key = (config.gate, config.k, config.temperature, config.target_ratio, config.head)
+        return key, f"{self.base.fingerprint}|{self.base.path.name}|{key}"
+
+    def cached_tau(self, config: SteeringConfig) -> float | None:
+        """The tau for ``config.target_ratio`` if it is already known (in memory or in the cache
+        file in models/), else None: ``calibrate_tau`` would then measure it, which takes seconds."""
+        key, disk_key = self._tau_keys(config)
+        if key in self._tau_cache:
+            return self._tau_cache[key]
+        stored = _read_tau_file(models_dir() / "tau-calibration.json").get(disk_key)
+        if isinstance(stored, (int, float)) and math.isfinite(stored):
+            self._tau_cache[key] = float(stored)
+            return self._tau_cache[key]
+        return None
+
+    def calibrate_tau(self, config: SteeringConfig) -> float:
+        """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model."""
+        key, disk_key = self._tau_keys(config)
         if key in self._tau_cache:
             return self._tau_cache[key]
         # One calibration at a time: concurrent requests for the same uncached ratio wait for the
         # first one's answer instead of each running the unsteered calibration generations.
         with self._calibration_lock:
-            if key in self._tau_cache:
-                return self._tau_cache[key]
-            cache_file = models_dir() / "tau-calibration.json"
-            disk_key = f"{self.base.fingerprint}|{self.base.path.name}|{key}"
-            stored = _read_tau_file(cache_file).get(disk_key)
-            if isinstance(stored, (int, float)) and math.isfinite(stored):
-                self._tau_cache[key] = float(stored)
-                return self._tau_cache[key]
+            cached = self.cached_tau(config)
+            if cached is not None:
+                return cached
+            assert config.target_ratio is not None
             tau = tau_for_ratio(self.gate_statistics(config=config), config.target_ratio)
             self._tau_cache[key] = tau
-            _store_tau(cache_file, disk_key, tau)
+            _store_tau(models_dir() / "tau-calibration.json", disk_key, tau)
             return tau
 
     # ----------------------------------------------------------------- best-of-N

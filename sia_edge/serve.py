@@ -688,8 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)
     engine = build_engine(args, base, choice)
     if config.target_ratio is not None:
-        print(f"note: measuring tau for target ratio {config.target_ratio:g} (once per model; cached)",
-              file=sys.stderr, flush=True)
+        if engine.cached_tau(config) is None:
+            print(f"note: measuring tau for target ratio {config.target_ratio:g} (once per model; cached)",
+                  file=sys.stderr, flush=True)
         config = config.with_tau(engine.calibrate_tau(config))
     app = create_app(engine, config=config, max_tokens=args.max_tokens, seed=args.seed,
                      parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name)

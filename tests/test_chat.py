@@ -241,3 +241,16 @@ def test_the_value_models_recommended_settings_fill_in_what_the_user_leaves_out(
     ratio = stats("--target-ratio", "0.5")
     assert ratio["w"] == 3.0 and ratio["tau"] == pytest.approx(calibrated(0.5))
     assert stats("--mode", "dense")["w"] == 3.0
+
+
+def test_the_tau_note_is_shown_only_when_tau_is_measured(env: dict[str, str], recommending_value_model: Path,
+                                                         tmp_path: Path) -> None:
+    own = {**env, "SIA_EDGE_MODELS": str(tmp_path)}  # an empty tau cache of its own
+    runs = [chat(own, "--value-model", recommending_value_model, stdin="/stats\n/quit\n", timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    note = "note: measuring tau for target ratio 0.25 (once per model; cached)"
+    assert note in runs[0].stderr and note not in runs[1].stderr  # the second run read the cache
+    assert (tmp_path / "tau-calibration.json").is_file()
+    assert runs[0].stdout == runs[1].stdout and "tau 1." in runs[0].stdout, runs[0].stdout
+
