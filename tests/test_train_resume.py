@@ -122,6 +122,10 @@ def test_data_generation_resumes_and_is_deterministic(tmp_path: Path, base_model
         fh.write('{"id": "p1-s1", "prompt_ind')
     assert generate_value_data(PROMPTS, out, sample=sample, **kw) == 3
     assert generate_value_data(PROMPTS, out, sample=sample, **kw) == 0  # all done
+    with open(out, "a") as fh:  # torn within the first bytes of a row: still ours, still dropped
+        fh.write('{"i')
+    assert generate_value_data(PROMPTS, out, sample=sample, **kw) == 0
+    assert out.read_text().endswith("}\n")
 
     def rows(p: Path) -> dict[str, dict[str, Any]]:
         return {r["id"]: r for r in map(json.loads, p.read_text().splitlines())}

@@ -250,7 +250,8 @@ def _repair_tail(path: Path) -> None:
         data = fh.read()
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            if not data[cut:].startswith(b'{"id": "p'):
+            tail, row_start = data[cut:], b'{"id": "p'  # how every row begins (json.dumps of the row dict)
+            if not (tail.startswith(row_start) or row_start.startswith(tail)):
                 raise TrainError(f"{path} does not end like a value-data file (its last line is not a row); "
                                  "pass --overwrite or another --out")
             fh.truncate(cut)
