@@ -75,6 +75,7 @@ from sia_edge.cli_common import (
     seed_int,
 )
 from sia_edge.gate import MAX_SEED, SteeringConfig
+from sia_edge.prompts import Prompt, read_prompt_file
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
@@ -248,16 +249,7 @@ def parse_modes(text: str) -> list[EvalMode]:
 
 
 # --------------------------------------------------------------------------- prompts
-@dataclass(frozen=True)
-class EvalPrompt:
-    prompt: str
-    harmful: bool | None = None
-    system: str | None = None
-    source: str | None = None
-
-    def messages(self) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return [*msgs, {"role": "user", "content": self.prompt}]
+EvalPrompt = Prompt  # a prompt of a prompt file (sia_edge.prompts)
 
 
 @dataclass
@@ -281,38 +273,7 @@ def load_prompt_set(path: str | os.PathLike[str], *, harmful: bool | None = None
     """A prompt file: ``.jsonl`` rows ``{"prompt", "harmful", "system", "source"}`` or plain text,
     one prompt per line. ``harmful`` is the flag of rows that carry none; ``limit`` keeps the first N."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CliError(f"prompt file {p} does not exist")
-    if not p.is_file():
-        raise CliError(f"prompt file {p} is not a file")
-    is_jsonl = p.suffix.lower() in (".jsonl", ".ndjson")
-    prompts: list[EvalPrompt] = []
-    try:
-        with open(p, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if limit is not None and len(prompts) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                if not is_jsonl:
-                    prompts.append(EvalPrompt(line.rstrip("\r\n").strip(), harmful))
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise CliError(f"{p}:{n}: not a JSON object ({exc})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    raise CliError(f"{p}:{n}: each JSONL row needs a non-empty string 'prompt'")
-                flag = row.get("harmful", harmful)
-                if flag is not None and not isinstance(flag, bool):
-                    raise CliError(f"{p}:{n}: 'harmful' must be true or false, got {flag!r}")
-                system, source = row.get("system"), row.get("source")
-                prompts.append(EvalPrompt(row["prompt"], flag, system if isinstance(system, str) else None,
-                                          source if isinstance(source, str) else None))
-    except UnicodeDecodeError as exc:
-        raise CliError(f"prompt file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not prompts:
-        raise CliError(f"prompt file {p} has no prompts")
+    prompts = read_prompt_file(p, harmful=harmful, limit=limit, error=CliError)
     return PromptSet(name or p.stem, p, prompts)
 
 

@@ -21,7 +21,6 @@ resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sia_edge.prompts import Prompt, read_prompt_file
+from sia_edge.prompts import read_text_lines as _read_text_lines
 from sia_edge.train import TrainError
 
 if TYPE_CHECKING:
@@ -51,15 +52,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class PromptItem:
-    prompt: str
-    harmful: bool | None = None
-    system: str | None = None
-
-    def messages(self) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return [*msgs, {"role": "user", "content": self.prompt}]
+PromptItem = Prompt  # a prompt of a prompt file (sia_edge.prompts), under its older name here
 
 
 @dataclass(frozen=True)
@@ -76,46 +69,14 @@ class ValueRow:
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
-    """The lines of a UTF-8 text input, or a TrainError that names the file and the problem
-    (missing, a directory, not UTF-8) instead of a bare codec or OS error."""
-    if path.is_dir():
-        raise TrainError(f"{what} {path} is a directory; pass the file inside it")
-    if not path.is_file():
-        raise TrainError(f"{what} {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise TrainError(f"{path}:{line}: {what} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                         "save it as UTF-8") from None
-    return io.StringIO(text).readlines()  # split at "\n" only, as reading the file line by line does
+    """``sia_edge.prompts.read_text_lines`` with the training pipeline's error type."""
+    return _read_text_lines(path, what, error=TrainError)
 
 
 def read_prompts(path: str | os.PathLike[str], *, harmful: bool | None = None) -> list[PromptItem]:
-    """Prompts from a ``.jsonl`` file (``{"prompt": str, "harmful": bool, "system": str}`` rows)
-    or a text file (one prompt per line). ``harmful`` sets the flag for every prompt that has none."""
-    p = Path(path).expanduser()
-    items: list[PromptItem] = []
-    for n, line in enumerate(read_text_lines(p, "prompt file"), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TrainError(f"{p}:{n}: not JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise TrainError(f"{p}:{n}: each row needs a non-empty string 'prompt'")
-            h = row.get("harmful", harmful)
-            if h is not None and not isinstance(h, bool):
-                raise TrainError(f"{p}:{n}: 'harmful' must be true or false, got {h!r}")
-            system = row.get("system")
-            items.append(PromptItem(row["prompt"], h, system if isinstance(system, str) else None))
-        else:
-            items.append(PromptItem(line.rstrip("\n"), harmful))
-    if not items:
-        raise TrainError(f"prompt file {p} has no prompts")
-    return items
+    """The prompts of a prompt file, read as the evaluation reads them (``sia_edge.prompts``).
+    ``harmful`` sets the flag for every prompt that has none."""
+    return read_prompt_file(path, harmful=harmful, error=TrainError)
 
 
 def read_openings(path: str | os.PathLike[str]) -> list[str]:
