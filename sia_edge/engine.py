@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 Messages = Sequence[dict[str, str]]
+DEFAULT_K_MAX = 32  # the most candidates a step may score: k_max branch cells per context
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class SteeringEngine:
         *,
         n_ctx: int = 2048,
         n_threads: int | None = None,
-        k_max: int = 32,
+        k_max: int = DEFAULT_K_MAX,
     ) -> None:
         if not 16 <= n_ctx <= 1 << 20:
             raise ValueError(f"n_ctx must be between 16 and 1048576, got {n_ctx}")

@@ -149,7 +149,6 @@ class ModeError(CliError):
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 MAX_BON = 256  # samples per prompt: a typo like bon@100000000 would otherwise run for ever
-K_MAX = 32  # candidates per step, as the chat and server allow
 
 
 def _level(text: str, label: str) -> tuple[float | None, float | None]:
@@ -858,15 +857,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_output(path, what)
     if args.temperature < 0:
         raise CliError("--temperature must be >= 0 (0 = greedy)")
-    if args.k > K_MAX:
-        raise CliError(f"--k must be at most {K_MAX}, got {args.k}")
+    from sia_edge.engine import DEFAULT_K_MAX, SteeringEngine
+
+    if args.k > DEFAULT_K_MAX:  # as the chat and server allow; checked before hours of answers
+        raise CliError(f"--k must be at most {DEFAULT_K_MAX}, got {args.k}")
     for m in modes:  # settings errors (k, w, tau ...) before any model loads
         try:
             m.config(k=args.k, w=1.0 if args.w is None else args.w, temperature=args.temperature, p=0.0)
         except ValueError as exc:
             raise CliError(f"mode {m.label}: {exc}") from None
 
-    from sia_edge.engine import SteeringEngine
     from sia_edge.models import default_value_model, resolve_gguf
 
     needs_value = any(m.needs_value_model for m in modes)
@@ -876,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = resolve_gguf(args.value_model, "value model (--value-model)")
     elif needs_value:
         value = default_value_model()  # ModelNotFoundError says how to build it
-    engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=K_MAX)
+    engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=DEFAULT_K_MAX)
     _check_prompts_fit(engine, sets)
     if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
         args.w = engine.value.meta.recommended_steering().get("w", 1.0) if engine.value is not None else 1.0

@@ -256,6 +256,21 @@ def test_value_gguf_without_metadata(base_model_path: Path) -> None:
         SteeringEngine(base_model_path, base_model_path)
 
 
+@pytest.mark.parametrize("threads", [0, -1, 513, 100_000])
+def test_thread_counts_llama_cpp_cannot_run_are_refused(base_model_path: Path, threads: int) -> None:
+    # 100,000 threads segfaulted llama.cpp and 5,000 hung it: refused before any model loads
+    with pytest.raises(ValueError, match=f"threads must be a whole number from 1 to 512, got {threads}"):
+        SteeringEngine(base_model_path, n_threads=threads)
+
+
+def test_seeds_outside_the_generators_range_are_refused(engine: SteeringEngine) -> None:
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
+            engine.generate(BENIGN, max_tokens=2, seed=seed)
+    with engine.generate(BENIGN, max_tokens=2, seed=2**64 - 1) as gen:  # the largest one works
+        assert len(list(gen)) == 2
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path: Path, base_model_path: Path, value_model_path: Path) -> None:
     import gguf
 

@@ -323,6 +323,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_ctrl_c_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """SIGINT mid-run: exit 130 and "interrupted" (it was a blank line), no traceback."""
+    import signal
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a long story about a lighthouse.\n" * 20)
+    proc = subprocess.Popen([sys.executable, "-m", "sia_edge.eval", "--benign", str(prompts), "--modes", "off",
+                             "--max-tokens", "200", "--threads", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith("base ")  # the models are loaded: answers are running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+
+
 def test_cli_entry_point_without_torch(tmp_path: Path) -> None:
     """``python -m sia_edge.eval`` exits 2 on a bad mode; the reward side loads without torch."""
     r = subprocess.run([sys.executable, "-m", "sia_edge.eval", "--benign", str(tmp_path / "nope.txt")],

@@ -160,6 +160,9 @@ def test_fast_metadata_reader_agrees_with_gguf_reader(tmp_path: Path) -> None:
 
     with pytest.raises(ValueFormatError):
         read_gguf_kv(tmp_path / "junk.gguf")
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:60])  # a download or copy cut short
+    with pytest.raises(ValueFormatError, match=r"cut\.gguf: not a readable GGUF file: truncated or not a GGUF"):
+        read_gguf_kv(tmp_path / "cut.gguf")
 
 
 def test_gguf_backbone_round_trip(tmp_path: Path) -> None:
