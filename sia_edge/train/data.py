@@ -203,19 +203,18 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
     return config, f"{config.gate}{setting}{head} w={config.w:g} value={value_id}"
 
 
-def _repair_tail(path: Path) -> None:
-    """Drop a partial last line left by an interrupted write. Called only once every complete
-    line has been checked to be a row of this run, and only a tail that starts like one of our
-    rows is dropped: a file that is not ours is refused, never cut."""
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            tail, row_start = data[cut:], b'{"id": "p'  # how every row begins (json.dumps of the row dict)
-            if not (tail.startswith(row_start) or row_start.startswith(tail)):
-                raise TrainError(f"{path} does not end like a value-data file (its last line is not a row); "
-                                 "pass --overwrite or another --out")
-            fh.truncate(cut)
+def _repair_tail(path: Path, data: bytes) -> None:
+    """Drop a partial last line (of the file's bytes ``data``) left by an interrupted write. Called
+    only once every complete line has been checked to be a row of this run, and only a tail that
+    starts like one of our rows is dropped: a file that is not ours is refused, never cut."""
+    cut = data.rfind(b"\n") + 1
+    tail, row_start = data[cut:], b'{"id": "p'  # how every row begins (json.dumps of the row dict)
+    if not tail:
+        return
+    if not (tail.startswith(row_start) or row_start.startswith(tail)):
+        raise TrainError(f"{path} does not end like a value-data file (its last line is not a row); "
+                         "pass --overwrite or another --out")
+    os.truncate(path, cut)
 
 
 def openings_id(openings: Sequence[str]) -> str | None:
@@ -260,7 +259,7 @@ def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, expl
                 "pass --overwrite or another --out"
             )
         done.add(str(row["id"]))
-    _repair_tail(path)
+    _repair_tail(path, data)
     return done
 
 
