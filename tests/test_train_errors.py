@@ -202,6 +202,9 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
     ("export_value_gguf.py", [str(REPO / "README.md"), "--out", "v"], "README.md is a file, not a directory"),
     ("export_value_gguf.py", ["d", "--out", "v", "--check", "--check-rows", "0"], "expected a positive integer"),
     ("export_value_gguf.py", ["d", "--out", "v", "--check", "--tau", "nan"], "expected a finite number"),
+    ("export_value_gguf.py", ["d", "--out", "v", "--check", "--k", "100000"], "--k must be at most 1024"),
+    ("make_value_data.py", [str(REPO / "data/prompts/benign_heldout.jsonl"), "--out", str(REPO / "data"),
+                            "--threads", "1"], "data is a directory; pass a file name such as"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, tool: str, args: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], capture_output=True, text=True,
