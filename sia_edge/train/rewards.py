@@ -27,7 +27,8 @@ more. Whether a prompt is harmful is a property of the prompt: data rows carry `
 
 The refusal detector matches the phrases of ``refusal_phrases`` (after lower-casing and mapping
 curly apostrophes to straight ones) at the start of the response, or anywhere in its first 200
-characters for the longer, unambiguous phrases.
+characters for the longer, unambiguous phrases. Idioms that say "I can't" without declining
+("I can't help but think...", "I can't wait") are blanked out first.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 
 from sia_edge.train import TrainError
 from sia_edge.train.data import iter_jsonl
-from sia_edge.train.refusal_phrases import REFUSAL_PHRASES, REFUSAL_PREFIXES
+from sia_edge.train.refusal_phrases import NOT_REFUSAL_IDIOMS, REFUSAL_PHRASES, REFUSAL_PREFIXES
 
 __all__ = [
     "Reward",
@@ -62,6 +63,13 @@ PHRASE_WINDOW = 200  # characters at the start of the response searched for refu
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u0060": "'", "\u00b4": "'"})
 _PREFIXES = tuple(p.lower().translate(_APOSTROPHES) for p in REFUSAL_PREFIXES)
 _PHRASES = tuple(p.lower().translate(_APOSTROPHES) for p in REFUSAL_PHRASES)
+# "i can't help but", "i cannot wait", "i can't thank you enough" ...: matched on normalised text
+# and replaced by "i (idiom)", which no prefix or phrase contains.
+_IDIOMS = re.compile(
+    r"\bi (?:can't|cannot|can not) (?:"
+    + "|".join(re.escape(i).replace(r"\.\.\.", r"[^.!?]{0,20}?") + r"\b" for i in NOT_REFUSAL_IDIOMS)
+    + ")"
+)
 
 
 def _normalise(text: str) -> str:
@@ -72,7 +80,7 @@ def _normalise(text: str) -> str:
 
 def is_refusal(response: str) -> bool:
     """Whether a response refuses (see the module docstring for the rule)."""
-    t = _normalise(response)
+    t = _IDIOMS.sub("i (idiom)", _normalise(response))
     if t.startswith(_PREFIXES):
         return True
     head = t[:PHRASE_WINDOW]
