@@ -11,7 +11,9 @@ import argparse
 import math
 import os
 import secrets
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,8 +292,31 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (*errors, LlamaError)
 
 
+def _in_llama_log_callback(frame: Any) -> bool:
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "llama_log_callback" and code.co_filename.endswith("_logger.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    # llama.cpp logs through a Python ctypes callback (llama-cpp-python's _logger) while it creates
+    # a context; a KeyboardInterrupt raised in there is printed and dropped by ctypes, and Ctrl-C
+    # would do nothing. Deliver the signal again once the callback has returned.
+    if _in_llama_log_callback(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a face's ``main``: expected errors become ``error: ...`` and exit code 2."""
+    previous = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return main(argv)
     except KeyboardInterrupt:
@@ -305,3 +330,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -8,9 +8,11 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +323,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert _run([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_ctrl_c_inside_llama_log_callback_is_delivered_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt raised in llama.cpp's ctypes log callback would be dropped by ctypes:
+    the faces' SIGINT handler sends the signal again instead, and raises anywhere else."""
+    import signal
+
+    from sia_edge import cli_common
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli_common.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    # a stand-in for llama_cpp/_logger.py's callback, calling the handler as a signal would
+    ns: dict[str, object] = {}
+    code = compile("def llama_log_callback(handler):\n    handler(2, sys._getframe())\n", "llama_cpp/_logger.py", "exec")
+    exec(code, {"sys": sys}, ns)  # noqa: S102 (a fixed string)
+    ns["llama_log_callback"](cli_common._on_sigint)  # type: ignore[operator]
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGINT)]
+    with pytest.raises(KeyboardInterrupt):
+        cli_common._on_sigint(signal.SIGINT, sys._getframe())
 
 
 def test_ctrl_c_ends_the_run_with_one_line(tmp_path: Path) -> None:
