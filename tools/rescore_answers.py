@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sia_edge.cli_common import CliError, CliParser, run_cli
-from sia_edge.prompts import read_text_lines
+from sia_edge.train.data import iter_jsonl
 from sia_edge.train.rewards import is_refusal, safety_reward
 from sia_edge.value_format import atomic_output, commit_output
 
@@ -30,16 +30,10 @@ REQUIRED = ("mode", "text", "harmful", "refused", "reward")
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
-    """The rows of one eval outputs file, or CliError naming the file, line and problem."""
+    """The rows of one eval outputs file, or an error naming the file, line and problem."""
     rows = []
-    for n, line in enumerate(read_text_lines(path, "answers file", error=CliError), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"{path}:{n}: not JSON ({exc.msg}); pass the --outputs file of sia_edge.eval") from None
-        missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
+    for n, row in iter_jsonl(path, "answers file"):
+        missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise CliError(f"{path}:{n}: an answer row needs {', '.join(missing)}; "
                            "pass the --outputs file of sia_edge.eval")

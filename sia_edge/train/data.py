@@ -339,8 +339,9 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="sample", dynamic_ncols=True)
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    for n, line in enumerate(read_text_lines(path, "data file"), 1):
+def iter_jsonl(path: Path, what: str = "data file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-empty line of a JSONL file; TrainError names the line."""
+    for n, line in enumerate(read_text_lines(path, what), 1):
         if not line.strip():
             continue
         try:
