@@ -7,6 +7,9 @@ the output is piped (``--highlight`` chooses).
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import argparse
 import json
 import os
@@ -190,6 +193,7 @@ class ChatSession:
     def settings_text(self) -> str:
         c = self.config
         head = f", head {c.head}" if c.head else ""
+        head += f", follow {c.follow:g}" if c.follow is not None else ""
         return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
 
     def stats_text(self) -> str:

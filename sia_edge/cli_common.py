@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sia_edge._early_sigint import exit_interrupted
 from sia_edge.gate import GATES, MAX_SEED, MODE_ALIASES, SteeringConfig
 from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model, resolve_gguf
 
@@ -53,6 +55,13 @@ class CliError(Exception):
 
 class CliParser(argparse.ArgumentParser):
     """argparse, but a wrong option is one line on stderr (not usage + error) and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Python 3.11's argparse takes only -1 and -1.5 for negative numbers, so `--w -1e3` and
+        # `--tau -inf` read as a missing value followed by an unknown option (3.13 widened it).
+        self._negative_number_matcher = re.compile(r"^-(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
@@ -144,6 +153,9 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--head", type=_int, metavar="N",
                    help="also steer the first N tokens of every answer, where it commits to refusing or "
                         "complying (default 0: the entropy gate alone)")
+    g.add_argument("--follow", type=finite_float, metavar="F",
+                   help="also steer the token after a junction where steering moved at least F (0-1] of the "
+                        "probability: keep steering while the value model overrules the base model (default: off)")
     g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
     g.add_argument("--w", type=finite_float, metavar="X",
                    help="steering strength (default: the value model's recommendation, else 1.0)")
@@ -240,7 +252,7 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
             raise CliError("--target-ratio needs a value model: pass --value-model PATH.gguf")
         mode = "off"
     kwargs: dict[str, Any] = {"gate": mode}
-    for name in ("tau", "k", "w", "temperature", "target_ratio", "head"):
+    for name in ("tau", "k", "w", "temperature", "target_ratio", "head", "follow"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
@@ -276,7 +288,7 @@ def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, An
     """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
     d = {k: _finite_or_none(v) for k, v in stats.as_dict().items()}
     d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, head=config.head,
-             seed=seed)
+             follow=config.follow, seed=seed)
     return d
 
 
@@ -315,7 +327,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     """Run a face's ``main``: expected errors become ``error: ...`` and exit code 2."""
     previous = None
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if main_thread and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, exit_interrupted):
         previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return main(argv)
@@ -332,4 +344,5 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return EXIT_ERROR
     finally:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            # not back to _early_sigint's handler: past this point an os._exit would drop unflushed output
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is exit_interrupted else previous)

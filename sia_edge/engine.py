@@ -26,7 +26,7 @@ from typing import Any
 from typing_extensions import Self
 
 from sia_edge import kernels
-from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, tau_for_ratio
+from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, steering_shift, tau_for_ratio
 from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, check_threads, default_threads
 from sia_edge.models import default_base_model, models_dir
 from sia_edge.value_format import KEY_VERSION, atomic_output, commit_output
@@ -71,6 +71,7 @@ class TokenEvent:
     entropy: float  # the gate statistic (top-k or full entropy, per the gate)
     candidates: tuple[int, ...] = ()  # top-k ids at a junction
     values: tuple[float, ...] = ()  # their normalised values V at a junction
+    shift: float = 0.0  # probability mass steering moved at a junction (gate.steering_shift)
 
 
 @dataclass
@@ -511,6 +512,7 @@ class Generation:
                 t_kernel = perf() - t0
                 junction = chosen < 0
                 values: tuple[float, ...] = ()
+                shift = 0.0
                 if junction:
                     assert scorer is not None
                     v = scorer.score(sequence, topk.ids)
@@ -519,6 +521,9 @@ class Generation:
                         logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
                     )
                     t_kernel += perf() - t0
+                    # numpy on k values, about 50 us: outside kernel_ms, which times the native steps
+                    shift = steering_shift(topk.logits, v, cfg.w, cfg.temperature)  # topk.logits: the base's
+                    gate.steered(shift)
                     scorer.commit(chosen)
                     st.junctions += 1
                     values = tuple(float(x) for x in v)
@@ -535,7 +540,7 @@ class Generation:
                 piece = decoder.push(token)
                 self._text.append(piece)
                 yield TokenEvent(piece, token, junction, stat,
-                                 tuple(int(i) for i in topk.ids) if junction else (), values)
+                                 tuple(int(i) for i in topk.ids) if junction else (), values, shift)
                 if len(sequence) >= eng.n_ctx:
                     continue  # the loop head reports "context" without decoding past the window
                 t0 = perf()

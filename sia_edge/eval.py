@@ -22,6 +22,8 @@ Modes (``--modes``, a comma list)
 ``sparse+bon@4``    Best-of-N over steered samples; any mode above can take ``+bon@N``
 ``sparse+head@3``   also steer the first 3 tokens of every answer (the official code's first-N
                     gate joined to the mode's own; any steering mode can take ``+head@N``)
+``MODE+follow@.5``  also steer the token after a junction where steering moved >= 0.5 of the
+                    probability (``SteeringConfig.follow``; any mode but off and dense)
 ==================  ===========================================================================
 
 Whether a prompt is harmful (the safety reward and the over-refusal rate need it) comes from the
@@ -46,6 +48,9 @@ Metrics per mode and prompt set
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import argparse
 import contextlib
 import hashlib
@@ -99,7 +104,7 @@ DEFAULT_MODES = "off,sparse,dense,random@sparse"
 DEFAULT_MAX_TOKENS = 128
 MODE_SYNTAX = (
     "off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%|@MODE, bon@N, MODE+bon@N, "
-    "MODE+head@N"
+    "MODE+head@N, MODE+follow@F"
 )
 
 
@@ -116,11 +121,13 @@ class EvalMode:
     match: str | None = None  # random gate: take p from this mode's measured rate, per set
     bon: int = 1  # Best-of-N samples (1: a single sample)
     head: int = 0  # also steer the first `head` tokens of every answer
+    follow: float | None = None  # also steer the token after a junction that moved this much mass
 
     @property
     def family(self) -> str:
-        """What the plot draws as one line: the gate's name, with ``+head`` and ``+bon`` if used."""
+        """What the plot draws as one line: the gate's name, with ``+head``, ``+follow`` and ``+bon`` if used."""
         base = {"entropy": "sparse"}.get(self.gate, self.gate) + ("+head" if self.head else "")
+        base += "+follow" if self.follow is not None else ""
         if self.bon == 1:
             return base
         return "bon" if base == "off" else f"{base}+bon"
@@ -130,7 +137,8 @@ class EvalMode:
         return self.gate != "off" or self.bon > 1
 
     def config(self, *, k: int, w: float, temperature: float, p: float | None = None) -> SteeringConfig:
-        kwargs: dict[str, Any] = {"gate": self.gate, "k": k, "w": w, "temperature": temperature, "head": self.head}
+        kwargs: dict[str, Any] = {"gate": self.gate, "k": k, "w": w, "temperature": temperature, "head": self.head,
+                                  "follow": self.follow}
         if self.tau is not None:
             kwargs["tau"] = self.tau
         if self.target_ratio is not None:
@@ -169,20 +177,24 @@ def parse_mode(text: str) -> EvalMode:
     if not label:
         raise ModeError("empty mode in --modes (two commas in a row?)")
     base = label
-    suffixes: dict[str, int] = {}
-    while "+" in base:  # '+bon@N' and '+head@N' suffixes, each at most once, in any order
+    suffixes: dict[str, str] = {}
+    while "+" in base:  # '+bon@N', '+head@N' and '+follow@F' suffixes, each at most once, in any order
         rest, _, suffix = base.rpartition("+")
-        m = re.fullmatch(r"(bon|head)@(\d+)", suffix)
+        m = re.fullmatch(r"(bon|head)@(\d+)|(follow)@(" + _NUMBER + ")", suffix)
         if not m or not rest:
             raise ModeError(
-                f"mode {label!r}: only '+bon@N' and '+head@N' can follow a mode (for example sparse+bon@4, "
-                "sparse@30%+head@3)"
+                f"mode {label!r}: only '+bon@N', '+head@N' and '+follow@F' can follow a mode (for example "
+                "sparse+bon@4, sparse@30%+head@3, sparse@20%+follow@0.5)"
             )
-        if m.group(1) in suffixes:
-            raise ModeError(f"mode {label!r}: '+{m.group(1)}@N' is given twice")
-        suffixes[m.group(1)] = int(m.group(2))
+        key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if key in suffixes:
+            raise ModeError(f"mode {label!r}: '+{key}@{'F' if key == 'follow' else 'N'}' is given twice")
+        suffixes[key] = value
         base = rest
-    bon, head = suffixes.get("bon", 1), suffixes.get("head", 0)
+    bon, head = int(suffixes.get("bon", 1)), int(suffixes.get("head", 0))
+    follow = float(suffixes["follow"]) if "follow" in suffixes else None
+    if follow is not None and not 0.0 < follow <= 1.0:
+        raise ModeError(f"mode {label!r}: '+follow@F' takes a share of probability mass in (0, 1], got {follow:g}")
     if base.startswith("bon"):
         m = re.fullmatch(r"bon@(\d+)", base)
         if not m:
@@ -197,16 +209,23 @@ def parse_mode(text: str) -> EvalMode:
         raise ModeError(f"mode {label!r}: nothing follows '@'; give a setting ({name}@1.2, {name}@30%) or drop the '@'")
     if head and name == "off":
         raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
+    if follow is not None and name in ("off", "dense"):
+        raise ModeError(f"mode {label!r}: '+follow@F' steers after a junction, but '{name}' "
+                        + ("never steers" if name == "off" else "steers every token already"))
+
+    def mode(gate: str, **setting: Any) -> EvalMode:
+        return EvalMode(label, gate, bon=bon, head=head, follow=follow, **setting)
+
     if name in ("off", "dense"):
         if arg:
             raise ModeError(f"mode {label!r}: {name} takes no '@' setting")
-        return EvalMode(label, name, bon=bon, head=head)
+        return mode(name)
     if name in ("sparse", "entropy", "full-entropy"):
         gate = "full-entropy" if name == "full-entropy" else "entropy"
         if not arg:
-            return EvalMode(label, gate, bon=bon, head=head)
+            return mode(gate)
         tau, ratio = _level(arg, label)
-        return EvalMode(label, gate, tau=tau, target_ratio=ratio, bon=bon, head=head)
+        return mode(gate, tau=tau, target_ratio=ratio)
     if name == "random":
         if not arg:
             raise ModeError(
@@ -221,9 +240,9 @@ def parse_mode(text: str) -> EvalMode:
             assert p is not None
             if not 0.0 <= p <= 1.0:
                 raise ModeError(f"mode {label!r}: a probability must be between 0 and 1")
-            return EvalMode(label, "random", p=p, bon=bon, head=head)
+            return mode("random", p=p)
         parse_mode(arg)  # the named mode must at least be valid syntax
-        return EvalMode(label, "random", match=arg, bon=bon, head=head)
+        return mode("random", match=arg)
     raise ModeError(f"unknown mode {label!r}; modes are {MODE_SYNTAX}")
 
 
@@ -903,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": [{"mode": m.label, "family": m.family, "gate": m.gate, "target_ratio": m.target_ratio,
                    "tau": m.tau if m.tau is not None or m.target_ratio is not None or m.gate not in
                    ("entropy", "full-entropy") else SteeringConfig().tau,
-                   "p": m.p, "match": m.match, "bon": m.bon} for m in modes],
+                   "p": m.p, "match": m.match, "bon": m.bon, "head": m.head, "follow": m.follow} for m in modes],
         "results": results,
     }
     text = json.dumps(summary, indent=1, ensure_ascii=False)

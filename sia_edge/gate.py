@@ -20,9 +20,17 @@ opening is where it commits to refusing or complying ("I" -> "'m sorry" / "'m ha
 second and third tokens of such openings often have low entropy, so the entropy gate alone passes
 them unsteered (measured in docs/RESULTS.md, where steering them did not raise refusals).
 
+``follow`` F keeps steering while the value model overrules the base model: after a junction where
+steering moved at least F of the probability (the total variation distance between the base and
+the steered top-k distributions, in [0, 1]), the next token is a junction too. The entropy gate
+sees the base model's confidence, and after an overruled step that is confidence in a text it would
+not have written: in the held-out harmful answers, sparse steering picks "I" (moving 0.56-0.97 of
+the mass) and then passes "'m" -> " happy" unsteered at entropy 0.5-1.5, where dense steering
+writes "'m" -> " afraid I can't" (docs/RESULTS.md, "Following an overruled step").
+
 ``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
 same model and takes its (1 - ratio) quantile, as the paper picks tau offline (the ``head`` steps
-count towards the ratio).
+count towards the ratio; ``follow`` steps depend on the steering itself, so they come on top).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["GATES", "JunctionGate", "SteeringConfig", "tau_for_ratio"]
+__all__ = ["GATES", "JunctionGate", "SteeringConfig", "steering_shift", "tau_for_ratio"]
 
 GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
 MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
@@ -52,6 +60,7 @@ class SteeringConfig:
     p: float = 0.2  # random gate: steering probability
     target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
     head: int = 0  # also steer the first `head` tokens of every answer
+    follow: float | None = None  # steer the next token after a junction that moved >= this much mass
 
     def __post_init__(self) -> None:
         gate = MODE_ALIASES.get(self.gate, self.gate)
@@ -70,6 +79,10 @@ class SteeringConfig:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
             raise ValueError(f"head must be a whole number of tokens >= 0, got {self.head!r}")
+        if self.follow is not None and (
+            isinstance(self.follow, bool) or not isinstance(self.follow, (int, float)) or not 0.0 < self.follow <= 1.0
+        ):
+            raise ValueError(f"follow must be a share of probability mass in (0, 1], got {self.follow!r}")
         if self.target_ratio is not None:
             if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
                 raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
@@ -102,15 +115,35 @@ class JunctionGate:
         # The random gate has its own stream, so it does not shift the sampling RNG.
         self._coin = random.Random(seed ^ 0x5EED_6A7E)
         self._head_left = config.head if config.steers else 0  # 'off' never steers
+        self._follow_next = False
+
+    def steered(self, shift: float) -> None:
+        """Report a junction's ``steering_shift``: with ``follow``, a large one makes the next step a junction."""
+        self._follow_next = self.config.follow is not None and shift >= self.config.follow
 
     def threshold(self) -> float:
         """The threshold of the next step (call once per generated token, in order)."""
         if self._head_left > 0:
             self._head_left -= 1
             return -math.inf
+        if self._follow_next:
+            self._follow_next = False
+            return -math.inf
         if self._fixed is not None:
             return self._fixed
         return -math.inf if self._coin.random() < self.config.p else math.inf
+
+
+def steering_shift(base_logits: np.ndarray, values: np.ndarray, w: float, temperature: float) -> float:
+    """How much probability steering moved at a junction: the total variation distance between
+    softmax(z / T) and softmax((z + w V) / T) over the k candidates (0 = none, 1 = all of it).
+    Greedy decoding (T = 0) moved all of it iff the top candidate changed."""
+    z = np.asarray(base_logits, dtype=np.float64)
+    steered = z + w * np.asarray(values, dtype=np.float64)
+    if temperature == 0:
+        return float(np.argmax(z) != np.argmax(steered))
+    p, q = np.exp((z - z.max()) / temperature), np.exp((steered - steered.max()) / temperature)
+    return 0.5 * float(np.abs(p / p.sum() - q / q.sum()).sum())
 
 
 def tau_for_ratio(statistics: list[float] | np.ndarray, ratio: float) -> float:

@@ -2,8 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
 server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
-fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``; ``seed`` and
-``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
+fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``, ``follow``; ``seed``
+and ``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
 Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
 
 Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
@@ -16,6 +16,9 @@ refused, as are ``n`` > 1, ``logprobs``, ``echo`` and tools; ``top_p`` and unkno
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import asyncio
 import ipaddress
 import json
@@ -121,6 +124,7 @@ class _GenerationRequest(_Strict):
     target_ratio: float | None = None
     p: float | None = None
     head: int | None = None
+    follow: float | None = None
     # OpenAI fields sia-edge refuses when they would change anything
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -432,7 +436,8 @@ def create_app(
                 "value_model": engine.value.name if engine.value is not None else None,
                 "n_ctx": engine.n_ctx,
                 "defaults": {"mode": mode_name(config.gate), "tau": config.tau, "k": config.k, "w": config.w,
-                             "temperature": config.temperature, "head": config.head, "max_tokens": max_tokens},
+                             "temperature": config.temperature, "head": config.head, "follow": config.follow,
+                             "max_tokens": max_tokens},
             },
         }
 
@@ -474,7 +479,7 @@ def create_app(
         mode = req.sia_mode if req.sia_mode is not None else req.gate
         if mode is not None:
             changes["gate"] = mode
-        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head"):
+        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head", "follow"):
             if getattr(req, name) is not None:
                 changes[name] = getattr(req, name)
         try:

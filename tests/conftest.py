@@ -3,12 +3,53 @@ from it with a fixed random head (the training pipeline's tests build real heads
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sia_edge.models import default_base_model
 from sia_edge.value_format import random_head_value_gguf
+
+
+@pytest.fixture(scope="session")
+def ctrl_c_when() -> Callable[..., tuple[int, str]]:
+    """``run(module, args, ready, python_flags=(), **popen)``: start ``python -m MODULE ARGS``,
+    press Ctrl-C once a line of its stderr satisfies ``ready``, and return (exit code, the rest of
+    its stderr).
+
+    The command runs as a terminal's foreground job would, with Python's own SIGINT handler. When
+    the suite itself runs as a background job of a non-interactive shell (``./dev.sh test &``), the
+    shell starts it with SIGINT ignored, every child inherits that, and the commands keep an
+    inherited SIG_IGN as they should (that is how background jobs stay out of a terminal's Ctrl-C):
+    the signal then did nothing, and a run went on past it."""
+
+    def run(module: str, args: list[str], ready: Callable[[str], bool], *, python_flags: tuple[str, ...] = (),
+            **popen: Any) -> tuple[int, str]:
+        code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+        proc = subprocess.Popen([sys.executable, *python_flags, "-c", code, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **popen)
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if ready(line):
+                    break
+            else:
+                raise AssertionError(f"{module} ended before the moment to press Ctrl-C (exit {proc.wait()})")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return proc.returncode, err
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -50,3 +50,16 @@ def test_bench_junction_cost_refuses_bad_ratios() -> None:
     proc = subprocess.run([sys.executable, "tools/bench_junction_cost.py", "--ratios", "0"], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ratios must lie in (0, 1]" in proc.stderr
+
+
+def test_bench_decode_times_every_mode_and_the_head(value_model_path: Path) -> None:
+    out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
+                   "--target-ratio", "0", "--head", "3", "--threads", "1", "--value-model", str(value_model_path))
+    modes = out["modes"]
+    assert set(modes) == {"plain", "off", "sparse", "dense", "head"} and out["head"] == 3
+    assert modes["off"]["intervention_rate"] == 0 and modes["dense"]["intervention_rate"] == 1
+    tokens = modes["head"]["tokens"]  # one answer; its end-of-sequence step, if any, is a decision too
+    assert 3 / (tokens + 1) - 1e-3 <= modes["head"]["intervention_rate"] <= 3 / tokens + 1e-3
+    assert all(m["ms_per_token"] > 0 for m in modes.values())
+    assert out["ratios"]["head_over_dense"] == pytest.approx(
+        modes["head"]["ms_per_token"] / modes["dense"]["ms_per_token"], abs=1e-3)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,19 @@ def test_piped_interactive_session_with_commands(env: dict[str, str], value_mode
     assert "Traceback" not in r.stderr
 
 
+def test_ctrl_c_while_the_command_still_imports_gives_one_line(
+    env: dict[str, str], ctrl_c_when: Callable[..., tuple[int, str]]
+) -> None:
+    """Ctrl-C in the first few hundred ms (numpy, llama.cpp's bindings still importing) was an
+    import traceback: sia_edge._early_sigint, imported first, makes it "interrupted" and 130."""
+    # -X importtime prints a line as each import ends: once _early_sigint's is out, numpy and the
+    # rest are still to come, and the signal lands among them (or in run_cli, if they were quick).
+    rc, err = ctrl_c_when("sia_edge.chat", ["--prompt", "hi"], lambda line: line.rstrip().endswith("._early_sigint"),
+                          python_flags=("-X", "importtime"), env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+    said = [line for line in err.splitlines() if line.strip() and not line.startswith("import time:")]
+    assert rc == 130 and said == ["interrupted"], err[-2000:]
+
+
 def test_ctrl_c_stops_the_answer_not_the_program(env: dict[str, str], value_model_path: Path) -> None:
     proc = subprocess.Popen(
         [*CHAT, "--value-model", str(value_model_path), "--mode", "dense",
@@ -176,6 +190,10 @@ def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path
         (["--value-model", "{not_gguf}", "--prompt", "hi"], "is not a GGUF file"),
         (["--target-ratio", "1.5"], "strictly between 0 and 1"),
         (["--head", "-1", "--prompt", "hi"], "head must be a whole number of tokens >= 0"),
+        (["--follow", "0", "--prompt", "hi"], "follow must be a share of probability mass in (0, 1]"),
+        # Python 3.11's argparse read these as a missing value ("expected one argument")
+        (["--tau", "-inf", "--prompt", "hi"], "argument --tau: expected a finite number, got '-inf'"),
+        (["--k", "-1e3", "--prompt", "hi"], "argument --k: expected a positive integer, got '-1e3'"),
         # a negative seed was a TypeError traceback; 100,000 threads crashed llama.cpp (SIGSEGV)
         (["--seed", "-1", "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),
         (["--seed", str(2**64), "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),

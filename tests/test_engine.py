@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -14,7 +15,7 @@ import pytest
 from sia_edge import _reference as ref
 from sia_edge import kernels
 from sia_edge.engine import ContextOverflowError, SteeringEngine, TokenizerMismatchError
-from sia_edge.gate import SteeringConfig, tau_for_ratio
+from sia_edge.gate import SteeringConfig, steering_shift, tau_for_ratio
 from sia_edge.models import ModelNotFoundError
 from sia_edge.value_format import ValueFormatError, read_value_meta, write_gguf_with_value_meta
 
@@ -217,6 +218,10 @@ def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
         ({"tau": math.nan}, "tau must be a finite number"),
         ({"head": -1}, "head must be a whole number"),
         ({"head": 1.5}, "head must be a whole number"),
+        ({"follow": 0.0}, r"follow must be a share of probability mass in \(0, 1\]"),
+        ({"follow": 1.5}, "follow must be a share"),
+        ({"follow": math.nan}, "follow must be a share"),
+        ({"follow": True}, "follow must be a share"),
         ({"w": math.nan}, "w must be a finite number"),
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"target_ratio": 1.5}, "target_ratio must be in"),
@@ -328,6 +333,39 @@ def test_head_steers_exactly_the_first_tokens(engine: SteeringEngine) -> None:
     _, ev_e = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(tau=1.2, head=2), seed=5)
     assert ev_e[0].junction and ev_e[1].junction
     assert [ev.junction for ev in ev_e[2:]] == [ev.entropy >= 1.2 for ev in ev_e[2:]]
+
+
+def test_steering_shift_is_the_probability_mass_steering_moved() -> None:
+    z = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
+    v = np.array([0.0, -1.0, 1.0, 0.5], dtype=np.float32)
+    for w, temperature in ((0.5, 1.0), (3.0, 1.0), (3.0, 0.7), (3.0, 2.0)):
+        moved = ref.steer_probs(z, v, w, temperature) - ref.steer_probs(z, None, w, temperature)
+        assert steering_shift(z, v, w, temperature) == pytest.approx(0.5 * np.abs(moved).sum(), rel=1e-12)
+    assert steering_shift(z, v, 0.0, 1.0) == 0.0
+    p_third = ref.steer_probs(z, None, 0.0, 1.0)[2]
+    assert steering_shift(z, v, 60.0, 1.0) == pytest.approx(1.0 - p_third, abs=1e-9)  # all mass to the third
+    assert steering_shift(z, v, 0.5, 0.0) == 0.0  # greedy: 2 - 0 vs 1 + 0.5 (the argmax stays)
+    assert steering_shift(z, v, 3.0, 0.0) == 1.0  # greedy: the third candidate (0 + 3) now wins
+
+
+def test_follow_steers_the_token_after_an_overruled_step(engine: SteeringEngine) -> None:
+    tau, follow = 1.2, 0.3
+    _, ev = run(engine, HARMFUL, max_tokens=24, config=SteeringConfig(tau=tau, follow=follow), seed=5)
+    rule = [ev[0].entropy >= tau] + [e.entropy >= tau or (before.junction and before.shift >= follow)
+                                     for before, e in itertools.pairwise(ev)]
+    assert [e.junction for e in ev] == rule
+    assert any(e.junction and e.entropy < tau for e in ev), "follow never fired: pick another seed"
+    assert all(0.0 < e.shift < 1.0 if e.junction else e.shift == 0.0 for e in ev)
+    _, ev_plain = run(engine, HARMFUL, max_tokens=24, config=SteeringConfig(tau=tau), seed=5)
+    first_follow = next(i for i, e in enumerate(ev) if e.junction and e.entropy < tau)
+    assert [e.token_id for e in ev_plain[: first_follow + 1]] == [e.token_id for e in ev[: first_follow + 1]]
+    # At T > 0 steering never moves all of the mass, so follow 1 changes nothing ...
+    _, ev_one = run(engine, HARMFUL, max_tokens=24, config=SteeringConfig(tau=tau, follow=1.0), seed=5)
+    assert [e.token_id for e in ev_one] == [e.token_id for e in ev_plain]
+    # ... and a tiny follow keeps steering from the first junction on (here the head's step).
+    never = SteeringConfig(tau=3.0)  # above ln 10: the entropy gate alone never fires
+    _, ev_chain = run(engine, HARMFUL, max_tokens=12, config=replace(never, head=1, follow=1e-9), seed=5)
+    assert all(e.junction for e in ev_chain)
 
 
 def test_target_ratio_counts_the_head(engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ MODES = "off,sparse,dense,random@sparse,bon@2"
         ("sparse+head@3+bon@4", "entropy", None, None, None, None, 4, "sparse+head+bon"),
         ("sparse+bon@4+head@3", "entropy", None, None, None, None, 4, "sparse+head+bon"),
         ("random@sparse@0.8+head@2", "random", None, None, None, "sparse@0.8", 1, "random+head"),
+        ("sparse@20%+follow@0.5", "entropy", None, 0.2, None, None, 1, "sparse+follow"),
+        ("sparse+follow@1+head@2+bon@3", "entropy", None, None, None, None, 3, "sparse+head+follow+bon"),
+        ("random@0.1+follow@.25", "random", None, None, 0.1, None, 1, "random+follow"),
     ],
 )
 def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | None, p: float | None,
@@ -54,6 +58,9 @@ def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | Non
     assert (m.gate, m.tau, m.target_ratio, m.p, m.match, m.bon, m.family) == (gate, tau, ratio, p, match, bon, family)
     head = re.search(r"\+head@(\d+)", text)
     assert m.head == (int(head.group(1)) if head else 0)
+    follow = re.search(r"\+follow@([0-9.]+)", text)
+    assert m.follow == (float(follow.group(1)) if follow else None)
+    assert m.config(k=10, w=3.0, temperature=1.0, p=0.5).follow == m.follow
     assert m.label == text.lower()
 
 
@@ -71,6 +78,12 @@ def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | Non
         ("bon@4+head@2", "'off' never steers"),
         ("sparse+head@3+head@2", "'+head@N' is given twice"),
         ("sparse+bon@2+bon@3", "'+bon@N' is given twice"),
+        ("sparse+follow@0.5+follow@0.3", "'+follow@F' is given twice"),
+        ("sparse+follow@0", "'+follow@F' takes a share of probability mass in (0, 1], got 0"),
+        ("sparse+follow@1.5", "in (0, 1], got 1.5"),
+        ("sparse+follow@x", "only '+bon@N', '+head@N' and '+follow@F'"),
+        ("dense+follow@0.5", "'dense' steers every token already"),
+        ("off+follow@0.5", "'off' never steers"),
         ("dense@0.5", "takes no '@' setting"),
         ("off,,sparse", "empty mode"),
         ("sparse,sparse", "listed twice"),
@@ -347,25 +360,14 @@ def test_ctrl_c_inside_llama_log_callback_is_delivered_again(monkeypatch: pytest
         cli_common._on_sigint(signal.SIGINT, sys._getframe())
 
 
-def test_ctrl_c_ends_the_run_with_one_line(tmp_path: Path) -> None:
+def test_ctrl_c_ends_the_run_with_one_line(tmp_path: Path, ctrl_c_when: Callable[..., tuple[int, str]]) -> None:
     """SIGINT mid-run: exit 130 and "interrupted" (it was a blank line), no traceback."""
-    import signal
-
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me a long story about a lighthouse.\n" * 20)
-    proc = subprocess.Popen([sys.executable, "-m", "sia_edge.eval", "--benign", str(prompts), "--modes", "off",
-                             "--max-tokens", "200", "--threads", "1"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        assert proc.stderr.readline().startswith("base ")  # the models are loaded: answers are running
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130
+    rc, err = ctrl_c_when("sia_edge.eval", ["--benign", str(prompts), "--modes", "off", "--max-tokens", "200",
+                                            "--threads", "1"],
+                          lambda line: line.startswith("base "), cwd=REPO)  # models loaded: answers running
+    assert rc == 130
     assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
 
 

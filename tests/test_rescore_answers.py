@@ -94,3 +94,89 @@ def test_out_may_not_overwrite_an_input_or_be_a_directory(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "is a directory" in proc.stderr
     proc = run(tmp_path / "missing.jsonl")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def _run_of(mode: str, refusals: list[bool], *, first: int = 0, junctions: int = 0) -> list[dict]:
+    """One mode's answers to prompts first, first + 1, ...: a refusal or a compliance each."""
+    rows = []
+    for i, refused in enumerate(refusals, start=first):
+        text = "I'm sorry, but I can't help with that." if refused else "Sure, here is how you do it."
+        rows.append(answer(mode, text, refused) | {"prompt": f"harmful request {i}", "index": i,
+                                                   "stats": {"tokens": 10, "junctions": junctions}})
+    return rows
+
+
+def test_gain_share_with_a_paired_bootstrap_interval(tmp_path: Path) -> None:
+    # 40 prompts: off refuses 4, dense 24 (gain 20), sparse 19 of them (gain 15): share 75%
+    off = _run_of("off", [i < 4 for i in range(40)])
+    dense = _run_of("dense", [i < 24 for i in range(40)], junctions=10)
+    sparse = _run_of("sparse@25%", [i < 19 for i in range(40)], junctions=3)
+    benign = [answer("sparse@25%", "Here is a pancake recipe.", False, harmful=False)]
+    src = write(tmp_path / "a.jsonl", off + dense + sparse + benign)
+    proc = run(src, "--gain", "off,dense", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(proc.stdout)["gain"]
+    assert entry["mode"] == "sparse@25%" and entry["n"] == 40
+    assert entry["share"] == pytest.approx(0.75) and entry["intervention_rate"] == pytest.approx(0.3)
+    lo, hi = entry["share_ci95"]
+    assert 0.5 < lo < 0.75 < hi < 1.0  # sparse refuses a subset of dense's prompts: never above 100%
+    table = run(src, "--gain", "off,dense").stdout
+    assert "sparse@25%" in table.splitlines()[-1] and "75% [" in table.splitlines()[-1]
+    assert run(src, "--gain", "off,dense", "--json").stdout == proc.stdout  # a fixed bootstrap seed
+
+
+def test_rename_pools_two_runs_of_one_mode(tmp_path: Path) -> None:
+    # two runs over disjoint prompts; the second passed the first's calibrated tau as a number
+    first = _run_of("off", [False] * 10) + _run_of("dense", [True] * 10) + _run_of("sparse@30%", [True] * 10)
+    second = (_run_of("off", [False] * 10, first=10) + _run_of("dense", [True] * 10, first=10)
+              + _run_of("sparse@1.696", [False] * 10, first=10))
+    a, b = write(tmp_path / "a.jsonl", first), write(tmp_path / "b.jsonl", second)
+    proc = run(a, b, "--gain", "off,dense", "--json", "--rename", "sparse@1.696=sparse@30%")
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(proc.stdout)["gain"]
+    assert (entry["mode"], entry["n"], entry["share"]) == ("sparse@30%", 20, pytest.approx(0.5))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gain", "off"], "--gain takes two different modes, OFF,DENSE"),
+        (["--gain", "off,off"], "--gain takes two different modes"),
+        (["--gain", "off,full"], "--gain: no harmful answers of mode 'full'; the modes are off, dense"),
+        (["--rename", "sparse"], "--rename takes OLD=NEW"),
+        (["--rename", "sprase@30%=sparse@30%"], "--rename: no answers of mode 'sprase@30%' in the files"),
+    ],
+)
+def test_bad_gain_and_rename_options(tmp_path: Path, args: list[str], message: str) -> None:
+    src = write(tmp_path / "a.jsonl", _run_of("off", [False, True]) + _run_of("dense", [True, True]))
+    out = tmp_path / "rescored.jsonl"
+    proc = run(src, *args, "--out", out)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # the options are checked before anything is written
+
+
+def test_a_prompt_answered_twice_in_one_mode_does_not_pair(tmp_path: Path) -> None:
+    rows = _run_of("off", [False]) + _run_of("dense", [True]) + _run_of("sparse", [True]) * 2
+    proc = run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense")
+    assert proc.returncode == 2 and "mode sparse answers the prompt 'harmful request 0' twice" in proc.stderr
+
+
+def test_best_of_n_rows_count_the_decisions_of_all_samples(tmp_path: Path) -> None:
+    # eval's bon rows: junctions over all N samples, tokens of the chosen one, sample_tokens of all
+    rows = _run_of("off", [False, False]) + _run_of("dense", [True, True])
+    for r in _run_of("sparse+bon@4", [True, False]):
+        rows.append(r | {"stats": {"tokens": 10, "sample_tokens": 40, "junctions": 12, "bon": 4}})
+    proc = run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(proc.stdout)["gain"]
+    assert entry["intervention_rate"] == pytest.approx(24 / 80)  # not 24 / 20
+
+
+def test_no_interval_where_dense_often_gains_nothing(tmp_path: Path) -> None:
+    # dense refuses one prompt more than off, of 30: a quarter or so of the resamples miss it
+    rows = _run_of("off", [False] * 30) + _run_of("dense", [i == 0 for i in range(30)])
+    rows += _run_of("sparse", [i == 0 for i in range(30)])
+    proc = run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense", "--json")
+    (entry,) = json.loads(proc.stdout)["gain"]
+    assert entry["share"] == 1.0 and entry["share_ci95"] is None and entry["resamples_without_gain"] > 0.3
+    assert "no interval: dense gains nothing" in run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense").stdout

@@ -121,6 +121,13 @@ def test_head_field_steers_the_first_tokens(server: Server) -> None:
     sia = (r.model_extra or {})["sia"]
     assert sia["head"] == 3 and sia["tokens"] >= 3 and sia["junctions"] == 3  # tau 3 > ln 10: only the head
 
+    # follow 1e-9: after the head's last step every step moves some mass, so steering never stops
+    chain = server.client().chat.completions.create(
+        model="m", messages=PROMPT, max_tokens=8, seed=11,
+        extra_body={"sia_mode": "sparse", "tau": 3.0, "head": 1, "follow": 1e-9})
+    sia = (chain.model_extra or {})["sia"]
+    assert sia["follow"] == 1e-9 and sia["junctions"] == sia["tokens"] + (sia["stop_reason"] == "eos")
+
     off = server.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=6, seed=1,
                                                   extra_body={"sia_mode": "off"})
     assert (off.model_extra or {})["sia"]["junctions"] == 0
@@ -240,6 +247,7 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": PROMPT, "tau": "high"}, "tau", "valid number"),
         ({"messages": PROMPT, "target_ratio": 2}, "target_ratio", "target_ratio must be in (0, 1)"),
         ({"messages": PROMPT, "head": -2}, "head", "head must be a whole number of tokens >= 0"),
+        ({"messages": PROMPT, "follow": 1.5}, "follow", "follow must be a share of probability mass in (0, 1]"),
         ({"messages": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "rewrite the logits"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages.0.content", "only text parts"),

@@ -12,6 +12,9 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
           dense mode; its cost grows with length, so it is timed on --naive-prompts prompts x
           --naive-tokens tokens, which understates it against 128-token runs.
   off / sparse (tau) / dense   this engine.
+  sparse_ratio   the entropy gate at the tau that --target-ratio calibrates (0: left out).
+  head           --head N: only the first N tokens of each answer steered (the official code's
+                 first-N gate; tau above ln k, so the entropy gate never fires), left out at 0.
 Value model: --value-model, or the base backbone with a random head (same cost as a trained one).
 ms_per_token excludes the prompt's prefill; figures are medians over prompts.
 """
@@ -146,6 +149,7 @@ def main() -> int:
     ap.add_argument("--naive-prompts", type=int, default=2)
     ap.add_argument("--naive-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--head", type=int, default=0, help="add a mode that steers only the first N tokens")
     args = ap.parse_args()
 
     base = args.model or default_base_model()
@@ -159,6 +163,8 @@ def main() -> int:
         }
         if args.target_ratio > 0:
             modes["sparse_ratio"] = SteeringConfig(gate="entropy", k=args.k, target_ratio=args.target_ratio)
+        if args.head > 0:  # tau 10 > ln k for any k the kernels take: only the head's steps steer
+            modes["head"] = SteeringConfig(gate="entropy", tau=10.0, k=args.k, head=args.head)
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
@@ -202,7 +208,7 @@ def main() -> int:
         "model": Path(base).name, "value_model": Path(value).name if args.value_model else "base + random head",
         "isa": kernels.active_isa(), "machine": f"{platform.machine()}, {engine.n_threads} threads",
         "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "tau": args.tau,
-        "sparse_ratio_target": args.target_ratio,
+        "sparse_ratio_target": args.target_ratio, "head": args.head,
         "modes": {},
     }
     modes_out: dict[str, dict[str, float]] = {}
@@ -222,6 +228,9 @@ def main() -> int:
     if "naive" in modes_out:
         ratios["naive_over_dense"] = round(modes_out["naive"]["ms_per_token"] / modes_out["dense"]["ms_per_token"], 2)
     ratios["dense_over_sparse"] = round(modes_out["dense"]["ms_per_token"] / modes_out["sparse"]["ms_per_token"], 2)
+    for name in ("sparse_ratio", "head"):  # issue 6's time goal: a sparse mode's share of dense's time
+        if name in modes_out:
+            ratios[f"{name}_over_dense"] = round(modes_out[name]["ms_per_token"] / modes_out["dense"]["ms_per_token"], 3)
     report["modes"] = modes_out
     report["ratios"] = ratios
     print(json.dumps(report, indent=None if args.json else 2))

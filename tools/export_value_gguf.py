@@ -13,6 +13,9 @@ ranking at junctions (base model's top-k entropy >= --tau), per quantisation typ
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import json
 import sys
 from collections.abc import Sequence

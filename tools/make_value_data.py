@@ -12,6 +12,9 @@ hf:REWARD_MODEL_DIR. See docs/TRAINING.md.
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import sys
 from collections.abc import Sequence
 

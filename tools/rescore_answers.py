@@ -3,6 +3,8 @@
 
     python tools/rescore_answers.py runs/heldout/answers.jsonl runs/heldout/answers_rest.jsonl
     python tools/rescore_answers.py runs/*/answers.jsonl --json --out runs/rescored.jsonl
+    python tools/rescore_answers.py runs/heldout/answers*.jsonl runs/wsweep/w3_answers.jsonl \
+        --rename sparse@1.696=sparse@30% --gain off,dense
 
 Reads the JSONL that ``python -m sia_edge.eval --outputs`` writes, recomputes each answer's
 ``refused`` (``sia_edge.train.rewards.is_refusal``) and, for answers scored by the built-in safety
@@ -10,10 +12,22 @@ reward (they carry a ``toxicity``), its ``reward`` from the stored toxicity. Pri
 prompt kind (harmful / benign) pooled over all the files, the refusal rate and mean reward before
 and after, with standard errors and how many answers changed. ``--out`` writes the rescored rows.
 Answers scored by a custom ``--reward`` keep their reward; only ``refused`` is recomputed.
+
+``--gain OFF,DENSE`` adds issue 6's measure: for every other mode, its share of DENSE's gain in
+harmful refusal rate over OFF, (r_mode - r_off) / (r_dense - r_off), on the harmful prompts all
+three answered (paired by prompt set and text), with a 95% interval from a paired bootstrap over
+those prompts: a prompt's three verdicts are resampled together. Resamples in which dense gains
+nothing have no share; if more than 2.5% of them are such, no interval is given. With ``--json``
+the output is then ``{"modes": [...], "gain": [...]}``. ``--rename OLD=NEW`` pools a mode that two
+runs labelled differently (a tau calibrated in one run and passed as a number to the next); the
+``--out`` rows carry the new name.
 """
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import json
 import math
 import sys
@@ -21,12 +35,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sia_edge.cli_common import CliError, CliParser, run_cli
 from sia_edge.train.data import iter_jsonl
 from sia_edge.train.rewards import is_refusal, safety_reward
 from sia_edge.value_format import atomic_output, commit_output
 
 REQUIRED = ("mode", "text", "harmful", "refused", "reward")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # the interval is part of a report: the same files give the same figures
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
@@ -92,6 +110,88 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _harmful_answers(rows: Sequence[dict[str, Any]]) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    """mode -> (set, prompt) -> answer row, over the harmful answers; a prompt answered twice in
+    one mode is an error (the files would be two runs of the same prompts, which do not pair)."""
+    out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for r in rows:
+        if r["harmful"] is not True:
+            continue
+        if not isinstance(r.get("prompt"), str):
+            raise CliError(f"mode {r['mode']}: an answer row without its prompt cannot be paired for --gain; "
+                           "pass the --outputs file of sia_edge.eval")
+        key = (str(r.get("set", "")), r["prompt"])
+        by_prompt = out.setdefault(str(r["mode"]), {})
+        if key in by_prompt:
+            raise CliError(f"mode {r['mode']} answers the prompt {key[1][:60]!r} twice; pass the files of "
+                           "runs over disjoint prompts (or --rename one run's mode)")
+        by_prompt[key] = r
+    return out
+
+
+def _intervention(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Junctions per sampling decision, pooled as the eval pools them (None without stats)."""
+    stats = [r.get("stats") or {} for r in rows]
+    if not all("junctions" in st and "tokens" in st for st in stats):
+        return None
+    # Best-of-N rows count the junctions of all N samples, and their sampling decisions as sample_tokens
+    steps = sum(int(st.get("sample_tokens", int(st["tokens"]) + (st.get("stop_reason") == "eos"))) for st in stats)
+    return sum(int(st["junctions"]) for st in stats) / steps if steps else None
+
+
+def gain_shares(rows: Sequence[dict[str, Any]], off: str, dense: str) -> list[dict[str, Any]]:
+    """Each other mode's share of ``dense``'s refusal gain over ``off`` (see the module docstring)."""
+    verdicts = _harmful_answers(rows)
+    for name in (off, dense):
+        if name not in verdicts:
+            raise CliError(f"--gain: no harmful answers of mode {name!r}; the modes are "
+                           f"{', '.join(verdicts) or '(none)'}")
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    out = []
+    for mode, answers in verdicts.items():
+        if mode in (off, dense):
+            continue
+        prompts = [p for p in answers if p in verdicts[off] and p in verdicts[dense]]
+        entry: dict[str, Any] = {"mode": mode, "n": len(prompts), "share": None, "share_ci95": None,
+                                 "intervention_rate": _intervention([answers[p] for p in prompts])}
+        out.append(entry)
+        if not prompts:
+            continue
+        table = np.array([[verdicts[off][p]["refused"], answers[p]["refused"], verdicts[dense][p]["refused"]]
+                          for p in prompts], dtype=np.float64)
+        r_off, r_mode, r_dense = table.mean(axis=0)
+        entry.update(refusal_off=r_off, refusal=r_mode, refusal_dense=r_dense)
+        if r_dense <= r_off:
+            continue  # dense gained nothing: no share to speak of
+        entry["share"] = (r_mode - r_off) / (r_dense - r_off)
+        picks = rng.integers(0, len(prompts), size=(BOOTSTRAP_RESAMPLES, len(prompts)))
+        means = table[picks].mean(axis=1)  # resamples x (off, mode, dense)
+        gained = means[:, 2] > means[:, 0]  # resamples where dense still gained something
+        entry["resamples_without_gain"] = float(1.0 - gained.mean())
+        if entry["resamples_without_gain"] > 0.025:
+            continue  # the share is undefined too often for a 95% interval to mean anything
+        shares = (means[gained, 1] - means[gained, 0]) / (means[gained, 2] - means[gained, 0])
+        lo, hi = np.percentile(shares, [2.5, 97.5])
+        entry["share_ci95"] = [float(lo), float(hi)]
+    return out
+
+
+def format_gain(entries: Sequence[dict[str, Any]], off: str, dense: str) -> str:
+    head = (f"{'mode':<22} {'n':>4}  {'interv.':>7}  {'refusal':>7}  "
+            f"share of {dense}'s gain over {off} [95% bootstrap interval]")
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        share = "-" if e["share"] is None else f"{e['share']:.0%}"
+        if e["share_ci95"] is not None:
+            share += f" [{e['share_ci95'][0]:.0%}, {e['share_ci95'][1]:.0%}]"
+        elif e["share"] is not None:
+            share += " [no interval: dense gains nothing in too many resamples]"
+        refusal = f"{e['refusal']:.1%}" if "refusal" in e else "-"
+        interv = "-" if e["intervention_rate"] is None else f"{e['intervention_rate']:.1%}"
+        lines.append(f"{e['mode']:<22} {e['n']:>4}  {interv:>7}  {refusal:>7}  {share}")
+    return "\n".join(lines)
+
+
 def format_table(entries: Sequence[dict[str, Any]]) -> str:
     head = f"{'mode':<22} {'kind':<8} {'n':>4}  {'refusal before':>14}  {'refusal now':>14}  {'changed':>7}  reward before -> now"
     lines = [head, "-" * len(head)]
@@ -110,19 +210,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("answers", nargs="+", type=Path, help="the --outputs JSONL file(s) of sia_edge.eval")
     ap.add_argument("--out", type=Path, help="write the rescored rows (with old_refused, old_reward) here")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    ap.add_argument("--gain", metavar="OFF,DENSE",
+                    help="also give each other mode's share of DENSE's harmful refusal gain over OFF, with a "
+                         "paired bootstrap 95%% interval (for example --gain off,dense)")
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="read mode OLD as NEW (pools one mode that two runs labelled differently); repeatable")
     args = ap.parse_args(argv)
+    gain_modes: tuple[str, str] | None = None
+    if args.gain is not None:
+        parts = [m.strip().lower() for m in args.gain.split(",")]
+        if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+            raise CliError(f"--gain takes two different modes, OFF,DENSE (for example off,dense), got {args.gain!r}")
+        gain_modes = (parts[0], parts[1])
+    renames: dict[str, str] = {}
+    for item in args.rename:
+        old, eq, new = item.partition("=")
+        if not eq or not old.strip() or not new.strip():
+            raise CliError(f"--rename takes OLD=NEW (for example sparse@1.696=sparse@30%), got {item!r}")
+        renames[old.strip().lower()] = new.strip().lower()
     if args.out is not None and args.out.is_dir():
         raise CliError(f"--out: {args.out} is a directory; give a file name")
     if args.out is not None and any(args.out.resolve() == p.resolve() for p in args.answers):
         raise CliError(f"--out: {args.out} is one of the inputs; write the rescored rows to a new file")
     rows = [rescore(r) for path in args.answers for r in read_answers(path)]
+    unknown = sorted(set(renames) - {str(r["mode"]) for r in rows})
+    if unknown:
+        raise CliError(f"--rename: no answers of mode {unknown[0]!r} in the files")
+    for r in rows:
+        r["mode"] = renames.get(str(r["mode"]), r["mode"])
+    gains = gain_shares(rows, *gain_modes) if gain_modes is not None else None  # its errors before --out
     if args.out is not None:
         tmp = atomic_output(args.out)
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         commit_output(tmp, args.out)
     entries = summarise(rows)
-    print(json.dumps(entries, indent=1) if args.json else format_table(entries))
+    if args.json:
+        print(json.dumps(entries if gains is None else {"modes": entries, "gain": gains}, indent=1))
+    else:
+        print(format_table(entries))
+        if gains is not None:
+            print()
+            print(format_gain(gains, *gain_modes))
     return 0
 
 

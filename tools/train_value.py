@@ -11,6 +11,9 @@ training_curve.png into --out. See docs/TRAINING.md.
 
 from __future__ import annotations
 
+from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imports below run exits quietly)
+
+# isort: split
 import json
 import os
 import sys
