@@ -28,7 +28,8 @@ the steered top-k distributions, in [0, 1]), the next token is a junction too. T
 sees the base model's confidence, and after an overruled step that is confidence in a text it would
 not have written: in the held-out harmful answers, sparse steering picks "I" (moving 0.56-0.97 of
 the mass) and then passes "'m" -> " happy" unsteered at entropy 0.5-1.5, where dense steering
-writes "'m" -> " afraid I can't" (docs/RESULTS.md, "Following an overruled step").
+writes "'m" -> " afraid I can't" (docs/RESULTS.md, "Following an overruled step", where it spent
+the steering budget worse than the entropy gate: an ablation, like ``head`` alongside it).
 
 ``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
 same model and takes its (1 - ratio) quantile, as the paper picks tau offline (the ``head`` steps
