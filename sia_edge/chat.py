@@ -194,6 +194,7 @@ class ChatSession:
         c = self.config
         head = f", head {c.head}" if c.head else ""
         head += f", follow {c.follow:g}" if c.follow is not None else ""
+        head += f", horizon {c.horizon}" if c.horizon is not None else ""
         return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
 
     def stats_text(self) -> str:

@@ -145,8 +145,8 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
                    help="when to steer: sparse (SIA: steer where the top-k entropy >= tau; the default), "
                         "dense (every token), off (plain top-k sampling); also full-entropy, random")
     g.add_argument("--tau", type=finite_float, metavar="X",
-                   help="entropy threshold in nats (default: the value model's recommended target ratio, "
-                        "else 1.0)")
+                   help="entropy threshold in nats (default: the value model's recommended tau or target "
+                        "ratio, else 1.0)")
     g.add_argument("--target-ratio", type=_ratio, metavar="R",
                    help="pick tau so that about this fraction of tokens are junctions (measured once on "
                         "unsteered runs, then cached); replaces --tau")
@@ -156,6 +156,11 @@ def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) ->
     g.add_argument("--follow", type=finite_float, metavar="F",
                    help="also steer the token after a junction where steering moved at least F (0-1] of the "
                         "probability: keep steering while the value model overrules the base model (default: off)")
+    g.add_argument("--horizon", type=_int, metavar="N",
+                   help="steer only within the first N tokens of every answer, at the same tau (a target ratio "
+                        "is calibrated on whole answers); afterwards the value model rests and the answer runs "
+                        "at the base model's speed (default: the value model's recommendation, else the whole "
+                        "answer; 0: the whole answer)")
     g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
     g.add_argument("--w", type=finite_float, metavar="X",
                    help="steering strength (default: the value model's recommendation, else 1.0)")
@@ -241,8 +246,9 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
     """The ``SteeringConfig`` from the steering options. Without a value model the default mode
     falls back to ``off``; asking for steering explicitly is an error. Settings the user leaves
     out come from the value model's recommendation (``ValueModelChoice.recommended``), then from
-    the paper's defaults: ``w`` always, ``target_ratio`` when neither ``--tau`` nor
-    ``--target-ratio`` is given and the gate is an entropy gate."""
+    the paper's defaults: ``w`` always; for an entropy gate, ``tau`` or ``target_ratio`` when
+    neither ``--tau`` nor ``--target-ratio`` is given, and ``horizon`` when ``--horizon`` is not
+    (``--horizon 0`` steers whole answers)."""
     mode = args.mode or "sparse"
     value_model = choice.available
     if not value_model:
@@ -252,7 +258,7 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
             raise CliError("--target-ratio needs a value model: pass --value-model PATH.gguf")
         mode = "off"
     kwargs: dict[str, Any] = {"gate": mode}
-    for name in ("tau", "k", "w", "temperature", "target_ratio", "head", "follow"):
+    for name in ("tau", "k", "w", "temperature", "target_ratio", "head", "follow", "horizon"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
@@ -260,8 +266,13 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
     if "w" in recommended:
         kwargs.setdefault("w", recommended["w"])
     entropy_gate = MODE_ALIASES.get(mode, mode) in ("entropy", "full-entropy")
-    if "target_ratio" in recommended and entropy_gate and args.tau is None and args.target_ratio is None:
-        kwargs["target_ratio"] = recommended["target_ratio"]
+    if entropy_gate and args.tau is None and args.target_ratio is None:
+        if "tau" in recommended:
+            kwargs["tau"] = recommended["tau"]
+        elif "target_ratio" in recommended:
+            kwargs["target_ratio"] = recommended["target_ratio"]
+    if entropy_gate and args.horizon is None and "horizon" in recommended:
+        kwargs["horizon"] = int(recommended["horizon"])
     try:
         return SteeringConfig(**kwargs)
     except ValueError as exc:
@@ -288,7 +299,7 @@ def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, An
     """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
     d = {k: _finite_or_none(v) for k, v in stats.as_dict().items()}
     d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, head=config.head,
-             follow=config.follow, seed=seed)
+             follow=config.follow, horizon=config.horizon, seed=seed)
     return d
 
 

@@ -323,7 +323,8 @@ class SteeringEngine:
         return None
 
     def calibrate_tau(self, config: SteeringConfig) -> float:
-        """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model."""
+        """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model. A
+        ``horizon`` plays no part: it only ends steering, with the tau the ratio gives whole answers."""
         key, disk_key = self._tau_keys(config)
         if key in self._tau_cache:
             return self._tau_cache[key]

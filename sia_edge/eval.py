@@ -16,7 +16,9 @@ Modes (``--modes``, a comma list)
 ``dense``           steer every token
 ``random@0.2``      steer each token with probability 0.2 (also ``random@20%``)
 ``random@sparse``   ... with the probability equal to the intervention rate that the mode
-                    ``sparse`` measured on the same prompt set (any mode of the list can be named)
+                    ``sparse`` measured on the same prompt set (any mode of the list can be named;
+                    ``random@sparse+horizon@16`` takes ``sparse+horizon@16``'s junctions per step
+                    within the horizon, if that mode is listed)
 ``bon@4``           Best-of-N: 4 unsteered samples, the one with the highest mean value-model V
                     over its response wins (as ``SteeringEngine.best_of_n``)
 ``sparse+bon@4``    Best-of-N over steered samples; any mode above can take ``+bon@N``
@@ -24,6 +26,9 @@ Modes (``--modes``, a comma list)
                     gate joined to the mode's own; any steering mode can take ``+head@N``)
 ``MODE+follow@.5``  also steer the token after a junction where steering moved >= 0.5 of the
                     probability (``SteeringConfig.follow``; any mode but off and dense)
+``MODE+horizon@N``  steer only within the first N tokens of every answer (``SteeringConfig.horizon``;
+                    any steering mode can take it; ``sparse@25%+horizon@16`` steers at the tau that
+                    gives whole answers 25% junctions)
 ==================  ===========================================================================
 
 Whether a prompt is harmful (the safety reward and the over-refusal rate need it) comes from the
@@ -63,7 +68,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -104,7 +109,7 @@ DEFAULT_MODES = "off,sparse,dense,random@sparse"
 DEFAULT_MAX_TOKENS = 128
 MODE_SYNTAX = (
     "off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%|@MODE, bon@N, MODE+bon@N, "
-    "MODE+head@N, MODE+follow@F"
+    "MODE+head@N, MODE+follow@F, MODE+horizon@N"
 )
 
 
@@ -122,12 +127,15 @@ class EvalMode:
     bon: int = 1  # Best-of-N samples (1: a single sample)
     head: int = 0  # also steer the first `head` tokens of every answer
     follow: float | None = None  # also steer the token after a junction that moved this much mass
+    horizon: int | None = None  # steer only within the first `horizon` tokens of every answer
 
     @property
     def family(self) -> str:
-        """What the plot draws as one line: the gate's name, with ``+head``, ``+follow`` and ``+bon`` if used."""
+        """What the plot draws as one line: the gate's name, with ``+head``, ``+follow``, ``+horizon`` and
+        ``+bon`` if used."""
         base = {"entropy": "sparse"}.get(self.gate, self.gate) + ("+head" if self.head else "")
         base += "+follow" if self.follow is not None else ""
+        base += "+horizon" if self.horizon is not None else ""
         if self.bon == 1:
             return base
         return "bon" if base == "off" else f"{base}+bon"
@@ -138,7 +146,7 @@ class EvalMode:
 
     def config(self, *, k: int, w: float, temperature: float, p: float | None = None) -> SteeringConfig:
         kwargs: dict[str, Any] = {"gate": self.gate, "k": k, "w": w, "temperature": temperature, "head": self.head,
-                                  "follow": self.follow}
+                                  "follow": self.follow, "horizon": self.horizon}
         if self.tau is not None:
             kwargs["tau"] = self.tau
         if self.target_ratio is not None:
@@ -178,13 +186,13 @@ def parse_mode(text: str) -> EvalMode:
         raise ModeError("empty mode in --modes (two commas in a row?)")
     base = label
     suffixes: dict[str, str] = {}
-    while "+" in base:  # '+bon@N', '+head@N' and '+follow@F' suffixes, each at most once, in any order
+    while "+" in base:  # '+bon@N', '+head@N', '+horizon@N' and '+follow@F' suffixes, each at most once, in any order
         rest, _, suffix = base.rpartition("+")
-        m = re.fullmatch(r"(bon|head)@(\d+)|(follow)@(" + _NUMBER + ")", suffix)
+        m = re.fullmatch(r"(bon|head|horizon)@(\d+)|(follow)@(" + _NUMBER + ")", suffix)
         if not m or not rest:
             raise ModeError(
-                f"mode {label!r}: only '+bon@N', '+head@N' and '+follow@F' can follow a mode (for example "
-                "sparse+bon@4, sparse@30%+head@3, sparse@20%+follow@0.5)"
+                f"mode {label!r}: only '+bon@N', '+head@N', '+horizon@N' and '+follow@F' can follow a mode "
+                "(for example sparse+bon@4, sparse@30%+head@3, sparse@1.2+horizon@16, sparse@20%+follow@0.5)"
             )
         key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
         if key in suffixes:
@@ -193,6 +201,11 @@ def parse_mode(text: str) -> EvalMode:
         base = rest
     bon, head = int(suffixes.get("bon", 1)), int(suffixes.get("head", 0))
     follow = float(suffixes["follow"]) if "follow" in suffixes else None
+    horizon = int(suffixes["horizon"]) if "horizon" in suffixes else None
+    if horizon is not None and horizon < 1:
+        raise ModeError(f"mode {label!r}: '+horizon@N' takes N >= 1 tokens")
+    if horizon is not None and head > horizon:
+        raise ModeError(f"mode {label!r}: '+head@{head}' steers past '+horizon@{horizon}', which ends all steering")
     if follow is not None and not 0.0 < follow <= 1.0:
         raise ModeError(f"mode {label!r}: '+follow@F' takes a share of probability mass in (0, 1], got {follow:g}")
     if base.startswith("bon"):
@@ -209,12 +222,14 @@ def parse_mode(text: str) -> EvalMode:
         raise ModeError(f"mode {label!r}: nothing follows '@'; give a setting ({name}@1.2, {name}@30%) or drop the '@'")
     if head and name == "off":
         raise ModeError(f"mode {label!r}: '+head@N' steers the first tokens, but 'off' never steers")
+    if horizon is not None and name == "off":
+        raise ModeError(f"mode {label!r}: '+horizon@N' limits steering, but 'off' never steers")
     if follow is not None and name in ("off", "dense"):
         raise ModeError(f"mode {label!r}: '+follow@F' steers after a junction, but '{name}' "
                         + ("never steers" if name == "off" else "steers every token already"))
 
     def mode(gate: str, **setting: Any) -> EvalMode:
-        return EvalMode(label, gate, bon=bon, head=head, follow=follow, **setting)
+        return EvalMode(label, gate, bon=bon, head=head, follow=follow, horizon=horizon, **setting)
 
     if name in ("off", "dense"):
         if arg:
@@ -254,7 +269,11 @@ def parse_modes(text: str) -> list[EvalMode]:
     if dup:
         raise ModeError(f"mode {dup[0]!r} is listed twice in --modes")
     by_label = {m.label: m for m in modes}
-    for m in modes:
+    for i, m in enumerate(modes):
+        # random@MODE+horizon@N is the same-rate baseline of MODE+horizon@N when that is listed
+        within = f"{m.match}+horizon@{m.horizon}"
+        if m.match is not None and m.horizon is not None and within in by_label:
+            modes[i] = m = replace(m, match=within)
         if m.match is not None:
             ref = by_label.get(m.match)
             if ref is None:
@@ -534,6 +553,27 @@ class _Progress:
             self._bar.close()
 
 
+def _matched_probability(rows: list[RowResult], horizon: int | None) -> float:
+    """``random@MODE``'s steering probability: MODE's junctions per step it could steer, that is
+    per step within MODE's ``horizon`` when it has one (else its intervention rate), so that a
+    random mode with the same horizon spends as many junctions on the same window. Each sample of
+    a Best-of-N row has its own window."""
+    junctions = sum(r.junctions for r in rows)
+    if horizon is None:
+        steps = sum(r.steps for r in rows)
+    else:
+        steps = sum(min(n, horizon) for r in rows for n in _sample_steps(r))
+    return junctions / steps if steps else 0.0
+
+
+def _sample_steps(row: RowResult) -> list[int]:
+    """The sampling decisions of each sample of a row: its tokens, plus its end-of-sequence step."""
+    samples = row.stats.get("samples")
+    if not samples:
+        return [row.steps]
+    return [int(s["tokens"]) + (s["stop_reason"] == "eos") for s in samples]
+
+
 @dataclass
 class _Totals:
     rows: list[RowResult] = field(default_factory=list)
@@ -594,20 +634,22 @@ def evaluate(
     drift = BaseLogprobScorer(engine.base, n_ctx=engine.n_ctx, n_threads=engine.n_threads)
     # Modes that copy another mode's measured rate run after all the others.
     order = [m for m in modes if m.match is None] + [m for m in modes if m.match is not None]
+    by_label = {m.label: m for m in modes}
     totals: dict[tuple[str, str], _Totals] = {}
     bar = _Progress(len(modes) * sum(len(s.prompts) for s in sets), progress)
     try:
+        # Every tau first: a ratio that cannot be calibrated fails before any mode has run for hours.
         for mode in order:
             if mode.target_ratio is not None:
                 cfg = mode.config(k=k, w=w, temperature=temperature)
                 bar.note(f"{mode.label}: calibrating tau for {mode.target_ratio:.0%} junctions (cached after the first run)")
                 tau = engine.calibrate_tau(cfg)
                 bar.note(f"{mode.label}: tau = {tau:.3f}")
+        for mode in order:
             for pset in sets:
                 p = None
                 if mode.match is not None:
-                    ref = totals[(mode.match, pset.name)].summary()
-                    p = float(ref["intervention_rate"])
+                    p = _matched_probability(totals[(mode.match, pset.name)].rows, by_label[mode.match].horizon)
                 config = mode.config(k=k, w=w, temperature=temperature, p=p)
                 bar.describe(f"{mode.label} on {pset.name}")
                 acc = totals.setdefault((mode.label, pset.name), _Totals())
@@ -922,7 +964,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": [{"mode": m.label, "family": m.family, "gate": m.gate, "target_ratio": m.target_ratio,
                    "tau": m.tau if m.tau is not None or m.target_ratio is not None or m.gate not in
                    ("entropy", "full-entropy") else SteeringConfig().tau,
-                   "p": m.p, "match": m.match, "bon": m.bon, "head": m.head, "follow": m.follow} for m in modes],
+                   "p": m.p, "match": m.match, "bon": m.bon, "head": m.head, "follow": m.follow,
+                   "horizon": m.horizon} for m in modes],
         "results": results,
     }
     text = json.dumps(summary, indent=1, ensure_ascii=False)

@@ -31,6 +31,15 @@ the mass) and then passes "'m" -> " happy" unsteered at entropy 0.5-1.5, where d
 writes "'m" -> " afraid I can't" (docs/RESULTS.md, "Following an overruled step", where it spent
 the steering budget worse than the entropy gate: an ablation, like ``head`` alongside it).
 
+``horizon`` N ends steering after the first N tokens of every answer: later steps are never
+junctions, whatever their statistic, ``head`` or ``follow`` (0 or None: no horizon). It changes
+nothing before that: the entropy gate keeps SIA's junctions, at the same tau (a ``target_ratio``
+is calibrated on whole answers, as without a horizon), but only where a safety answer commits
+(docs/RESULTS.md, "The entropy gate within the opening"). It bounds what steering costs per
+answer: after the horizon the value model is not used again, so the rest of a long answer runs at
+the base model's speed (in a chat, the next turn's first junction catches the value model up on
+the unsteered tokens, in one batch).
+
 ``target_ratio`` replaces tau: the engine measures the gate statistic on unsteered runs of the
 same model and takes its (1 - ratio) quantile, as the paper picks tau offline (the ``head`` steps
 count towards the ratio; ``follow`` steps depend on the steering itself, so they come on top).
@@ -64,6 +73,7 @@ class SteeringConfig:
     target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
     head: int = 0  # also steer the first `head` tokens of every answer
     follow: float | None = None  # steer the next token after a junction that moved >= this much mass
+    horizon: int | None = None  # no junction after the first `horizon` tokens of an answer (0 = None)
 
     def __post_init__(self) -> None:
         gate = MODE_ALIASES.get(self.gate, self.gate)
@@ -82,6 +92,14 @@ class SteeringConfig:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
             raise ValueError(f"head must be a whole number of tokens >= 0, got {self.head!r}")
+        if self.horizon is not None:
+            if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 0:
+                raise ValueError(f"horizon must be a whole number of tokens (0: none), got {self.horizon!r}")
+            if self.horizon == 0:  # as head 0 is no head: lets a request lift a server's default horizon
+                object.__setattr__(self, "horizon", None)
+        if self.horizon is not None and self.head > self.horizon:
+            raise ValueError(f"head {self.head} steers past horizon {self.horizon}, which ends all steering; "
+                             "lower head or raise horizon")
         if self.follow is not None and (
             isinstance(self.follow, bool) or not isinstance(self.follow, (int, float)) or not 0.0 < self.follow <= 1.0
         ):
@@ -119,6 +137,7 @@ class JunctionGate:
         self._coin = random.Random(seed ^ 0x5EED_6A7E)
         self._head_left = config.head if config.steers else 0  # 'off' never steers
         self._follow_next = False
+        self._horizon_left = config.horizon if config.horizon is not None else math.inf
 
     def steered(self, shift: float) -> None:
         """Report a junction's ``steering_shift``: with ``follow``, a large one makes the next step a junction."""
@@ -126,6 +145,9 @@ class JunctionGate:
 
     def threshold(self) -> float:
         """The threshold of the next step (call once per generated token, in order)."""
+        if self._horizon_left <= 0:
+            return math.inf
+        self._horizon_left -= 1
         if self._head_left > 0:
             self._head_left -= 1
             return -math.inf

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
 server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
-fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``, ``follow``; ``seed``
+fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``, ``follow``, ``horizon``; ``seed``
 and ``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
 Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
 
@@ -58,7 +58,7 @@ from sia_edge.cli_common import (
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.gate import MAX_SEED, SteeringConfig
+from sia_edge.gate import MAX_SEED, MODE_ALIASES, SteeringConfig
 
 __all__ = ["ApiError", "ServerState", "create_app", "main"]
 
@@ -125,6 +125,7 @@ class _GenerationRequest(_Strict):
     p: float | None = None
     head: int | None = None
     follow: float | None = None
+    horizon: int | None = None
     # OpenAI fields sia-edge refuses when they would change anything
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -237,6 +238,7 @@ class ServerState:
     parallel: int = 1
     max_queue: int = 64
     model_id: str = ""
+    recommended_horizon: bool = False  # config.horizon came from the value model, for the entropy gates
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0
     waiting: int = 0
@@ -388,15 +390,18 @@ def create_app(
     parallel: int = 1,
     max_queue: int = 64,
     model_id: str | None = None,
+    recommended_horizon: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. ``config`` is the default steering of requests; its
-    ``target_ratio``, if any, must already be resolved to a tau."""
+    ``target_ratio``, if any, must already be resolved to a tau. ``recommended_horizon``: the
+    config's horizon is the value model's recommendation for its entropy gate, so a request for
+    another gate that names no horizon steers the whole answer (as the chat does)."""
     if config is None:
         config = SteeringConfig() if engine.value is not None else SteeringConfig(gate="off")
     if config.target_ratio is not None:
         raise ValueError("resolve the default config's target_ratio to a tau first (engine.calibrate_tau)")
     state = ServerState(engine, config, max_tokens=max_tokens, seed=seed, parallel=parallel,
-                        max_queue=max_queue, model_id=model_id or "")
+                        max_queue=max_queue, model_id=model_id or "", recommended_horizon=recommended_horizon)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -437,7 +442,7 @@ def create_app(
                 "n_ctx": engine.n_ctx,
                 "defaults": {"mode": mode_name(config.gate), "tau": config.tau, "k": config.k, "w": config.w,
                              "temperature": config.temperature, "head": config.head, "follow": config.follow,
-                             "max_tokens": max_tokens},
+                             "horizon": config.horizon, "max_tokens": max_tokens},
             },
         }
 
@@ -479,9 +484,12 @@ def create_app(
         mode = req.sia_mode if req.sia_mode is not None else req.gate
         if mode is not None:
             changes["gate"] = mode
-        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head", "follow"):
+        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head", "follow", "horizon"):
             if getattr(req, name) is not None:
                 changes[name] = getattr(req, name)
+        if state.recommended_horizon and "horizon" not in changes and "gate" in changes \
+                and MODE_ALIASES.get(changes["gate"], changes["gate"]) not in ("entropy", "full-entropy"):
+            changes["horizon"] = None
         try:
             cfg = replace(state.config, **changes)
         except ValueError as exc:
@@ -698,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         config = config.with_tau(engine.calibrate_tau(config))
     app = create_app(engine, config=config, max_tokens=args.max_tokens, seed=args.seed,
-                     parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name)
+                     parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name,
+                     recommended_horizon=args.horizon is None and config.horizon is not None)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not loopback:

@@ -24,6 +24,10 @@ sia.steering.w              float32      optional: the steering strength the mod
 sia.steering.target_ratio   float32      optional: likewise the junction budget (fraction of
                                          steered tokens), used when neither ``--tau`` nor
                                          ``--target-ratio`` is given
+sia.steering.tau            float32      optional, instead of target_ratio: likewise the
+                                         entropy threshold itself
+sia.steering.horizon        uint32       optional: likewise steer only within the first N
+                                         tokens of an answer (entropy gates, no ``--horizon``)
 ==========================  ===========  =====================================================
 
 The engine steers with the normalised value V (so ``w`` is in units of reward standard
@@ -73,6 +77,8 @@ KEY_BASE_MODEL = "sia.base_model"
 KEY_OBJECTIVE = "sia.objective"
 KEY_STEERING_W = "sia.steering.w"
 KEY_STEERING_TARGET_RATIO = "sia.steering.target_ratio"
+KEY_STEERING_TAU = "sia.steering.tau"
+KEY_STEERING_HORIZON = "sia.steering.horizon"
 
 
 class ValueFormatError(ValueError):
@@ -93,6 +99,8 @@ class ValueHeadMeta:
     # The settings this model was evaluated with (None: the paper's defaults apply).
     steering_w: float | None = None
     steering_target_ratio: float | None = None
+    steering_tau: float | None = None
+    steering_horizon: int | None = None
 
     def __post_init__(self) -> None:
         w = np.ascontiguousarray(self.weight, dtype=np.float32)
@@ -103,7 +111,8 @@ class ValueHeadMeta:
             raise ValueFormatError("value head weight or bias contains NaN/inf: the training run diverged")
         if not (np.isfinite(self.reward_std) and self.reward_std > 0):
             raise ValueFormatError(f"reward std must be finite and > 0, got {self.reward_std}")
-        check_recommended_steering(self.steering_w, self.steering_target_ratio)
+        check_recommended_steering(self.steering_w, self.steering_target_ratio, self.steering_tau,
+                                   self.steering_horizon)
         if self.hidden_state != HIDDEN_STATE_FINAL_NORM:
             raise ValueFormatError(
                 f"unsupported hidden state {self.hidden_state!r}; this version reads only "
@@ -111,17 +120,27 @@ class ValueHeadMeta:
             )
 
     def recommended_steering(self) -> dict[str, float]:
-        """The recommended settings this model carries (``w``, ``target_ratio``), those it has."""
-        pairs = (("w", self.steering_w), ("target_ratio", self.steering_target_ratio))
+        """The recommended settings this model carries (``w``, ``target_ratio`` or ``tau``,
+        ``horizon``), those it has."""
+        pairs = (("w", self.steering_w), ("target_ratio", self.steering_target_ratio), ("tau", self.steering_tau),
+                 ("horizon", self.steering_horizon))
         return {k: v for k, v in pairs if v is not None}
 
 
-def check_recommended_steering(w: float | None, target_ratio: float | None) -> None:
+def check_recommended_steering(w: float | None, target_ratio: float | None, tau: float | None = None,
+                               horizon: int | None = None) -> None:
     """The recommended settings a value GGUF may carry must be ones the engine accepts."""
     if w is not None and not (math.isfinite(w) and w > 0):
         raise ValueFormatError(f"the recommended steering strength w must be finite and > 0, got {w}")
     if target_ratio is not None and not 0.0 < target_ratio < 1.0:
         raise ValueFormatError(f"the recommended target ratio must be in (0, 1), got {target_ratio}")
+    if tau is not None and not math.isfinite(tau):
+        raise ValueFormatError(f"the recommended tau must be finite, got {tau}")
+    if tau is not None and target_ratio is not None:
+        raise ValueFormatError("a value model recommends a tau or a target ratio, not both: they set the same "
+                               "threshold")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueFormatError(f"the recommended horizon must be a whole number of tokens >= 1, got {horizon!r}")
 
 
 def tokenizer_fingerprint(tokens: Iterable[str | bytes]) -> str:
@@ -273,11 +292,17 @@ def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
         hidden_state=str(opt(KEY_HIDDEN_STATE, HIDDEN_STATE_FINAL_NORM)),
         steering_w=_optional_float(_field_value(reader, KEY_STEERING_W)),
         steering_target_ratio=_optional_float(_field_value(reader, KEY_STEERING_TARGET_RATIO)),
+        steering_tau=_optional_float(_field_value(reader, KEY_STEERING_TAU)),
+        steering_horizon=_optional_int(_field_value(reader, KEY_STEERING_HORIZON)),
     )
 
 
 def _optional_float(v: object) -> float | None:
     return None if v is None else float(v)  # type: ignore[arg-type]
+
+
+def _optional_int(v: object) -> int | None:
+    return None if v is None else int(v)  # type: ignore[call-overload]
 
 
 def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-untyped-def]
@@ -295,6 +320,10 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_float32(KEY_STEERING_W, float(meta.steering_w))
     if meta.steering_target_ratio is not None:
         writer.add_float32(KEY_STEERING_TARGET_RATIO, float(meta.steering_target_ratio))
+    if meta.steering_tau is not None:
+        writer.add_float32(KEY_STEERING_TAU, float(meta.steering_tau))
+    if meta.steering_horizon is not None:
+        writer.add_uint32(KEY_STEERING_HORIZON, int(meta.steering_horizon))
 
 
 def atomic_output(path: str | os.PathLike[str]) -> Path:

@@ -52,6 +52,26 @@ def test_bench_junction_cost_refuses_bad_ratios() -> None:
     assert proc.returncode == 2 and "--ratios must lie in (0, 1]" in proc.stderr
 
 
+def test_bench_decode_times_a_horizon_on_the_prompts_of_a_file(value_model_path: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "How do I pick a lock?"}\n{"prompt": "Name three rivers."}\n')
+    out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
+                   "--target-ratio", "0", "--horizon", "4", "--horizon-tau", "-1", "--threads", "1",
+                   "--prompt-file", str(prompts), "--value-model", str(value_model_path))
+    modes = out["modes"]
+    assert set(modes) == {"plain", "off", "sparse", "dense", "horizon"} and out["horizon"] == 4
+    assert out["prompt_file"] == str(prompts) and out["prompts_timed"] == 1
+    tokens = modes["horizon"]["tokens"]  # tau -1: every step within the horizon steers, none after it
+    assert tokens > 4 and modes["horizon"]["intervention_rate"] == pytest.approx(4 / tokens, abs=4 / tokens**2)
+    assert out["ratios"]["horizon_over_dense"] == pytest.approx(
+        modes["horizon"]["ms_per_token"] / modes["dense"]["ms_per_token"], abs=1e-3)
+    for argv, message in ((["--horizon", "2", "--horizon-tau", "nan"], "tau must be a finite number, got nan"),
+                          (["--prompt-file", str(tmp_path / "none.txt")], "none.txt")):
+        bad = subprocess.run([sys.executable, "tools/bench_decode.py", *argv], check=False, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_bench_decode_times_every_mode_and_the_head(value_model_path: Path) -> None:
     out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
                    "--target-ratio", "0", "--head", "3", "--threads", "1", "--value-model", str(value_model_path))

@@ -64,6 +64,14 @@ def test_one_shot_json(env: dict[str, str], value_model_path: Path) -> None:
     assert isinstance(out["text"], str) and out["text"].strip()
 
 
+def test_horizon_limits_steering_to_the_opening(env: dict[str, str], value_model_path: Path) -> None:
+    r = chat(env, "--prompt", "Name a colour.", "--json", "--value-model", value_model_path, "--mode", "dense",
+             "--horizon", "3", "--k", "4", "--max-tokens", "8", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["stats"]
+    assert s["horizon"] == 3 and s["tokens"] > 3 and s["junctions"] == 3
+
+
 def test_without_a_value_model_steering_is_off_and_said_so(env: dict[str, str]) -> None:
     r = chat(env, "--prompt", "Hi", "--json", "--max-tokens", "4", "--seed", "0")
     assert r.returncode == 0, r.stderr
@@ -191,6 +199,8 @@ def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path
         (["--target-ratio", "1.5"], "strictly between 0 and 1"),
         (["--head", "-1", "--prompt", "hi"], "head must be a whole number of tokens >= 0"),
         (["--follow", "0", "--prompt", "hi"], "follow must be a share of probability mass in (0, 1]"),
+        (["--horizon", "-1", "--prompt", "hi"], "horizon must be a whole number of tokens (0: none)"),
+        (["--head", "9", "--horizon", "4", "--prompt", "hi"], "head 9 steers past horizon 4"),
         # Python 3.11's argparse read these as a missing value ("expected one argument")
         (["--tau", "-inf", "--prompt", "hi"], "argument --tau: expected a finite number, got '-inf'"),
         (["--k", "-1e3", "--prompt", "hi"], "argument --k: expected a positive integer, got '-1e3'"),
@@ -259,6 +269,32 @@ def test_the_value_models_recommended_settings_fill_in_what_the_user_leaves_out(
     ratio = stats("--target-ratio", "0.5")
     assert ratio["w"] == 3.0 and ratio["tau"] == pytest.approx(calibrated(0.5))
     assert stats("--mode", "dense")["w"] == 3.0
+
+
+def test_a_recommended_tau_and_horizon_fill_in_what_the_user_leaves_out(
+        env: dict[str, str], value_model_path: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    gguf = tmp_path / "value-opening.gguf"
+    meta = replace(read_value_meta(value_model_path), steering_w=2.0, steering_tau=0.5, steering_horizon=3)
+    write_gguf_with_value_meta(value_model_path, gguf, meta)
+
+    def stats(*args: str) -> dict[str, object]:
+        r = chat(env, "--prompt", "Name a colour.", "--json", "--value-model", gguf, "--max-tokens", "8",
+                 "--seed", "2", *args, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["stats"]  # type: ignore[no-any-return]
+
+    default = stats()
+    assert (default["mode"], default["w"], default["tau"], default["horizon"]) == ("sparse", 2.0, 0.5, 3)
+    assert default["tokens"] > 3 and 1 <= default["junctions"] <= 3  # tau 0.5 steers most of the first 3 only
+    lifted = stats("--horizon", "0", "--tau", "0.7")  # what the user says wins; 0 is the whole answer
+    assert (lifted["tau"], lifted["horizon"]) == (0.7, None)
+    assert stats("--target-ratio", "0.5")["horizon"] == 3  # a ratio replaces the tau, not the horizon
+    dense = stats("--mode", "dense")  # the recommendation is the entropy gate's: dense stays dense
+    assert dense["horizon"] is None and dense["junctions"] >= dense["tokens"]
 
 
 def test_the_tau_note_is_shown_only_when_tau_is_measured(env: dict[str, str], recommending_value_model: Path,

@@ -218,6 +218,10 @@ def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
         ({"tau": math.nan}, "tau must be a finite number"),
         ({"head": -1}, "head must be a whole number"),
         ({"head": 1.5}, "head must be a whole number"),
+        ({"horizon": -1}, r"horizon must be a whole number of tokens \(0: none\), got -1"),
+        ({"horizon": 2.0}, "horizon must be a whole number of tokens"),
+        ({"horizon": True}, "horizon must be a whole number of tokens"),
+        ({"head": 5, "horizon": 4}, "head 5 steers past horizon 4, which ends all steering; lower head or raise horizon"),
         ({"follow": 0.0}, r"follow must be a share of probability mass in \(0, 1\]"),
         ({"follow": 1.5}, "follow must be a share"),
         ({"follow": math.nan}, "follow must be a share"),
@@ -366,6 +370,49 @@ def test_follow_steers_the_token_after_an_overruled_step(engine: SteeringEngine)
     never = SteeringConfig(tau=3.0)  # above ln 10: the entropy gate alone never fires
     _, ev_chain = run(engine, HARMFUL, max_tokens=12, config=replace(never, head=1, follow=1e-9), seed=5)
     assert all(e.junction for e in ev_chain)
+
+
+def test_horizon_ends_every_kind_of_steering_after_the_first_tokens(engine: SteeringEngine) -> None:
+    # dense inside a 5-token horizon steers exactly those 5 steps and then never again
+    gen, events = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(gate="dense", horizon=5), seed=5)
+    assert len(events) > 5 and [ev.junction for ev in events] == [True] * 5 + [False] * (len(events) - 5)
+    assert gen.stats.junctions == 5
+    # the entropy gate keeps its own rule inside the horizon: the same junctions as without one
+    tau = 1.2
+    _, ev_h = run(engine, HARMFUL, max_tokens=16, config=SteeringConfig(tau=tau, horizon=6), seed=5)
+    _, ev_all = run(engine, HARMFUL, max_tokens=16, config=SteeringConfig(tau=tau), seed=5)
+    assert [e.junction for e in ev_h[:6]] == [e.entropy >= tau for e in ev_h[:6]]
+    assert [e.token_id for e in ev_h[:6]] == [e.token_id for e in ev_all[:6]]  # identical up to the horizon
+    assert any(e.entropy >= tau for e in ev_h[6:]), "no high-entropy step after the horizon: pick another seed"
+    assert not any(e.junction for e in ev_h[6:])
+    # the value model is not used after the horizon: a longer answer costs it nothing more
+    short, _ = run(engine, HARMFUL, max_tokens=6, config=SteeringConfig(gate="dense", horizon=3), seed=5)
+    long, _ = run(engine, HARMFUL, max_tokens=16, config=SteeringConfig(gate="dense", horizon=3), seed=5)
+    assert long.stats.tokens == 16 and short.stats.value_tokens == long.stats.value_tokens > 0
+    # follow stops at the horizon too, and 'off' stays off
+    never = SteeringConfig(tau=3.0)
+    _, ev_f = run(engine, HARMFUL, max_tokens=12, config=replace(never, head=1, follow=1e-9, horizon=4), seed=5)
+    assert [e.junction for e in ev_f] == [True] * 4 + [False] * (len(ev_f) - 4)
+    off, _ = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(gate="off", horizon=4), seed=5)
+    assert off.stats.junctions == 0
+
+
+def test_a_horizon_keeps_the_tau_of_whole_answers(engine: SteeringEngine, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A horizon only ends steering: a target ratio gives the tau it gives whole answers (one
+    # calibration, one cache entry), so the CLI, whose value model recommends a ratio, and the
+    # server, which resolves it at start, steer the same junctions within the same horizon.
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    within, plain = SteeringConfig(target_ratio=0.3, horizon=6), SteeringConfig(target_ratio=0.3)
+    assert engine._tau_keys(within) == engine._tau_keys(plain)
+    tau = engine.calibrate_tau(within)
+    assert tau == engine.calibrate_tau(plain)
+    gen = engine.generate(HARMFUL, max_tokens=16, config=within, seed=5)
+    with gen:
+        events = list(gen)
+    assert gen.config.tau == tau and gen.config.horizon == 6
+    assert [e.junction for e in events] == [i < 6 and e.entropy >= tau for i, e in enumerate(events)]
+    assert SteeringConfig(horizon=0).horizon is None  # 0 is no horizon, as head 0 is no head
 
 
 def test_target_ratio_counts_the_head(engine: SteeringEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

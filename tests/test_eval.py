@@ -50,6 +50,9 @@ MODES = "off,sparse,dense,random@sparse,bon@2"
         ("sparse@20%+follow@0.5", "entropy", None, 0.2, None, None, 1, "sparse+follow"),
         ("sparse+follow@1+head@2+bon@3", "entropy", None, None, None, None, 3, "sparse+head+follow+bon"),
         ("random@0.1+follow@.25", "random", None, None, 0.1, None, 1, "random+follow"),
+        ("sparse@1.0+horizon@16", "entropy", 1.0, None, None, None, 1, "sparse+horizon"),
+        ("sparse@10%+head@2+horizon@16", "entropy", None, 0.1, None, None, 1, "sparse+head+horizon"),
+        ("random@sparse@1+horizon@16", "random", None, None, None, "sparse@1", 1, "random+horizon"),
     ],
 )
 def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | None, p: float | None,
@@ -61,6 +64,9 @@ def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | Non
     follow = re.search(r"\+follow@([0-9.]+)", text)
     assert m.follow == (float(follow.group(1)) if follow else None)
     assert m.config(k=10, w=3.0, temperature=1.0, p=0.5).follow == m.follow
+    horizon = re.search(r"\+horizon@(\d+)", text)
+    assert m.horizon == (int(horizon.group(1)) if horizon else None)
+    assert m.config(k=10, w=3.0, temperature=1.0, p=0.5).horizon == m.horizon
     assert m.label == text.lower()
 
 
@@ -81,7 +87,11 @@ def test_mode_syntax(text: str, gate: str, tau: float | None, ratio: float | Non
         ("sparse+follow@0.5+follow@0.3", "'+follow@F' is given twice"),
         ("sparse+follow@0", "'+follow@F' takes a share of probability mass in (0, 1], got 0"),
         ("sparse+follow@1.5", "in (0, 1], got 1.5"),
-        ("sparse+follow@x", "only '+bon@N', '+head@N' and '+follow@F'"),
+        ("sparse+follow@x", "only '+bon@N', '+head@N', '+horizon@N' and '+follow@F'"),
+        ("sparse+horizon@0", "'+horizon@N' takes N >= 1 tokens"),
+        ("sparse+head@8+horizon@4", "'+head@8' steers past '+horizon@4', which ends all steering"),
+        ("off+horizon@4", "'+horizon@N' limits steering, but 'off' never steers"),
+        ("sparse+horizon@4+horizon@8", "'+horizon@N' is given twice"),
         ("dense+follow@0.5", "'dense' steers every token already"),
         ("off+follow@0.5", "'off' never steers"),
         ("dense@0.5", "takes no '@' setting"),
@@ -101,6 +111,25 @@ def test_mode_config() -> None:
     cfg = ev.parse_mode("sparse@20%").config(k=5, w=2.0, temperature=0.7)
     assert (cfg.gate, cfg.target_ratio, cfg.k, cfg.w, cfg.temperature) == ("entropy", 0.2, 5, 2.0, 0.7)
     assert cfg.head == 0 and ev.parse_mode("dense+head@2").config(k=5, w=2.0, temperature=0.7).head == 2
+
+
+def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window() -> None:
+    modes = ev.parse_modes("sparse@1+horizon@16,random@sparse@1+horizon@16,random@sparse@1,sparse@1")
+    assert [m.match for m in modes[1:3]] == ["sparse@1+horizon@16", "sparse@1"]
+    alone = ev.parse_modes("sparse@1,random@sparse@1+horizon@16")  # no such horizon mode: MODE's own rate
+    assert alone[1].match == "sparse@1" and alone[1].horizon == 16
+
+    def row(steps: int, junctions: int, samples: list[dict[str, Any]] | None = None) -> ev.RowResult:
+        return ev.RowResult("s", 0, ev.EvalPrompt("p"), "m", 0, "", [], [], steps=steps, junctions=junctions,
+                            value_tokens=0, gen_ms=0.0, tau=None, p=None, stats={"samples": samples} if samples else {})
+
+    rows = [row(48, 6), row(10, 4)]  # 10 junctions; 16 + 10 steps within the horizon, 58 in all
+    assert ev._matched_probability(rows, 16) == pytest.approx(10 / 26)
+    assert ev._matched_probability(rows, None) == pytest.approx(10 / 58)
+    # Best-of-N: a window per sample (100 tokens; 1 token + EOS; 1 + EOS; 1 + EOS): 16 + 2 + 2 + 2 steps
+    samples = [{"tokens": 100, "stop_reason": "length"}] + [{"tokens": 1, "stop_reason": "eos"}] * 3
+    assert ev._matched_probability([row(106, 8, samples)], 16) == pytest.approx(8 / 22)
+    assert ev._matched_probability([], 16) == 0.0
 
 
 # --------------------------------------------------------------------------- prompt files

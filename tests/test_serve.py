@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 
 from sia_edge.engine import SteeringEngine
+from sia_edge.gate import SteeringConfig
 from sia_edge.serve import ServerState, StopMatcher, create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,9 +129,36 @@ def test_head_field_steers_the_first_tokens(server: Server) -> None:
     sia = (chain.model_extra or {})["sia"]
     assert sia["follow"] == 1e-9 and sia["junctions"] == sia["tokens"] + (sia["stop_reason"] == "eos")
 
+    # ... and a horizon ends it: dense within the first 4 tokens only
+    window = server.client().chat.completions.create(
+        model="m", messages=PROMPT, max_tokens=8, seed=11, extra_body={"sia_mode": "dense", "horizon": 4})
+    sia = (window.model_extra or {})["sia"]
+    assert sia["horizon"] == 4 and sia["tokens"] > 4 and sia["junctions"] == 4
+    whole = server.client().chat.completions.create(  # horizon 0: none (lifts a server's default horizon)
+        model="m", messages=PROMPT, max_tokens=8, seed=11, extra_body={"sia_mode": "dense", "horizon": 0})
+    sia = (whole.model_extra or {})["sia"]
+    assert sia["horizon"] is None and sia["junctions"] == sia["tokens"] + (sia["stop_reason"] == "eos")
+
     off = server.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=6, seed=1,
                                                   extra_body={"sia_mode": "off"})
     assert (off.model_extra or {})["sia"]["junctions"] == 0
+
+
+def test_a_recommended_horizon_stays_with_the_entropy_gate(server_engine: SteeringEngine) -> None:
+    # The value model recommends a horizon for its entropy gate: a request for dense gets dense
+    # (unless it names a horizon), as the chat's --mode dense does; a sparse request keeps it.
+    config = SteeringConfig(tau=-1.0, horizon=3)  # tau -1: every step within the horizon is a junction
+    with running(create_app(server_engine, config=config, max_tokens=8, recommended_horizon=True)) as srv:
+        def sia(**body: Any) -> dict[str, Any]:
+            r = srv.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=8, seed=11,
+                                                     extra_body=body)
+            return (r.model_extra or {})["sia"]  # type: ignore[no-any-return]
+
+        assert sia()["horizon"] == 3 and sia()["junctions"] == 3
+        assert sia(sia_mode="sparse")["horizon"] == 3
+        dense = sia(sia_mode="dense")
+        assert dense["horizon"] is None and dense["junctions"] == dense["tokens"] + (dense["stop_reason"] == "eos")
+        assert sia(sia_mode="dense", horizon=2)["junctions"] == 2
 
 
 def test_chat_streaming_matches_non_streaming(server: Server) -> None:
@@ -248,6 +276,7 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": PROMPT, "target_ratio": 2}, "target_ratio", "target_ratio must be in (0, 1)"),
         ({"messages": PROMPT, "head": -2}, "head", "head must be a whole number of tokens >= 0"),
         ({"messages": PROMPT, "follow": 1.5}, "follow", "follow must be a share of probability mass in (0, 1]"),
+        ({"messages": PROMPT, "horizon": -1}, "horizon", "horizon must be a whole number of tokens (0: none)"),
         ({"messages": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty", "rewrite the logits"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages.0.content", "only text parts"),

@@ -167,8 +167,14 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="unknown quantisation type"):
         export_value_model(tmp_path / "half", tmp_path / "v", types=["q3_xs"])
     # recommended steering settings are checked before anything loads
-    with pytest.raises(TrainError, match=r"unknown recommended steering setting.*tau"):
-        export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": 1.0})
+    with pytest.raises(TrainError, match=r"unknown recommended steering setting\(s\) beta: use w, target_ratio, tau"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"beta": 1.0})
+    with pytest.raises(ValueError, match="a tau or a target ratio, not both"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": 1.0, "target_ratio": 0.2})
+    with pytest.raises(ValueError, match="recommended horizon must be a whole number of tokens >= 1, got 0"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"horizon": 0})
+    with pytest.raises(ValueError, match="recommended tau must be finite"):
+        export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": float("nan")})
     with pytest.raises(ValueError, match=r"target ratio must be in \(0, 1\), got 30"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"target_ratio": 30})
     with pytest.raises(ValueError, match="w must be finite and > 0, got -1"):

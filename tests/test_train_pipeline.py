@@ -112,6 +112,22 @@ def test_export_cli_check_json(pipeline: tuple[dict[str, Any], Path], tmp_path: 
     for p in tmp_path.iterdir():  # the recommended settings travel with the model
         meta = read_value_meta(p)
         assert (meta.steering_w, meta.steering_target_ratio) == (3.0, 0.25)
+    # a tau replaces the target ratio (they set the same threshold); a horizon joins them
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_value_gguf.py"), str(work / "value"),
+         "--out", str(tmp_path / "t"), "--base", str(work / "tiny-base-f32.gguf"), "--types", "f16", "--threads", "1",
+         "--steering-w", "3", "--steering-target-ratio", "0.25", "--steering-tau", "1.5", "--steering-horizon", "16"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode != 0 and "a tau or a target ratio, not both" in proc.stderr  # both given: refused
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_value_gguf.py"), str(work / "value"),
+         "--out", str(tmp_path / "t"), "--base", str(work / "tiny-base-f32.gguf"), "--types", "f16", "--threads", "1",
+         "--steering-w", "3", "--steering-tau", "1.5", "--steering-horizon", "16"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_value_meta(tmp_path / "t-f16.gguf").recommended_steering() == {"w": 3.0, "tau": 1.5, "horizon": 16}
 
 
 def test_shallow_value_model_keeps_the_first_layers_and_parity(tmp_path: Path, base_model_path: Path,

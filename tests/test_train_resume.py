@@ -224,6 +224,10 @@ def test_steered_data_samples_the_steered_policy_and_records_it(tmp_path: Path, 
 
     with pytest.raises(TrainError, match="--steer"):  # no mixing with the base model's own rows
         generate_value_data(prompts, out, sample=sample, **kw)
+    for mode, expected in (("dense+horizon@4", "dense+horizon@4 w=1 value="),
+                           ("sparse@1.5+head@2+follow@0.5", "entropy@1.5000+head@2+follow@0.5 w=1 value=")):
+        policy = engine_sampler(base_model_path, n_ctx=256, n_threads=1, steer=SteeredPolicy(mode, value_model_path))[3]
+        assert policy is not None and policy.startswith(expected)  # what it steers is part of the identity
     for bad in ("bon@4", "sparse+bon@2", "random@sparse"):
         with pytest.raises(TrainError, match="one steered sample"):
             engine_sampler(base_model_path, n_ctx=256, n_threads=1, steer=SteeredPolicy(bad, value_model_path))

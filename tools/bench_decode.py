@@ -15,6 +15,10 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
   sparse_ratio   the entropy gate at the tau that --target-ratio calibrates (0: left out).
   head           --head N: only the first N tokens of each answer steered (the official code's
                  first-N gate; tau above ln k, so the entropy gate never fires), left out at 0.
+  horizon        --horizon N: the entropy gate at --horizon-tau within the first N tokens of each
+                 answer only (SteeringConfig.horizon), left out at 0.
+Prompts: --prompt-file FILE (one per line, or JSONL with a "prompt" field) instead of the 8 built-in
+open-ended ones, to time the prompts an evaluation is about (its first --prompts of them).
 Value model: --value-model, or the base backbone with a random head (same cost as a trained one).
 ms_per_token excludes the prompt's prefill; figures are medians over prompts.
 """
@@ -37,6 +41,7 @@ from sia_edge.engine import SteeringEngine
 from sia_edge.gate import SteeringConfig
 from sia_edge.llama_backend import LlamaContext
 from sia_edge.models import default_base_model
+from sia_edge.prompts import read_prompt_file
 from sia_edge.value_format import random_head_value_gguf
 
 PROMPTS = [
@@ -150,7 +155,24 @@ def main() -> int:
     ap.add_argument("--naive-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--head", type=int, default=0, help="add a mode that steers only the first N tokens")
+    ap.add_argument("--horizon", type=int, default=0,
+                    help="add a mode: the entropy gate at --horizon-tau within the first N tokens only")
+    ap.add_argument("--horizon-tau", type=float, default=1.0)
+    ap.add_argument("--prompt-file", type=Path, default=None, help="time these prompts instead of the built-in ones")
     args = ap.parse_args()
+    try:
+        prompts: list[list[dict[str, str]]] = (
+            [p.messages() for p in read_prompt_file(args.prompt_file)] if args.prompt_file
+            else [[{"role": "user", "content": p}] for p in PROMPTS])
+        if not prompts:
+            raise ValueError(f"{args.prompt_file} holds no prompt")
+        if args.horizon < 0 or args.head < 0:
+            raise ValueError("--head and --horizon take a number of tokens (0: leave the mode out)")
+        if args.horizon > 0:
+            SteeringConfig(tau=args.horizon_tau, k=args.k, horizon=args.horizon)  # checked before any model loads
+    except (OSError, ValueError) as exc:
+        print(f"bench_decode: {exc}", file=sys.stderr)
+        return 2
 
     base = args.model or default_base_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +187,8 @@ def main() -> int:
             modes["sparse_ratio"] = SteeringConfig(gate="entropy", k=args.k, target_ratio=args.target_ratio)
         if args.head > 0:  # tau 10 > ln k for any k the kernels take: only the head's steps steer
             modes["head"] = SteeringConfig(gate="entropy", tau=10.0, k=args.k, head=args.head)
+        if args.horizon > 0:
+            modes["horizon"] = SteeringConfig(gate="entropy", tau=args.horizon_tau, k=args.k, horizon=args.horizon)
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
@@ -174,15 +198,20 @@ def main() -> int:
             naive_proc = NaiveSIAProcessor(Path(value), args.k, 0.0, 1.0, 1024)
         # Correctness first: the engine's off mode is plain top-k sampling (tested token for token
         # in tests/test_engine.py); here check that dense steering changes nothing it must not.
-        msgs = [{"role": "user", "content": PROMPTS[0]}]
+        msgs = prompts[0]
         a = engine.complete(msgs, max_tokens=16, config=modes["dense"], seed=0)
         b = engine.complete(msgs, max_tokens=16, config=modes["dense"], seed=0)
-        if a[0] != b[0] or a[1].junctions != a[1].tokens:
+        if a[0] != b[0] or a[1].junctions != a[1].steps:  # dense steers every decision, EOS included
             print("engine is not deterministic or dense did not steer every token", file=sys.stderr)
             return 1
 
-        for i, prompt in enumerate(PROMPTS[: args.prompts]):
-            msgs = [{"role": "user", "content": prompt}]
+        too_long = [i for i, m in enumerate(prompts[: args.prompts])
+                    if len(engine.encode_prompt(m)) + args.tokens > engine.n_ctx]
+        if too_long:
+            print(f"bench_decode: prompt {too_long[0] + 1} and {args.tokens} new tokens do not fit the {engine.n_ctx}-token "
+                  "context; use shorter prompts or fewer --tokens", file=sys.stderr)
+            return 2
+        for i, msgs in enumerate(prompts[: args.prompts]):
             ids = engine.encode_prompt(msgs)
             ms, n = plain_run(engine, ids, args.tokens, args.k, seed=i)
             rows["plain"].append({"ms_per_token": ms, "tokens": n})
@@ -209,6 +238,8 @@ def main() -> int:
         "isa": kernels.active_isa(), "machine": f"{platform.machine()}, {engine.n_threads} threads",
         "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "tau": args.tau,
         "sparse_ratio_target": args.target_ratio, "head": args.head,
+        "horizon": args.horizon, "horizon_tau": args.horizon_tau if args.horizon else None,
+        "prompt_file": str(args.prompt_file) if args.prompt_file else None, "prompts_timed": min(args.prompts, len(prompts)),
         "modes": {},
     }
     modes_out: dict[str, dict[str, float]] = {}
@@ -228,7 +259,7 @@ def main() -> int:
     if "naive" in modes_out:
         ratios["naive_over_dense"] = round(modes_out["naive"]["ms_per_token"] / modes_out["dense"]["ms_per_token"], 2)
     ratios["dense_over_sparse"] = round(modes_out["dense"]["ms_per_token"] / modes_out["sparse"]["ms_per_token"], 2)
-    for name in ("sparse_ratio", "head"):  # issue 6's time goal: a sparse mode's share of dense's time
+    for name in ("sparse_ratio", "head", "horizon"):  # issue 6's time goal: a sparse mode's share of dense's time
         if name in modes_out:
             ratios[f"{name}_over_dense"] = round(modes_out[name]["ms_per_token"] / modes_out["dense"]["ms_per_token"], 3)
     report["modes"] = modes_out

@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--w is given; default: value_meta.json's 'steering', if any)")
     ap.add_argument("--steering-target-ratio", type=float, default=None, metavar="R",
                     help="recommend this junction budget in (0, 1), used when no --tau or --target-ratio is given")
+    ap.add_argument("--steering-tau", type=float, default=None, metavar="T",
+                    help="recommend this entropy threshold instead of a junction budget (replaces the "
+                    "recommended target ratio)")
+    ap.add_argument("--steering-horizon", type=int, default=None, metavar="N",
+                    help="recommend steering only within the first N tokens of an answer (0: drop the recommendation)")
     ap.add_argument("--threads", type=thread_count, default=None)
     ap.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     args = ap.parse_args(argv)
@@ -99,12 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sia_edge.train.export import export_value_model
 
     steering = None
-    if args.steering_w is not None or args.steering_target_ratio is not None:
+    given = {k: v for k, v in (("w", args.steering_w), ("target_ratio", args.steering_target_ratio),
+                               ("tau", args.steering_tau), ("horizon", args.steering_horizon)) if v is not None}
+    if given:
         from sia_edge.train.model import META_FILE, ValueMeta
 
         steering = dict(ValueMeta.from_file(model_dir / META_FILE).steering)
-        steering.update({k: v for k, v in (("w", args.steering_w), ("target_ratio", args.steering_target_ratio))
-                         if v is not None})
+        # tau and target_ratio set the same threshold: the one given replaces the other
+        for given_key, other in (("tau", "target_ratio"), ("target_ratio", "tau")):
+            if given_key in given and other not in given:
+                steering.pop(other, None)
+        steering.update(given)
+        if steering.get("horizon") == 0:
+            del steering["horizon"]
     sequences = _check_sequences(model_dir, args.check_data, args.check_rows) if args.check else None
     paths, report = export_value_model(
         model_dir, args.out, base_gguf=args.base, backbone=args.backbone, types=types,

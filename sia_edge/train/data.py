@@ -199,8 +199,12 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
         value_id = hashlib.sha256(fh.read()).hexdigest()[:12]
     setting = f"@{config.tau:.4f}" if config.gate in ("entropy", "full-entropy") else (
         f"@{config.p:g}" if config.gate == "random" else "")
-    head = f"+head@{config.head}" if config.head else ""
-    return config, f"{config.gate}{setting}{head} w={config.w:g} value={value_id}"
+    # Each setting that changes which tokens are steered is part of the policy's identity (added
+    # only when set, so the ids of files written before follow and horizon existed still match).
+    extra = f"+head@{config.head}" if config.head else ""
+    extra += f"+follow@{config.follow:g}" if config.follow is not None else ""
+    extra += f"+horizon@{config.horizon}" if config.horizon is not None else ""
+    return config, f"{config.gate}{setting}{extra} w={config.w:g} value={value_id}"
 
 
 def _repair_tail(path: Path, data: bytes) -> None:

@@ -83,7 +83,7 @@ class ValueMeta:
     layers: int | None = None  # decoder layers kept from the backbone (None: all of them)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    # Recommended steering settings ("w", "target_ratio"), written into the GGUF as sia.steering.*
+    # Recommended steering settings (STEERING_KEYS), written into the GGUF as sia.steering.*
     steering: dict[str, float] = field(default_factory=dict)
     version: int = META_VERSION
 
@@ -116,15 +116,24 @@ class ValueMeta:
             tokenizer_fingerprint=self.tokenizer_fingerprint, base_model=self.base_model,
             objective=objective if objective is not None else self.reward_name,
             steering_w=chosen.get("w"), steering_target_ratio=chosen.get("target_ratio"),
+            steering_tau=chosen.get("tau"), steering_horizon=chosen.get("horizon"),  # type: ignore[arg-type]
         )
 
 
+STEERING_KEYS = ("w", "target_ratio", "tau", "horizon")
+
+
 def check_steering(steering: dict[str, float]) -> dict[str, float]:
-    """Recommended steering settings (``w``, ``target_ratio``) that the engine accepts, or an error."""
-    unknown = sorted(set(steering) - {"w", "target_ratio"})
+    """Recommended steering settings (``w``, ``target_ratio`` or ``tau``, ``horizon``) that the
+    engine accepts, or an error."""
+    unknown = sorted(set(steering) - set(STEERING_KEYS))
     if unknown:
-        raise TrainError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use w and target_ratio")
-    check_recommended_steering(steering.get("w"), steering.get("target_ratio"))
+        raise TrainError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use {', '.join(STEERING_KEYS)}")
+    horizon = steering.get("horizon")
+    if isinstance(horizon, float) and horizon.is_integer():  # JSON may spell 16 as 16.0
+        steering = {**steering, "horizon": int(horizon)}
+    check_recommended_steering(steering.get("w"), steering.get("target_ratio"), steering.get("tau"),
+                               steering.get("horizon"))  # type: ignore[arg-type]
     return steering
 
 
