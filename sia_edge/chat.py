@@ -30,8 +30,10 @@ from sia_edge.cli_common import (
     base_model_path,
     build_engine,
     choose_value_model,
+    gate_horizon,
     mode_name,
     new_seed,
+    recommended_horizon,
     run_cli,
     stats_payload,
     steering_config,
@@ -144,6 +146,7 @@ class ChatSession:
     last_seed: int | None = None
     totals: _Totals = field(default_factory=_Totals)
     turn: int = 0
+    recommended_horizon: int | None = None  # the value model's, for the entropy gate (cli_common.gate_horizon)
 
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -181,7 +184,8 @@ class ChatSession:
             else:
                 if not arg:
                     raise ValueError("/mode needs one of off, sparse, dense, full-entropy, random")
-                new = replace(self.config, gate=arg, target_ratio=None)
+                new = replace(self.config, gate=arg, target_ratio=None,
+                              horizon=gate_horizon(arg, self.recommended_horizon, self.config.horizon))
                 if new.steers and not self.value_model:
                     raise ValueError(f"mode {arg} needs a value model; restart with --value-model PATH.gguf")
         except ValueError as exc:
@@ -191,11 +195,7 @@ class ChatSession:
         print(f"({self.settings_text()})", file=self.out, flush=True)
 
     def settings_text(self) -> str:
-        c = self.config
-        head = f", head {c.head}" if c.head else ""
-        head += f", follow {c.follow:g}" if c.follow is not None else ""
-        head += f", horizon {c.horizon}" if c.horizon is not None else ""
-        return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
+        return settings_text(self.config)
 
     def stats_text(self) -> str:
         lines = [f"settings: {self.settings_text()}"]
@@ -344,10 +344,17 @@ def build_parser() -> CliParser:
     return p
 
 
+def settings_text(c: SteeringConfig) -> str:
+    """The steering settings as the chat shows them (at start, after /mode and /tau)."""
+    head = f", head {c.head}" if c.head else ""
+    head += f", follow {c.follow:g}" if c.follow is not None else ""
+    head += f", horizon {c.horizon}" if c.horizon is not None else ""
+    return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
+
+
 def _describe(engine: Any, choice: ValueModelChoice, config: SteeringConfig) -> str:
     value = engine.value.name if engine.value is not None else "none"
-    return f"base model {engine.base.path.name}, value model {value}; mode {mode_name(config.gate)}, " \
-           f"tau {config.tau:g}, k {config.k}, w {config.w:g}, temperature {config.temperature:g}"
+    return f"base model {engine.base.path.name}, value model {value}; {settings_text(config)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     session = ChatSession(
         engine, config, max_tokens=args.max_tokens, value_model=choice.available, seed=args.seed,
-        system=args.system, completion=completion,
+        system=args.system, completion=completion, recommended_horizon=recommended_horizon(args, choice),
         highlight=Highlighter.for_stream(args.highlight, sys.stdout, piped_default="brackets"),
     )
     interactive = sys.stdin.isatty()

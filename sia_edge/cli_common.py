@@ -34,9 +34,11 @@ __all__ = [
     "base_model_path",
     "build_engine",
     "choose_value_model",
+    "gate_horizon",
     "mode_name",
     "new_seed",
     "positive_int",
+    "recommended_horizon",
     "run_cli",
     "seed_int",
     "stats_payload",
@@ -242,12 +244,33 @@ def build_engine(args: argparse.Namespace, base: Path, choice: ValueModelChoice)
     return SteeringEngine(base, choice.path, n_ctx=args.n_ctx, n_threads=args.threads)
 
 
+def recommended_horizon(args: argparse.Namespace, choice: ValueModelChoice) -> int | None:
+    """The horizon the value model recommends for the entropy gate, unless the user chose one with
+    ``--horizon`` (0 included) or a ``--head`` longer than it (the user's head wins)."""
+    if args.horizon is not None or not choice.available:
+        return None
+    horizon = choice.recommended().get("horizon")
+    if horizon is None or (args.head or 0) > horizon:
+        return None
+    return int(horizon)
+
+
+def gate_horizon(gate: str, recommended: int | None, current: int | None) -> int | None:
+    """The horizon after a switch to ``gate`` (chat ``/mode``, a server request): a recommended
+    horizon belongs to SIA's entropy gate, so other gates steer whole answers, as ``--mode dense``
+    does from the start; a horizon the user chose stays whatever the gate."""
+    if recommended is None:
+        return current
+    return recommended if MODE_ALIASES.get(gate, gate) == "entropy" else None
+
+
 def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> SteeringConfig:
     """The ``SteeringConfig`` from the steering options. Without a value model the default mode
     falls back to ``off``; asking for steering explicitly is an error. Settings the user leaves
     out come from the value model's recommendation (``ValueModelChoice.recommended``), then from
-    the paper's defaults: ``w`` always; for an entropy gate, ``tau`` or ``target_ratio`` when
-    neither ``--tau`` nor ``--target-ratio`` is given, and ``horizon`` when ``--horizon`` is not
+    the paper's defaults: ``w`` always; ``target_ratio`` for the entropy gates and ``tau`` for the
+    top-k entropy gate (a tau is on that statistic's scale) when neither ``--tau`` nor
+    ``--target-ratio`` is given; ``horizon`` for the top-k entropy gate, see ``recommended_horizon``
     (``--horizon 0`` steers whole answers)."""
     mode = args.mode or "sparse"
     value_model = choice.available
@@ -267,12 +290,13 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
         kwargs.setdefault("w", recommended["w"])
     entropy_gate = MODE_ALIASES.get(mode, mode) in ("entropy", "full-entropy")
     if entropy_gate and args.tau is None and args.target_ratio is None:
-        if "tau" in recommended:
+        if "tau" in recommended and MODE_ALIASES.get(mode, mode) == "entropy":
             kwargs["tau"] = recommended["tau"]
         elif "target_ratio" in recommended:
             kwargs["target_ratio"] = recommended["target_ratio"]
-    if entropy_gate and args.horizon is None and "horizon" in recommended:
-        kwargs["horizon"] = int(recommended["horizon"])
+    horizon = gate_horizon(mode, recommended_horizon(args, choice), None)
+    if horizon is not None:
+        kwargs["horizon"] = horizon
     try:
         return SteeringConfig(**kwargs)
     except ValueError as exc:

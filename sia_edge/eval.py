@@ -18,7 +18,7 @@ Modes (``--modes``, a comma list)
 ``random@sparse``   ... with the probability equal to the intervention rate that the mode
                     ``sparse`` measured on the same prompt set (any mode of the list can be named;
                     ``random@sparse+horizon@16`` takes ``sparse+horizon@16``'s junctions per step
-                    within the horizon, if that mode is listed)
+                    within the horizon, and that mode must be listed)
 ``bon@4``           Best-of-N: 4 unsteered samples, the one with the highest mean value-model V
                     over its response wins (as ``SteeringEngine.best_of_n``)
 ``sparse+bon@4``    Best-of-N over steered samples; any mode above can take ``+bon@N``
@@ -270,9 +270,15 @@ def parse_modes(text: str) -> list[EvalMode]:
         raise ModeError(f"mode {dup[0]!r} is listed twice in --modes")
     by_label = {m.label: m for m in modes}
     for i, m in enumerate(modes):
-        # random@MODE+horizon@N is the same-rate baseline of MODE+horizon@N when that is listed
-        within = f"{m.match}+horizon@{m.horizon}"
-        if m.match is not None and m.horizon is not None and within in by_label:
+        # random@MODE+horizon@N is the same-rate baseline of MODE+horizon@N: MODE's whole-answer rate
+        # spent within the window would be a weaker baseline than it looks, so it is not a fallback
+        if m.match is not None and m.horizon is not None:
+            target = replace(parse_mode(m.match), label="")
+            within = next((x.label for x in modes if x.match is None and x.horizon == m.horizon
+                           and replace(x, label="", horizon=None) == target), None)
+            if within is None:
+                raise ModeError(f"mode {m.label!r} steers at random within the first {m.horizon} tokens at the rate "
+                                f"of {m.match}+horizon@{m.horizon}: add that mode to --modes")
             modes[i] = m = replace(m, match=within)
         if m.match is not None:
             ref = by_label.get(m.match)

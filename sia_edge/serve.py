@@ -50,15 +50,17 @@ from sia_edge.cli_common import (
     base_model_path,
     build_engine,
     choose_value_model,
+    gate_horizon,
     mode_name,
     new_seed,
+    recommended_horizon,
     run_cli,
     stats_payload,
     steering_config,
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.gate import MAX_SEED, MODE_ALIASES, SteeringConfig
+from sia_edge.gate import MAX_SEED, SteeringConfig
 
 __all__ = ["ApiError", "ServerState", "create_app", "main"]
 
@@ -238,7 +240,7 @@ class ServerState:
     parallel: int = 1
     max_queue: int = 64
     model_id: str = ""
-    recommended_horizon: bool = False  # config.horizon came from the value model, for the entropy gates
+    recommended_horizon: int | None = None  # the value model's, for the entropy gate (cli_common.gate_horizon)
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0
     waiting: int = 0
@@ -390,12 +392,13 @@ def create_app(
     parallel: int = 1,
     max_queue: int = 64,
     model_id: str | None = None,
-    recommended_horizon: bool = False,
+    recommended_horizon: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. ``config`` is the default steering of requests; its
     ``target_ratio``, if any, must already be resolved to a tau. ``recommended_horizon``: the
-    config's horizon is the value model's recommendation for its entropy gate, so a request for
-    another gate that names no horizon steers the whole answer (as the chat does)."""
+    value model's horizon for its entropy gate (``cli_common.recommended_horizon``): a request for
+    another gate that names no horizon steers the whole answer, as the chat's ``--mode`` and
+    ``/mode`` do, and one for the entropy gate gets it back."""
     if config is None:
         config = SteeringConfig() if engine.value is not None else SteeringConfig(gate="off")
     if config.target_ratio is not None:
@@ -487,9 +490,11 @@ def create_app(
         for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head", "follow", "horizon"):
             if getattr(req, name) is not None:
                 changes[name] = getattr(req, name)
-        if state.recommended_horizon and "horizon" not in changes and "gate" in changes \
-                and MODE_ALIASES.get(changes["gate"], changes["gate"]) not in ("entropy", "full-entropy"):
-            changes["horizon"] = None
+        if state.recommended_horizon is not None and "horizon" not in changes:
+            horizon = gate_horizon(changes.get("gate", state.config.gate), state.recommended_horizon,
+                                   state.config.horizon)
+            head = changes.get("head", state.config.head)
+            changes["horizon"] = None if horizon is not None and isinstance(head, int) and head > horizon else horizon
         try:
             cfg = replace(state.config, **changes)
         except ValueError as exc:
@@ -651,7 +656,7 @@ def build_parser() -> CliParser:
         description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) "
                     "for a base model steered by a value model. Steering options below are the defaults "
                     "of requests, which can override them with extra fields (sia_mode, tau, k, w, "
-                    "target_ratio, seed, temperature).",
+                    "target_ratio, p, head, follow, horizon, seed, temperature).",
     )
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; there is no authentication, so think "
@@ -707,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config.with_tau(engine.calibrate_tau(config))
     app = create_app(engine, config=config, max_tokens=args.max_tokens, seed=args.seed,
                      parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name,
-                     recommended_horizon=args.horizon is None and config.horizon is not None)
+                     recommended_horizon=recommended_horizon(args, choice))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not loopback:

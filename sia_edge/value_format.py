@@ -130,6 +130,9 @@ class ValueHeadMeta:
 def check_recommended_steering(w: float | None, target_ratio: float | None, tau: float | None = None,
                                horizon: int | None = None) -> None:
     """The recommended settings a value GGUF may carry must be ones the engine accepts."""
+    for name, v in (("w", w), ("target ratio", target_ratio), ("tau", tau)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueFormatError(f"the recommended {name} must be a number, got {v!r}")
     if w is not None and not (math.isfinite(w) and w > 0):
         raise ValueFormatError(f"the recommended steering strength w must be finite and > 0, got {w}")
     if target_ratio is not None and not 0.0 < target_ratio < 1.0:
@@ -276,14 +279,20 @@ def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
     bias = _field_value(reader, KEY_HEAD_BIAS)
     if weight is None or bias is None:
         raise ValueFormatError(f"{path}: {KEY_HEAD_WEIGHT} or {KEY_HEAD_BIAS} missing; re-export the value model")
+    try:
+        return _head_meta(reader, weight, bias)
+    except ValueFormatError as exc:
+        raise ValueFormatError(f"{path}: {exc}") from None
 
+
+def _head_meta(reader: dict[str, object], weight: object, bias: object) -> ValueHeadMeta:
     def opt(key: str, default: object) -> object:
         v = _field_value(reader, key)
         return default if v is None else v
 
     return ValueHeadMeta(
         weight=np.asarray(weight, dtype=np.float32),
-        bias=float(bias),
+        bias=float(bias),  # type: ignore[arg-type]
         reward_mean=float(opt(KEY_REWARD_MEAN, 0.0)),  # type: ignore[arg-type]
         reward_std=float(opt(KEY_REWARD_STD, 1.0)),  # type: ignore[arg-type]
         tokenizer_fingerprint=str(opt(KEY_TOKENIZER_FP, "")),
@@ -293,7 +302,7 @@ def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
         steering_w=_optional_float(_field_value(reader, KEY_STEERING_W)),
         steering_target_ratio=_optional_float(_field_value(reader, KEY_STEERING_TARGET_RATIO)),
         steering_tau=_optional_float(_field_value(reader, KEY_STEERING_TAU)),
-        steering_horizon=_optional_int(_field_value(reader, KEY_STEERING_HORIZON)),
+        steering_horizon=_optional_int(_field_value(reader, KEY_STEERING_HORIZON), KEY_STEERING_HORIZON),
     )
 
 
@@ -301,8 +310,13 @@ def _optional_float(v: object) -> float | None:
     return None if v is None else float(v)  # type: ignore[arg-type]
 
 
-def _optional_int(v: object) -> int | None:
-    return None if v is None else int(v)  # type: ignore[call-overload]
+def _optional_int(v: object, key: str) -> int | None:
+    """A whole number stored under ``key`` (any GGUF integer type), or None if absent."""
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueFormatError(f"{key} must be a whole number, got {v!r}; re-export the value model")
+    return int(v)
 
 
 def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-untyped-def]

@@ -295,6 +295,17 @@ def test_a_recommended_tau_and_horizon_fill_in_what_the_user_leaves_out(
     assert stats("--target-ratio", "0.5")["horizon"] == 3  # a ratio replaces the tau, not the horizon
     dense = stats("--mode", "dense")  # the recommendation is the entropy gate's: dense stays dense
     assert dense["horizon"] is None and dense["junctions"] >= dense["tokens"]
+    full = stats("--mode", "full-entropy")  # a tau is on the top-k entropy's scale, not the full vocabulary's
+    assert full["tau"] == 1.0 and full["horizon"] is None
+    assert stats("--head", "5")["horizon"] is None  # a head longer than the recommended horizon wins
+    # the interactive /mode follows the same rule, both ways
+    session = "/mode dense\n/mode sparse\n/mode random\n/quit\n"
+    r = chat(env, "--value-model", gguf, "--max-tokens", "4", "--seed", "5", stdin=session, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "mode sparse, tau 0.5, horizon 3, k 10, w 2" in r.stderr  # the start line shows the horizon
+    lines = [line for line in r.stdout.splitlines() if line.startswith("(mode ")]
+    assert [line.split(",")[0] for line in lines] == ["(mode dense", "(mode sparse", "(mode random"]
+    assert ["horizon 3" in line for line in lines] == [False, True, False]
 
 
 def test_the_tau_note_is_shown_only_when_tau_is_measured(env: dict[str, str], recommending_value_model: Path,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sia_edge.models import DEFAULT_VALUE_FILE, REPO_ROOT, default_base_model, models_dir
-from sia_edge.value_format import read_value_meta
+from sia_edge.value_format import read_gguf_kv, read_value_meta
 
 ASSETS = REPO_ROOT / "assets" / "value-smollm2-safety"
 BUILT = models_dir() / DEFAULT_VALUE_FILE  # where ./dev.sh setup writes it
@@ -49,7 +49,8 @@ def test_it_matches_the_base_model_and_the_recorded_depth(default_value) -> None
     assert np.allclose(head.reward_mean, meta["reward_mean"]) and np.allclose(head.reward_std, meta["reward_std"])
     # the settings it was evaluated with travel in the GGUF, so the chat uses them by default
     assert head.recommended_steering() == meta["steering"]
-    assert isinstance(head.steering_horizon, int)  # a whole number of tokens, as SteeringConfig takes it
+    stored = read_gguf_kv(BUILT, with_types=True)["sia.steering.horizon"]
+    assert stored[:2] == (meta["steering"]["horizon"], 4)  # GGUF type 4: uint32, a whole number of tokens
 
 
 def test_setup_rebuilds_the_gguf_when_the_assets_change(tmp_path: Path) -> None:

@@ -400,7 +400,7 @@ def test_horizon_ends_every_kind_of_steering_after_the_first_tokens(engine: Stee
 def test_a_horizon_keeps_the_tau_of_whole_answers(engine: SteeringEngine, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # A horizon only ends steering: a target ratio gives the tau it gives whole answers (one
-    # calibration, one cache entry), so the CLI, whose value model recommends a ratio, and the
+    # calibration, one cache entry), so the CLI, when its value model recommends a ratio, and the
     # server, which resolves it at start, steer the same junctions within the same horizon.
     monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
     within, plain = SteeringConfig(target_ratio=0.3, horizon=6), SteeringConfig(target_ratio=0.3)

@@ -116,8 +116,10 @@ def test_mode_config() -> None:
 def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window() -> None:
     modes = ev.parse_modes("sparse@1+horizon@16,random@sparse@1+horizon@16,random@sparse@1,sparse@1")
     assert [m.match for m in modes[1:3]] == ["sparse@1+horizon@16", "sparse@1"]
-    alone = ev.parse_modes("sparse@1,random@sparse@1+horizon@16")  # no such horizon mode: MODE's own rate
-    assert alone[1].match == "sparse@1" and alone[1].horizon == 16
+    spelled = ev.parse_modes("sparse@1.0+horizon@016,random@sparse@1+horizon@16")
+    assert spelled[1].match == "sparse@1.0+horizon@016"  # matched by meaning, not by spelling
+    with pytest.raises(ev.ModeError, match=r"at the rate of sparse@1\+horizon@16: add that mode to --modes"):
+        ev.parse_modes("sparse@1,random@sparse@1+horizon@16")  # MODE's whole-answer rate is no fallback
 
     def row(steps: int, junctions: int, samples: list[dict[str, Any]] | None = None) -> ev.RowResult:
         return ev.RowResult("s", 0, ev.EvalPrompt("p"), "m", 0, "", [], [], steps=steps, junctions=junctions,

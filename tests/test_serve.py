@@ -148,7 +148,7 @@ def test_a_recommended_horizon_stays_with_the_entropy_gate(server_engine: Steeri
     # The value model recommends a horizon for its entropy gate: a request for dense gets dense
     # (unless it names a horizon), as the chat's --mode dense does; a sparse request keeps it.
     config = SteeringConfig(tau=-1.0, horizon=3)  # tau -1: every step within the horizon is a junction
-    with running(create_app(server_engine, config=config, max_tokens=8, recommended_horizon=True)) as srv:
+    with running(create_app(server_engine, config=config, max_tokens=8, recommended_horizon=3)) as srv:
         def sia(**body: Any) -> dict[str, Any]:
             r = srv.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=8, seed=11,
                                                      extra_body=body)
@@ -159,6 +159,14 @@ def test_a_recommended_horizon_stays_with_the_entropy_gate(server_engine: Steeri
         dense = sia(sia_mode="dense")
         assert dense["horizon"] is None and dense["junctions"] == dense["tokens"] + (dense["stop_reason"] == "eos")
         assert sia(sia_mode="dense", horizon=2)["junctions"] == 2
+        longer_head = sia(head=5)  # the user's head wins over the recommended horizon
+        assert longer_head["horizon"] is None and longer_head["junctions"] >= 5
+    # started with dense (so without the horizon), a sparse request gets it back
+    with running(create_app(server_engine, config=SteeringConfig(gate="dense", tau=-1.0), max_tokens=8,
+                            recommended_horizon=3)) as srv:
+        r = srv.client().chat.completions.create(model="m", messages=PROMPT, max_tokens=8, seed=11,
+                                                 extra_body={"sia_mode": "sparse"})
+        assert (r.model_extra or {})["sia"]["horizon"] == 3
 
 
 def test_chat_streaming_matches_non_streaming(server: Server) -> None:

@@ -41,7 +41,8 @@ HARMFUL_SOURCES = (
 )
 
 # The steering settings the default model was evaluated with (docs/RESULTS.md): written into its
-# GGUF as sia.steering.*, so the chat and server use them unless the user passes --w / --tau.
+# GGUF as sia.steering.*, so the chat and server use them unless the user passes --w, --tau /
+# --target-ratio or --horizon.
 # The entropy gate at tau 1 within the first 16 tokens: 80% of dense steering's refusal gain at 9.6%
 # intervention on 128-token answers, where the whole-answer gate at 25% kept less for more
 # (docs/RESULTS.md, "The entropy gate within the opening").

@@ -199,8 +199,9 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
         value_id = hashlib.sha256(fh.read()).hexdigest()[:12]
     setting = f"@{config.tau:.4f}" if config.gate in ("entropy", "full-entropy") else (
         f"@{config.p:g}" if config.gate == "random" else "")
-    # Each setting that changes which tokens are steered is part of the policy's identity (added
-    # only when set, so the ids of files written before follow and horizon existed still match).
+    # Each setting that changes which tokens are steered is part of the policy's identity, added
+    # only when set: files steered without follow or horizon keep their ids; a file steered with
+    # +follow@F before follow joined the id (2026-11-27) no longer resumes, and is refused.
     extra = f"+head@{config.head}" if config.head else ""
     extra += f"+follow@{config.follow:g}" if config.follow is not None else ""
     extra += f"+horizon@{config.horizon}" if config.horizon is not None else ""

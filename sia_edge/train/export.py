@@ -389,7 +389,7 @@ def export_value_model(
 ) -> tuple[dict[str, Path], ParityReport | None]:
     """Merge, write and quantise a trained value model; optionally check parity. Returns the
     GGUF paths per type and the parity report (None without ``check_sequences``). ``steering``
-    (``w``, ``target_ratio``) replaces the recommended settings of ``value_meta.json``."""
+    (``w``, ``target_ratio`` or ``tau``, ``horizon``) replaces the recommended settings of ``value_meta.json``."""
     from sia_edge.models import default_base_model
     from sia_edge.train.model import check_steering, load_value_model
 
