@@ -185,7 +185,8 @@ class ChatSession:
                 if not arg:
                     raise ValueError("/mode needs one of off, sparse, dense, full-entropy, random")
                 new = replace(self.config, gate=arg, target_ratio=None,
-                              horizon=gate_horizon(arg, self.recommended_horizon, self.config.horizon))
+                              horizon=gate_horizon(arg, self.recommended_horizon, self.config.horizon,
+                                                   head=self.config.head))
                 if new.steers and not self.value_model:
                     raise ValueError(f"mode {arg} needs a value model; restart with --value-model PATH.gguf")
         except ValueError as exc:

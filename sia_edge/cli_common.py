@@ -246,22 +246,20 @@ def build_engine(args: argparse.Namespace, base: Path, choice: ValueModelChoice)
 
 def recommended_horizon(args: argparse.Namespace, choice: ValueModelChoice) -> int | None:
     """The horizon the value model recommends for the entropy gate, unless the user chose one with
-    ``--horizon`` (0 included) or a ``--head`` longer than it (the user's head wins)."""
+    ``--horizon`` (0 included); ``gate_horizon`` decides where it applies."""
     if args.horizon is not None or not choice.available:
         return None
     horizon = choice.recommended().get("horizon")
-    if horizon is None or (args.head or 0) > horizon:
-        return None
-    return int(horizon)
+    return None if horizon is None else int(horizon)
 
 
-def gate_horizon(gate: str, recommended: int | None, current: int | None) -> int | None:
-    """The horizon after a switch to ``gate`` (chat ``/mode``, a server request): a recommended
-    horizon belongs to SIA's entropy gate, so other gates steer whole answers, as ``--mode dense``
-    does from the start; a horizon the user chose stays whatever the gate."""
+def gate_horizon(gate: str, recommended: int | None, current: int | None, head: int = 0) -> int | None:
+    """The horizon of ``gate`` (at start, after chat ``/mode``, for a server request): a recommended
+    horizon belongs to SIA's entropy gate, so other gates steer whole answers, as does a ``head``
+    longer than it (the user's head wins); a horizon the user chose stays whatever the gate."""
     if recommended is None:
         return current
-    return recommended if MODE_ALIASES.get(gate, gate) == "entropy" else None
+    return recommended if MODE_ALIASES.get(gate, gate) == "entropy" and head <= recommended else None
 
 
 def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> SteeringConfig:
@@ -294,7 +292,7 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
             kwargs["tau"] = recommended["tau"]
         elif "target_ratio" in recommended:
             kwargs["target_ratio"] = recommended["target_ratio"]
-    horizon = gate_horizon(mode, recommended_horizon(args, choice), None)
+    horizon = gate_horizon(mode, recommended_horizon(args, choice), None, head=args.head or 0)
     if horizon is not None:
         kwargs["horizon"] = horizon
     try:

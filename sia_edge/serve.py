@@ -491,10 +491,8 @@ def create_app(
             if getattr(req, name) is not None:
                 changes[name] = getattr(req, name)
         if state.recommended_horizon is not None and "horizon" not in changes:
-            horizon = gate_horizon(changes.get("gate", state.config.gate), state.recommended_horizon,
-                                   state.config.horizon)
-            head = changes.get("head", state.config.head)
-            changes["horizon"] = None if horizon is not None and isinstance(head, int) and head > horizon else horizon
+            changes["horizon"] = gate_horizon(changes.get("gate", state.config.gate), state.recommended_horizon,
+                                              state.config.horizon, head=changes.get("head", state.config.head))
         try:
             cfg = replace(state.config, **changes)
         except ValueError as exc:
