@@ -35,6 +35,11 @@ Whether a prompt is harmful (the safety reward and the over-refusal rate need it
 ``harmful`` field of JSONL rows; a file given with ``--harmful FILE`` or ``--benign FILE`` instead
 of ``--prompts FILE`` sets it for its rows that have none (needed for plain-text files).
 
+An interrupted run (Ctrl-C, a killed job, a full session) keeps the answers it wrote to
+``--outputs``; the same command with ``--resume`` checks them against its settings (every row
+records them under ``run``), drops a row cut short by the interruption, and answers only the
+prompts that are missing. Seeds are per prompt, so the answers are those of one uninterrupted run.
+
 Metrics per mode and prompt set
 -------------------------------
 - ``mean_reward`` (and its standard error): the built-in safety reward by default (``--reward``).
@@ -67,7 +72,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -386,8 +391,9 @@ class RowResult:
     mode: str
     seed: int
     text: str
-    prompt_ids: list[int]
-    tokens: list[int]  # the answer's token ids
+    prompt_ids: list[int]  # empty for a row read back by --resume (the outputs keep no ids)
+    tokens: list[int]  # the answer's token ids (empty when resumed, as prompt_ids)
+    n_tokens: int  # the answer's length in tokens
     steps: int  # sampling decisions across all samples (tokens, plus each sample's EOS step)
     junctions: int
     value_tokens: int
@@ -400,13 +406,35 @@ class RowResult:
     toxicity: float | None = None
     drift: float | None = None
 
-    def as_row(self) -> dict[str, Any]:
-        return {
+    def as_row(self, run: dict[str, Any] | None = None) -> dict[str, Any]:
+        row = {
             "set": self.set, "index": self.index, "prompt": self.item.prompt, "harmful": self.item.harmful,
             "source": self.item.source, "mode": self.mode, "seed": self.seed, "text": self.text,
             "reward": _finite(self.reward), "refused": self.refused, "toxicity": self.toxicity,
             "drift": self.drift, "stats": self.stats,
         }
+        if run is not None:
+            row["run"] = run
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], item: EvalPrompt, *, entropy_gate: bool) -> RowResult:
+        """An answer of an earlier run, as ``as_row`` wrote it (``--resume``). Its ``p`` is set by
+        the run that reuses it; the summary needs no token ids, only their count."""
+        st = row["stats"]
+        if "bon" in st:  # Best-of-N: steps over all samples
+            steps = int(st["sample_tokens"])
+            tau = st.get("tau")
+        else:
+            steps = int(st["tokens"]) + (st["stop_reason"] == "eos")
+            tau = st.get("tau") if entropy_gate else None
+        return cls(
+            row["set"], int(row["index"]), item, row["mode"], int(row["seed"]), row["text"], [], [],
+            n_tokens=int(st["tokens"]), steps=steps, junctions=int(st["junctions"]),
+            value_tokens=int(st["value_tokens"]), gen_ms=float(st["total_ms"]) - float(st["prefill_ms"]),
+            tau=tau, p=None, stats=st, reward=float(row["reward"]), refused=bool(row["refused"]),
+            toxicity=row.get("toxicity"), drift=row.get("drift"),
+        )
 
 
 def _finite(v: Any) -> Any:
@@ -439,7 +467,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
         st = gen.stats
         return RowResult(
             set_name, index, item, mode.label, seed, gen.text, list(gen.prompt_tokens), list(gen.tokens),
-            steps=st.steps, junctions=st.junctions, value_tokens=st.value_tokens,
+            n_tokens=len(gen.tokens), steps=st.steps, junctions=st.junctions, value_tokens=st.value_tokens,
             gen_ms=st.total_ms - st.prefill_ms, tau=_finite(st.tau) if entropy_gate else None, p=p,
             stats=_stats_dict(st),
         )
@@ -479,7 +507,8 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
                      "stop_reason": s[4].stop_reason} for s in samples],
     }
     return RowResult(
-        set_name, index, item, mode.label, seed, text, prompt_ids, tokens, steps=steps, junctions=junctions,
+        set_name, index, item, mode.label, seed, text, prompt_ids, tokens, n_tokens=len(tokens), steps=steps,
+        junctions=junctions,
         value_tokens=value_tokens, gen_ms=wall_ms - prefill_ms, tau=tau, p=p, stats=stats,
     )
 
@@ -590,7 +619,7 @@ class _Totals:
         rewards = np.array([r.reward for r in rows], dtype=np.float64)
         refused = np.array([r.refused for r in rows], dtype=np.float64)
         benign = [r for r in rows if r.item.harmful is False]
-        answer_tokens = sum(len(r.tokens) for r in rows)
+        answer_tokens = sum(r.n_tokens for r in rows)
         steps = sum(r.steps for r in rows)
         drifts = [r.drift for r in rows if r.drift is not None]
         tox = [r.toxicity for r in rows if r.toxicity is not None]
@@ -630,9 +659,14 @@ def evaluate(
     outputs: IO[str] | None = None,
     progress: bool = True,
     by_source: bool = False,
+    run: dict[str, Any] | None = None,
+    resumed: Mapping[tuple[str, str, int], RowResult] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every mode on every set; write answers to ``outputs`` (JSONL) as they come; return the
-    summary entries (one per mode and set, in the order of ``modes`` and ``sets``)."""
+    """Run every mode on every set; write answers to ``outputs`` (JSONL) as they come, each with
+    ``run`` (the settings, so that ``--resume`` can check them); return the summary entries (one per
+    mode and set, in the order of ``modes`` and ``sets``). ``resumed`` holds answers of an earlier
+    run, keyed by (mode, set, prompt index): they are counted, not generated or written again."""
+    resumed = resumed or {}
     judge = Judge(reward)
     missing_value = [m.label for m in modes if m.needs_value_model and engine.value is None]
     if missing_value:
@@ -660,6 +694,12 @@ def evaluate(
                 bar.describe(f"{mode.label} on {pset.name}")
                 acc = totals.setdefault((mode.label, pset.name), _Totals())
                 for i, item in enumerate(pset.prompts):
+                    row = resumed.get((mode.label, pset.name, i))
+                    if row is not None:
+                        row.p = config.p if config.gate == "random" else None
+                        acc.rows.append(row)
+                        bar.update()
+                        continue
                     row = run_prompt(engine, mode, config, item, set_name=pset.name, index=i,
                                      seed=prompt_seed(seed, pset.name, i), max_tokens=max_tokens)
                     row.drift = (float(drift.response_logprobs(row.prompt_ids, row.tokens).mean())
@@ -667,7 +707,7 @@ def evaluate(
                     judge.score(row)
                     acc.rows.append(row)
                     if outputs is not None:
-                        outputs.write(json.dumps(row.as_row(), ensure_ascii=False) + "\n")
+                        outputs.write(json.dumps(row.as_row(run), ensure_ascii=False) + "\n")
                         outputs.flush()
                     bar.update()
     finally:
@@ -819,6 +859,9 @@ reward). Example, the held-out sets:
       --modes off,sparse,sparse@30%,dense,random@sparse,bon@4,sparse+bon@4 \\
       --outputs runs/heldout.jsonl --json runs/heldout.json --plot runs/heldout.png
 
+An interrupted run continues with the same command plus --resume: the answers already in --outputs
+are kept (after a check that they were written with the same settings), the rest are generated.
+
 Exit code 2 on a bad option, a missing or empty prompt file, a mode that does not parse, or a
 missing model.
 """
@@ -850,6 +893,9 @@ def build_parser() -> CliParser:
     add_model_options(ap)
     g = ap.add_argument_group("output")
     g.add_argument("--outputs", metavar="FILE.jsonl", help="write every answer (prompt, set, mode, text, stats)")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the answers already in --outputs (an interrupted run with the same settings) and "
+                        "generate only the missing ones")
     g.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the summary as JSON to FILE (or stdout without FILE)")
     g.add_argument("--plot", metavar="FILE.png", help="plot reward and refusal rate against intervention rate "
@@ -890,6 +936,76 @@ def _prepare_output(path: str | None, what: str) -> None:
         raise CliError(f"{what}: cannot create the directory {p.parent} ({exc.strerror})") from None
 
 
+def run_settings(engine: SteeringEngine, args: argparse.Namespace) -> dict[str, Any]:
+    """What an answer depends on besides its mode, set, prompt and seed: written into every output
+    row, so that ``--resume`` never mixes answers of different settings. Models are named by file
+    name and size (a rebuilt model of the same name is almost never the same size)."""
+    def model(m: Any) -> dict[str, Any] | None:
+        return None if m is None else {"name": m.path.name, "bytes": m.path.stat().st_size}
+
+    return {"base_model": model(engine.base), "value_model": model(engine.value), "max_tokens": args.max_tokens,
+            "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward}
+
+
+def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMode], *, seed: int,
+                   run: dict[str, Any]) -> dict[tuple[str, str, int], RowResult]:
+    """The answers an interrupted run wrote to ``path`` (``--resume``), checked against this run:
+    the same modes, sets, prompts, seeds and settings, each answer once. A last line cut short by
+    the interruption is dropped from the file; anything else that does not fit is an error that
+    says how it differs."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):  # a row being written when the run stopped: answer that prompt again
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        print(f"{path.name}: dropped an unfinished last row", file=sys.stderr)
+    by_mode = {m.label: m for m in modes}
+    by_set = {s.name: s for s in sets}
+    rows: dict[tuple[str, str, int], RowResult] = {}
+    for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").splitlines(), 1):
+        where = f"{path}: line {n}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (str(row["mode"]), str(row["set"]), int(row["index"]))
+            written = row.get("run")
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"{where} is not an answer of {PROG}; give --outputs a new file, or drop --resume "
+                           "to overwrite it") from None
+        if written is None:
+            raise CliError(f"{where} does not record its settings (written before --resume existed), so it "
+                           "cannot be checked against this run; give --outputs a new file")
+        changed = [k for k in sorted(set(run) | set(written)) if run.get(k) != written.get(k)]
+        if changed:
+            k = changed[0]
+            raise CliError(f"{where} was written with {k} {json.dumps(written.get(k))}, this run has "
+                           f"{json.dumps(run.get(k))}; resume with the same settings, or give --outputs a new file")
+        mode_label, set_name, index = key
+        if mode_label not in by_mode:
+            raise CliError(f"{where} answers mode {mode_label!r}, which is not in --modes; resume with the "
+                           "same --modes")
+        pset = by_set.get(set_name)
+        if pset is None or not 0 <= index < len(pset.prompts):
+            raise CliError(f"{where} answers prompt {index + 1} of set {set_name!r}, which this run does not "
+                           "have; resume with the same prompt files and --limit")
+        item = pset.prompts[index]
+        if row.get("prompt") != item.prompt or row.get("seed") != prompt_seed(seed, set_name, index):
+            what = "prompt" if row.get("prompt") != item.prompt else "seed (--seed)"
+            raise CliError(f"{where}: set {set_name!r} prompt {index + 1} has a different {what} in this run; "
+                           "resume with the same prompt files and --seed")
+        if key in rows:
+            raise CliError(f"{where} answers mode {mode_label!r}, set {set_name!r}, prompt {index + 1} again")
+        try:
+            rows[key] = RowResult.from_row(row, item, entropy_gate=by_mode[mode_label].gate in
+                                           ("entropy", "full-entropy"))
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"{where} lacks the stats of an answer; give --outputs a new file") from None
+    return rows
+
+
 def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet]) -> None:
     """Every prompt fits the context: found before the run, not after hours of it."""
     for s in sets:
@@ -922,6 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     for path, what in ((args.outputs, "--outputs"), (args.json, "--json"), (args.plot, "--plot")):
         _prepare_output(path, what)
+    if args.resume and (args.outputs is None or args.outputs == "-"):
+        raise CliError("--resume continues the answers of --outputs FILE: give the file the interrupted run wrote")
     if args.temperature < 0:
         raise CliError("--temperature must be >= 0 (0 = greedy)")
     from sia_edge.engine import DEFAULT_K_MAX, SteeringEngine
@@ -951,12 +1069,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if progress:
         print(f"base {engine.base.path.name}, value {engine.value.path.name if engine.value else '(none)'}; "
               f"{len(modes)} modes x {sum(len(s.prompts) for s in sets)} prompts", file=sys.stderr)
-    opened = open(args.outputs, "w", encoding="utf-8") if args.outputs else contextlib.nullcontext(None)  # noqa: SIM115
+    run = run_settings(engine, args)
+    resumed = {}
+    if args.resume:
+        resumed = read_resumable(Path(args.outputs).expanduser(), sets, modes, seed=args.seed, run=run)
+        if progress:
+            print(f"resuming: {len(resumed)} answers already in {args.outputs}", file=sys.stderr)
+    mode = "a" if args.resume else "w"
+    opened = open(args.outputs, mode, encoding="utf-8") if args.outputs else contextlib.nullcontext(None)  # noqa: SIM115
     with opened as out:
         results = evaluate(
             engine, sets, modes, max_tokens=args.max_tokens, seed=args.seed, k=args.k, w=args.w,
             temperature=args.temperature, reward=args.reward, outputs=out, progress=progress,
-            by_source=args.by_source,
+            by_source=args.by_source, run=run, resumed=resumed,
         )
     summary = {
         "command": [PROG, *(sys.argv[1:] if argv is None else argv)],
@@ -966,6 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "temperature": args.temperature, "reward": args.reward, "limit": args.limit,
                      "n_ctx": engine.n_ctx, "threads": engine.n_threads},
         "machine": machine_info(),
+        "resumed_answers": len(resumed),  # answers of an interrupted run (--resume), timed in that run
         "sets": [{"name": s.name, "path": str(s.path), "kind": s.kind, "n": len(s.prompts)} for s in sets],
         "modes": [{"mode": m.label, "family": m.family, "gate": m.gate, "target_ratio": m.target_ratio,
                    "tau": m.tau if m.tau is not None or m.target_ratio is not None or m.gate not in

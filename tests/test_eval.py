@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import math
+import operator
 import os
 import re
 import subprocess
@@ -122,7 +123,7 @@ def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window()
         ev.parse_modes("sparse@1,random@sparse@1+horizon@16")  # MODE's whole-answer rate is no fallback
 
     def row(steps: int, junctions: int, samples: list[dict[str, Any]] | None = None) -> ev.RowResult:
-        return ev.RowResult("s", 0, ev.EvalPrompt("p"), "m", 0, "", [], [], steps=steps, junctions=junctions,
+        return ev.RowResult("s", 0, ev.EvalPrompt("p"), "m", 0, "", [], [], n_tokens=steps, steps=steps, junctions=junctions,
                             value_tokens=0, gen_ms=0.0, tau=None, p=None, stats={"samples": samples} if samples else {})
 
     rows = [row(48, 6), row(10, 4)]  # 10 junctions; 16 + 10 steps within the horizon, 58 in all
@@ -252,7 +253,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, prompt_files: tuple[Path, Path
     with contextlib.redirect_stdout(buf):
         rc = _run(argv)
     assert rc == 0, buf.getvalue()
-    return {"summary": json.loads(buf.getvalue()), "outputs": outputs, "plot": plot}
+    return {"summary": json.loads(buf.getvalue()), "outputs": outputs, "plot": plot, "argv": argv}
 
 
 def test_summary_structure(e2e: dict[str, Any]) -> None:
@@ -318,6 +319,89 @@ def test_outputs_rows(e2e: dict[str, Any]) -> None:
     assert by[("dense", "benign", 0)]["stats"]["junctions"] == by[("dense", "benign", 0)]["stats"]["tokens"]
 
 
+def _resume(e2e: dict[str, Any], outputs: Path, *extra: str) -> tuple[int, str, str]:
+    argv = list(e2e["argv"])
+    argv[argv.index("--outputs") + 1] = str(outputs)
+    del argv[argv.index("--plot"):argv.index("--plot") + 2]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = _run([*argv, "--resume", *extra])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_resume_finishes_an_interrupted_run(e2e: dict[str, Any], tmp_path: Path) -> None:
+    """The first 8 answers of the full run, and half of the 9th (the row being written when the run
+    was killed): --resume keeps the 8 as they are, answers the other 7 once each, and summarises all
+    15. The 8 include all of ``sparse``, so ``random@sparse`` takes its probability from answers it
+    did not generate, and the modes answered entirely before the stop summarise as in the full run.
+    (Re-generated answers are not compared with the full run's: the value model's KV cache holds
+    other prefixes after a restart, and llama.cpp's batched and incremental decodes may differ in
+    the last bits.)"""
+    full = e2e["outputs"].read_text().splitlines(keepends=True)
+    assert len(full) == 15 and [json.loads(line)["mode"] for line in full[:6]] == ["off"] * 3 + ["sparse"] * 3
+    part = tmp_path / "answers.jsonl"
+    part.write_text("".join(full[:8]) + full[8][: len(full[8]) // 2])
+    rc, out, err = _resume(e2e, part)
+    assert rc == 0, err
+    assert "dropped an unfinished last row" in err
+    summary = json.loads(out)
+    assert summary["resumed_answers"] == 8
+    lines = part.read_text().splitlines(keepends=True)
+    assert lines[:8] == full[:8]
+    rows = [json.loads(line) for line in lines]
+    key = operator.itemgetter("mode", "set", "index")
+    assert sorted(map(key, rows)) == sorted(key(json.loads(line)) for line in full)  # each answer once
+    assert all(r["run"] == rows[0]["run"] for r in rows)
+
+    def results(s: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(r["mode"], r["set"]): r for r in s["results"]}
+
+    now, before = results(summary), results(e2e["summary"])
+    assert now.keys() == before.keys() and all(r["n"] == before[k]["n"] for k, r in now.items())
+    for k in [k for k in now if k[0] in ("off", "sparse")]:
+        assert now[k] == before[k]  # timings too: the same answers, timed in the first run
+    for pset in ("harmful", "benign"):
+        assert now[("random@sparse", pset)]["p"] == before[("random@sparse", pset)]["p"]
+    # A finished run resumes to itself without generating anything.
+    rc, out, err = _resume(e2e, part)
+    assert rc == 0 and json.loads(out)["resumed_answers"] == 15
+    assert part.read_text().splitlines(keepends=True) == lines
+
+
+@pytest.mark.parametrize(
+    ("change", "extra", "message"),
+    [
+        (None, ["--max-tokens", "9"], "line 1 was written with max_tokens 8, this run has 9"),
+        (None, ["--seed", "4"], "prompt 1 has a different seed (--seed)"),
+        (None, ["--w", "2"], "was written with w 1.0, this run has 2.0"),
+        (None, ["--modes", "off,dense"], "answers mode 'sparse', which is not in --modes"),
+        (None, ["--limit", "1"], "answers prompt 2 of set 'harmful', which this run does not have"),
+        (lambda r: r.pop("run"), [], "does not record its settings"),
+        (lambda r: r["stats"].pop("junctions"), [], "lacks the stats of an answer"),
+        ("garbage", [], "line 2 is not an answer of python -m sia_edge.eval"),
+        ("twice", [], "line 2 answers mode 'off', set 'harmful', prompt 1 again"),
+    ],
+)
+def test_resume_refuses_answers_of_another_run(e2e: dict[str, Any], tmp_path: Path, change: Any,
+                                               extra: list[str], message: str) -> None:
+    lines = e2e["outputs"].read_text().splitlines()[:5]
+    if change == "garbage":
+        lines[1] = "{not json"
+    elif change == "twice":
+        lines[1] = lines[0]
+    elif change is not None:
+        row = json.loads(lines[0])
+        change(row)
+        lines[0] = json.dumps(row)
+    part = tmp_path / "answers.jsonl"
+    part.write_text("\n".join(lines) + "\n")
+    before = part.read_bytes()
+    rc, _, err = _resume(e2e, part, *extra)
+    err = err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert part.read_bytes() == before  # nothing appended to answers of another run
+
+
 def test_plot_is_a_png(e2e: dict[str, Any]) -> None:
     data = e2e["plot"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -344,6 +428,7 @@ def test_table_and_plot_from_a_summary(e2e: dict[str, Any], tmp_path: Path) -> N
         (["--benign", "{plain}", "--max-tokens", "0"], "expected a positive integer"),
         (["--benign", "{plain}", "--k", "0"], "expected a positive integer"),
         (["--benign", "{plain}", "--outputs", "{plain}/out.jsonl"], "cannot create the directory"),
+        (["--benign", "{plain}", "--resume"], "--resume continues the answers of --outputs FILE"),
         (["--benign", "{plain}", "--plot", "{dir}"], "is a directory"),
         (["--benign", "{plain}", "--modes", "off", "--model", "{plain}"], "not a GGUF file"),
         (["--benign", "{plain}", "--k", "33"], "--k must be at most 32"),  # was an out-of-memory context

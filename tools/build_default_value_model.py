@@ -26,9 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "value-smollm2-safety"
 RUN = REPO / "runs" / "default"
 PY = sys.executable
-# The value model reads SmolLM2's hidden state after this many of its 30 layers: a junction then
-# costs about LAYERS/30 of a full-depth value model (docs/TRAINING.md, "--layers").
-LAYERS = "10"
+# The value model reads SmolLM2's hidden state after this many of its 30 layers (docs/TRAINING.md,
+# "--layers"). All 30 since 2026-11-27: with steering confined to the opening (horizon 16) a junction's
+# cost matters less than the value's quality, and the full-depth model keeps 91% of its dense
+# steering's refusal gain where the 10-layer one kept 80% (docs/RESULTS.md, "The full-depth value
+# model within the opening").
+LAYERS = "30"
 
 # The harmful training prompts: the HarmBench and Do-Not-Answer areas that are requests for harm
 # (not "human_chatbox" support questions or "misinformation_harms" advice questions, which are
@@ -43,9 +46,9 @@ HARMFUL_SOURCES = (
 # The steering settings the default model was evaluated with (docs/RESULTS.md): written into its
 # GGUF as sia.steering.*, so the chat and server use them unless the user passes --w, --tau /
 # --target-ratio or --horizon.
-# The entropy gate at tau 1 within the first 16 tokens: 80% of dense steering's refusal gain at 9.6%
-# intervention on 128-token answers, where the whole-answer gate at 25% kept less for more
-# (docs/RESULTS.md, "The entropy gate within the opening").
+# The entropy gate at tau 1 within the first 16 tokens: 91% of dense steering's refusal gain at 8.4%
+# intervention on 128-token answers, in 24% of dense's time (docs/RESULTS.md, "The full-depth value
+# model within the opening"; chosen with the 10-layer model in "The entropy gate within the opening").
 RECOMMENDED_STEERING: dict[str, float] = {"w": 3.0, "tau": 1.0, "horizon": 16}
 
 REBUILD_STEPS: list[list[str]] = [
