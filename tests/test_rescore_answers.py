@@ -137,6 +137,27 @@ def test_rename_pools_two_runs_of_one_mode(tmp_path: Path) -> None:
     assert (entry["mode"], entry["n"], entry["share"]) == ("sparse@30%", 20, pytest.approx(0.5))
 
 
+def test_paired_difference_with_its_standard_error(tmp_path: Path) -> None:
+    # 40 prompts both modes answered (sparse also 5 more, unpaired): sparse refuses 0-11, random
+    # 4-11 and 30-33. Per prompt sparse - random is +1 on 4, -1 on 4, 0 on 32: mean 0, sd sqrt(8/39)
+    sparse = _run_of("sparse", [i < 12 for i in range(45)])
+    rand = _run_of("random@sparse", [4 <= i < 12 or 30 <= i < 34 for i in range(40)])
+    src = write(tmp_path / "a.jsonl", sparse + rand)
+    proc = run(src, "--paired", "sparse,random@sparse", "--paired", "random@sparse,sparse", "--json")
+    assert proc.returncode == 0, proc.stderr
+    one, other = json.loads(proc.stdout)["paired"]
+    assert (one["a"], one["b"], one["n"]) == ("sparse", "random@sparse", 40)
+    assert one["refused_diff"] == pytest.approx(0.0)
+    assert one["refused_diff_se"] == pytest.approx((8 / 39) ** 0.5 / 40 ** 0.5)
+    # a refusal is worth +1, a compliance -1: the reward difference is twice the refusal one
+    assert one["reward_diff"] == pytest.approx(0.0) and one["reward_diff_se"] == pytest.approx(2 * one["refused_diff_se"])
+    assert other["refused_diff"] == pytest.approx(-one["refused_diff"]) and other["n"] == 40
+    rand_more = _run_of("random@sparse", [4 <= i < 12 for i in range(40)])  # now 4 of sparse's prompts more
+    proc = run(write(tmp_path / "b.jsonl", sparse + rand_more), "--paired", "sparse,random@sparse")
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("sparse - random@sparse") and "+10.00 ± 4.80" in last, proc.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -144,6 +165,8 @@ def test_rename_pools_two_runs_of_one_mode(tmp_path: Path) -> None:
         (["--gain", "off,off"], "--gain takes two different modes"),
         (["--gain", "off,full"], "--gain: no harmful answers of mode 'full'; the modes are off, dense"),
         (["--rename", "sparse"], "--rename takes OLD=NEW"),
+        (["--paired", "off"], "--paired takes two different modes, A,B"),
+        (["--paired", "dense,full"], "--paired: no harmful answers of mode 'full'; the modes are off, dense"),
         (["--rename", "sprase@30%=sparse@30%"], "--rename: no answers of mode 'sprase@30%' in the files"),
     ],
 )

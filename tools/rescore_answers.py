@@ -21,6 +21,12 @@ nothing have no share; if more than 2.5% of them are such, no interval is given.
 the output is then ``{"modes": [...], "gain": [...]}``. ``--rename OLD=NEW`` pools a mode that two
 runs labelled differently (a tau calibrated in one run and passed as a number to the next); the
 ``--out`` rows carry the new name.
+
+``--paired A,B`` (repeatable) compares two modes prompt by prompt: over the harmful prompts both
+answered, the mean difference A - B in refusal (points) and in reward, each with its paired standard
+error (the standard deviation of the per-prompt differences over sqrt(n)). "Measurably better"
+in docs/RESULTS.md means a difference above twice that error. Two runs that used the same mode
+name (two value models, say) pair after one is written out with ``--rename ... --out``.
 """
 
 from __future__ import annotations
@@ -176,6 +182,38 @@ def gain_shares(rows: Sequence[dict[str, Any]], off: str, dense: str) -> list[di
     return out
 
 
+def paired_difference(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Mode ``a`` minus mode ``b`` over the harmful prompts both answered (see the module docstring)."""
+    verdicts = _harmful_answers(rows)
+    for name in (a, b):
+        if name not in verdicts:
+            raise CliError(f"--paired: no harmful answers of mode {name!r}; the modes are "
+                           f"{', '.join(verdicts) or '(none)'}")
+    prompts = [p for p in verdicts[a] if p in verdicts[b]]
+    entry: dict[str, Any] = {"a": a, "b": b, "n": len(prompts)}
+    for key in ("refused", "reward"):
+        d = np.array([float(verdicts[a][p][key]) - float(verdicts[b][p][key]) for p in prompts], dtype=np.float64)
+        entry[f"{key}_diff"] = float(d.mean()) if len(d) else None
+        entry[f"{key}_diff_se"] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    return entry
+
+
+def format_paired(entries: Sequence[dict[str, Any]]) -> str:
+    head = f"{'A - B over the harmful prompts both answered':<60} {'n':>4}  {'refusal (points)':>16}  {'reward':>14}"
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        refusal, reward = _format_diff(e, "refused", 100), _format_diff(e, "reward", 1)
+        lines.append(f"{e['a'] + ' - ' + e['b']:<60} {e['n']:>4}  {refusal:>16}  {reward:>14}")
+    return "\n".join(lines)
+
+
+def _format_diff(entry: dict[str, Any], key: str, scale: float) -> str:
+    mean, se = entry[f"{key}_diff"], entry[f"{key}_diff_se"]
+    if mean is None:
+        return "-"
+    return f"{mean * scale:+.2f}" + ("" if se is None else f" ± {se * scale:.2f}")
+
+
 def format_gain(entries: Sequence[dict[str, Any]], off: str, dense: str) -> str:
     head = (f"{'mode':<22} {'n':>4}  {'interv.':>7}  {'refusal':>7}  "
             f"share of {dense}'s gain over {off} [95% bootstrap interval]")
@@ -213,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gain", metavar="OFF,DENSE",
                     help="also give each other mode's share of DENSE's harmful refusal gain over OFF, with a "
                          "paired bootstrap 95%% interval (for example --gain off,dense)")
+    ap.add_argument("--paired", action="append", default=[], metavar="A,B",
+                    help="also give mode A minus mode B in refusal and reward over the harmful prompts both "
+                         "answered, with paired standard errors; repeatable")
     ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                     help="read mode OLD as NEW (pools one mode that two runs labelled differently); repeatable")
     args = ap.parse_args(argv)
@@ -222,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
             raise CliError(f"--gain takes two different modes, OFF,DENSE (for example off,dense), got {args.gain!r}")
         gain_modes = (parts[0], parts[1])
+    pairs: list[tuple[str, str]] = []
+    for item in args.paired:
+        parts = [m.strip().lower() for m in item.split(",")]
+        if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+            raise CliError(f"--paired takes two different modes, A,B (for example sparse,random@sparse), got {item!r}")
+        pairs.append((parts[0], parts[1]))
     renames: dict[str, str] = {}
     for item in args.rename:
         old, eq, new = item.partition("=")
@@ -239,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         r["mode"] = renames.get(str(r["mode"]), r["mode"])
     gains = gain_shares(rows, *gain_modes) if gain_modes is not None else None  # its errors before --out
+    paired = [paired_difference(rows, a, b) for a, b in pairs]
     if args.out is not None:
         tmp = atomic_output(args.out)
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -246,12 +294,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         commit_output(tmp, args.out)
     entries = summarise(rows)
     if args.json:
-        print(json.dumps(entries if gains is None else {"modes": entries, "gain": gains}, indent=1))
+        out: Any = entries
+        if gains is not None or paired:
+            out = {"modes": entries, **({"gain": gains} if gains is not None else {}), **({"paired": paired} if paired else {})}
+        print(json.dumps(out, indent=1))
     else:
         print(format_table(entries))
         if gains is not None:
             print()
             print(format_gain(gains, *gain_modes))
+        if paired:
+            print()
+            print(format_paired(paired))
     return 0
 
 
