@@ -38,7 +38,7 @@ of ``--prompts FILE`` sets it for its rows that have none (needed for plain-text
 An interrupted run (Ctrl-C, a killed job, a full session) keeps the answers it wrote to
 ``--outputs``; the same command with ``--resume`` checks them against its settings (every row
 records them under ``run``), drops a row cut short by the interruption, and answers only the
-prompts that are missing. Seeds are per prompt, so the answers are those of one uninterrupted run.
+prompts that are missing, with the settings and per-prompt seeds of one uninterrupted run.
 
 Metrics per mode and prompt set
 -------------------------------
@@ -413,27 +413,23 @@ class RowResult:
             "reward": _finite(self.reward), "refused": self.refused, "toxicity": self.toxicity,
             "drift": self.drift, "stats": self.stats,
         }
-        if run is not None:
-            row["run"] = run
+        if run is not None:  # what --resume needs to count the row and check it belongs to the run
+            row.update(system=self.item.system, steps=self.steps, p=self.p, run=run)
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any], item: EvalPrompt, *, entropy_gate: bool) -> RowResult:
-        """An answer of an earlier run, as ``as_row`` wrote it (``--resume``). Its ``p`` is set by
-        the run that reuses it; the summary needs no token ids, only their count."""
+        """An answer of an earlier run, as ``as_row(run)`` wrote it (``--resume``). The summary needs
+        no token ids, only their count."""
         st = row["stats"]
-        if "bon" in st:  # Best-of-N: steps over all samples
-            steps = int(st["sample_tokens"])
-            tau = st.get("tau")
-        else:
-            steps = int(st["tokens"]) + (st["stop_reason"] == "eos")
-            tau = st.get("tau") if entropy_gate else None
+        tau = st.get("tau") if entropy_gate else None  # Best-of-N rows store None for other gates
         return cls(
-            row["set"], int(row["index"]), item, row["mode"], int(row["seed"]), row["text"], [], [],
-            n_tokens=int(st["tokens"]), steps=steps, junctions=int(st["junctions"]),
+            row["set"], int(row["index"]), item, row["mode"], int(row["seed"]), str(row["text"]), [], [],
+            n_tokens=int(st["tokens"]), steps=int(row["steps"]), junctions=int(st["junctions"]),
             value_tokens=int(st["value_tokens"]), gen_ms=float(st["total_ms"]) - float(st["prefill_ms"]),
-            tau=tau, p=None, stats=st, reward=float(row["reward"]), refused=bool(row["refused"]),
-            toxicity=row.get("toxicity"), drift=row.get("drift"),
+            tau=None if tau is None else float(tau), p=None if row["p"] is None else float(row["p"]), stats=st,
+            reward=float(row["reward"]), refused=bool(row["refused"]), toxicity=row.get("toxicity"),
+            drift=row.get("drift"),
         )
 
 
@@ -645,6 +641,53 @@ class _Totals:
         }
 
 
+@dataclass
+class ResumedAnswers:
+    """The answers of an interrupted run in its ``--outputs`` file (``read_resumable``)."""
+
+    path: Path
+    rows: dict[tuple[str, str, int], RowResult]  # (mode, set, prompt index) -> answer
+    valid_bytes: int  # the file's length without a last row cut short by the interruption
+
+    def drop_unfinished_row(self) -> None:
+        """Cut a half-written last row off the file (its prompt is answered again); called once
+        every resumed answer is known to belong to this run, so a refused file stays as it was."""
+        if self.path.exists() and self.path.stat().st_size > self.valid_bytes:
+            with open(self.path, "r+b") as f:
+                f.truncate(self.valid_bytes)
+            print(f"{self.path.name}: dropped an unfinished last row", file=sys.stderr)
+
+
+def _check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], modes: Sequence[EvalMode],
+                            sets: Sequence[PromptSet], configs: Mapping[str, SteeringConfig],
+                            taus: Mapping[str, float]) -> None:
+    """Every resumed answer was steered as this run steers its mode: at the same tau (a target
+    ratio calibrates again when its cache is gone or on another CPU) and, for random gates, with the
+    same probability (``random@MODE`` takes MODE's rate on the set, which changes if MODE's answers
+    do: a larger --limit, say). Checked before anything is generated."""
+    by_label = {m.label: m for m in modes}
+    for (label, set_name, index), row in resumed.items():
+        mode, config = by_label[label], configs[label]
+        where = f"--resume: mode {label}, set {set_name!r}, prompt {index + 1}"
+        if config.gate == "random":
+            p = config.p
+            if mode.match is not None:
+                pset = next(s for s in sets if s.name == set_name)
+                matched = [resumed.get((mode.match, set_name, i)) for i in range(len(pset.prompts))]
+                done = [r for r in matched if r is not None]
+                if len(done) < len(matched):
+                    raise CliError(f"{where} copies the rate of {mode.match}, which has answered {len(done)} of "
+                                   f"the set's {len(matched)} prompts here: the file is not one run; give "
+                                   "--outputs a new file")
+                p = _matched_probability(done, by_label[mode.match].horizon)
+            if row.p is None or p is None or not math.isclose(row.p, p, rel_tol=1e-9, abs_tol=1e-12):
+                raise CliError(f"{where} was steered with probability {row.p}, this run's is {p}; give --outputs "
+                               "a new file")
+        elif row.tau is not None and not math.isclose(row.tau, taus[label], rel_tol=1e-6):
+            raise CliError(f"{where} was steered at tau {row.tau:.4g}, this run's is {taus[label]:.4g} (a target "
+                           "ratio calibrated again?); give --outputs a new file")
+
+
 def evaluate(
     engine: SteeringEngine,
     sets: Sequence[PromptSet],
@@ -660,13 +703,13 @@ def evaluate(
     progress: bool = True,
     by_source: bool = False,
     run: dict[str, Any] | None = None,
-    resumed: Mapping[tuple[str, str, int], RowResult] | None = None,
+    resumed: ResumedAnswers | None = None,
 ) -> list[dict[str, Any]]:
     """Run every mode on every set; write answers to ``outputs`` (JSONL) as they come, each with
     ``run`` (the settings, so that ``--resume`` can check them); return the summary entries (one per
-    mode and set, in the order of ``modes`` and ``sets``). ``resumed`` holds answers of an earlier
-    run, keyed by (mode, set, prompt index): they are counted, not generated or written again."""
-    resumed = resumed or {}
+    mode and set, in the order of ``modes`` and ``sets``). ``resumed`` holds the answers of an
+    earlier run in ``outputs``' file: checked, then counted, not generated or written again."""
+    done = resumed.rows if resumed is not None else {}
     judge = Judge(reward)
     missing_value = [m.label for m in modes if m.needs_value_model and engine.value is None]
     if missing_value:
@@ -679,12 +722,19 @@ def evaluate(
     bar = _Progress(len(modes) * sum(len(s.prompts) for s in sets), progress)
     try:
         # Every tau first: a ratio that cannot be calibrated fails before any mode has run for hours.
+        calibrated: dict[str, float] = {}
         for mode in order:
             if mode.target_ratio is not None:
                 cfg = mode.config(k=k, w=w, temperature=temperature)
                 bar.note(f"{mode.label}: calibrating tau for {mode.target_ratio:.0%} junctions (cached after the first run)")
-                tau = engine.calibrate_tau(cfg)
+                calibrated[mode.label] = tau = engine.calibrate_tau(cfg)
                 bar.note(f"{mode.label}: tau = {tau:.3f}")
+        if resumed is not None:
+            configs = {m.label: m.config(k=k, w=w, temperature=temperature, p=0.0 if m.match else None)
+                       for m in modes}
+            taus = {m.label: calibrated.get(m.label, configs[m.label].tau) for m in modes}
+            _check_resumed_steering(done, modes, sets, configs, taus)
+            resumed.drop_unfinished_row()
         for mode in order:
             for pset in sets:
                 p = None
@@ -694,9 +744,8 @@ def evaluate(
                 bar.describe(f"{mode.label} on {pset.name}")
                 acc = totals.setdefault((mode.label, pset.name), _Totals())
                 for i, item in enumerate(pset.prompts):
-                    row = resumed.get((mode.label, pset.name, i))
+                    row = done.get((mode.label, pset.name, i))
                     if row is not None:
-                        row.p = config.p if config.gate == "random" else None
                         acc.rows.append(row)
                         bar.update()
                         continue
@@ -937,33 +986,41 @@ def _prepare_output(path: str | None, what: str) -> None:
 
 
 def run_settings(engine: SteeringEngine, args: argparse.Namespace) -> dict[str, Any]:
-    """What an answer depends on besides its mode, set, prompt and seed: written into every output
-    row, so that ``--resume`` never mixes answers of different settings. Models are named by file
-    name and size (a rebuilt model of the same name is almost never the same size)."""
+    """What an answer and its timing depend on besides its mode, set, prompt and seed: written into
+    every output row, so that ``--resume`` never mixes answers of different settings. Models are
+    named by file name and sha256 (a retrained model has the same size: the tensors' shapes and
+    types fix it); threads are here because ms/token pools over the resumed answers."""
     def model(m: Any) -> dict[str, Any] | None:
-        return None if m is None else {"name": m.path.name, "bytes": m.path.stat().st_size}
+        return None if m is None else {"name": m.path.name, "sha256": _file_sha256(m.path)}
 
     return {"base_model": model(engine.base), "value_model": model(engine.value), "max_tokens": args.max_tokens,
-            "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward}
+            "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward,
+            "n_ctx": engine.n_ctx, "threads": engine.n_threads}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMode], *, seed: int,
-                   run: dict[str, Any]) -> dict[tuple[str, str, int], RowResult]:
+                   run: dict[str, Any]) -> ResumedAnswers:
     """The answers an interrupted run wrote to ``path`` (``--resume``), checked against this run:
-    the same modes, sets, prompts, seeds and settings, each answer once. A last line cut short by
-    the interruption is dropped from the file; anything else that does not fit is an error that
-    says how it differs."""
+    the same settings, modes, sets, prompts (text, system prompt, harmful flag, source) and seeds,
+    each answer once. Anything that does not fit is an error that says how it differs. The file is
+    not changed here: a last line cut short by the interruption is only left out, and dropped from
+    the file once ``evaluate`` has checked the steering too (``ResumedAnswers.drop_unfinished_row``)."""
     if not path.exists():
-        return {}
+        return ResumedAnswers(path, {}, 0)
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
-    if cut < len(data):  # a row being written when the run stopped: answer that prompt again
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        print(f"{path.name}: dropped an unfinished last row", file=sys.stderr)
     by_mode = {m.label: m for m in modes}
     by_set = {s.name: s for s in sets}
     rows: dict[tuple[str, str, int], RowResult] = {}
+    new_file = "give --outputs a new file"
     for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").splitlines(), 1):
         where = f"{path}: line {n}"
         if not line.strip():
@@ -972,17 +1029,17 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
             row = json.loads(line)
             key = (str(row["mode"]), str(row["set"]), int(row["index"]))
             written = row.get("run")
-        except (ValueError, KeyError, TypeError):
-            raise CliError(f"{where} is not an answer of {PROG}; give --outputs a new file, or drop --resume "
-                           "to overwrite it") from None
-        if written is None:
-            raise CliError(f"{where} does not record its settings (written before --resume existed), so it "
-                           "cannot be checked against this run; give --outputs a new file")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CliError(f"{where} is not an answer of {PROG}; {new_file}, or drop --resume to overwrite "
+                           "it") from None
+        if not isinstance(written, dict):
+            raise CliError(f"{where} does not record its settings (written before --resume existed, or not by "
+                           f"{PROG}), so it cannot be checked against this run; {new_file}")
         changed = [k for k in sorted(set(run) | set(written)) if run.get(k) != written.get(k)]
         if changed:
             k = changed[0]
             raise CliError(f"{where} was written with {k} {json.dumps(written.get(k))}, this run has "
-                           f"{json.dumps(run.get(k))}; resume with the same settings, or give --outputs a new file")
+                           f"{json.dumps(run.get(k))}; resume with the same settings, or {new_file}")
         mode_label, set_name, index = key
         if mode_label not in by_mode:
             raise CliError(f"{where} answers mode {mode_label!r}, which is not in --modes; resume with the "
@@ -992,18 +1049,24 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
             raise CliError(f"{where} answers prompt {index + 1} of set {set_name!r}, which this run does not "
                            "have; resume with the same prompt files and --limit")
         item = pset.prompts[index]
-        if row.get("prompt") != item.prompt or row.get("seed") != prompt_seed(seed, set_name, index):
-            what = "prompt" if row.get("prompt") != item.prompt else "seed (--seed)"
-            raise CliError(f"{where}: set {set_name!r} prompt {index + 1} has a different {what} in this run; "
-                           "resume with the same prompt files and --seed")
+        differs = [what for what, old, now in (
+            ("prompt", row.get("prompt"), item.prompt), ("system prompt", row.get("system"), item.system),
+            ("harmful flag (--harmful / --benign)", row.get("harmful"), item.harmful),
+            ("source", row.get("source"), item.source),
+            ("seed (--seed)", row.get("seed"), prompt_seed(seed, set_name, index))) if old != now]
+        if differs:
+            raise CliError(f"{where}: set {set_name!r} prompt {index + 1} has a different {differs[0]} in this "
+                           "run; resume with the same prompt files, flags and --seed")
         if key in rows:
-            raise CliError(f"{where} answers mode {mode_label!r}, set {set_name!r}, prompt {index + 1} again")
+            raise CliError(f"{where} answers mode {mode_label!r}, set {set_name!r}, prompt {index + 1} a second "
+                           f"time: the file holds two runs; {new_file}")
         try:
             rows[key] = RowResult.from_row(row, item, entropy_gate=by_mode[mode_label].gate in
                                            ("entropy", "full-entropy"))
-        except (ValueError, KeyError, TypeError):
-            raise CliError(f"{where} lacks the stats of an answer; give --outputs a new file") from None
-    return rows
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CliError(f"{where} lacks the verdicts or the stats of an answer (reward, refused, steps, "
+                           f"stats); {new_file}") from None
+    return ResumedAnswers(path, rows, cut)
 
 
 def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet]) -> None:
@@ -1038,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     for path, what in ((args.outputs, "--outputs"), (args.json, "--json"), (args.plot, "--plot")):
         _prepare_output(path, what)
-    if args.resume and (args.outputs is None or args.outputs == "-"):
+    if args.resume and args.outputs is None:
         raise CliError("--resume continues the answers of --outputs FILE: give the file the interrupted run wrote")
     if args.temperature < 0:
         raise CliError("--temperature must be >= 0 (0 = greedy)")
@@ -1069,14 +1132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if progress:
         print(f"base {engine.base.path.name}, value {engine.value.path.name if engine.value else '(none)'}; "
               f"{len(modes)} modes x {sum(len(s.prompts) for s in sets)} prompts", file=sys.stderr)
-    run = run_settings(engine, args)
-    resumed = {}
+    outputs = Path(args.outputs).expanduser() if args.outputs else None
+    run = run_settings(engine, args) if outputs else None  # hashes the models: only for rows to write
+    resumed = None
     if args.resume:
-        resumed = read_resumable(Path(args.outputs).expanduser(), sets, modes, seed=args.seed, run=run)
+        assert outputs is not None
+        assert run is not None
+        resumed = read_resumable(outputs, sets, modes, seed=args.seed, run=run)
         if progress:
-            print(f"resuming: {len(resumed)} answers already in {args.outputs}", file=sys.stderr)
+            print(f"resuming: {len(resumed.rows)} answers already in {outputs}", file=sys.stderr)
     mode = "a" if args.resume else "w"
-    opened = open(args.outputs, mode, encoding="utf-8") if args.outputs else contextlib.nullcontext(None)  # noqa: SIM115
+    opened = open(outputs, mode, encoding="utf-8") if outputs else contextlib.nullcontext(None)  # noqa: SIM115
     with opened as out:
         results = evaluate(
             engine, sets, modes, max_tokens=args.max_tokens, seed=args.seed, k=args.k, w=args.w,
@@ -1091,7 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "temperature": args.temperature, "reward": args.reward, "limit": args.limit,
                      "n_ctx": engine.n_ctx, "threads": engine.n_threads},
         "machine": machine_info(),
-        "resumed_answers": len(resumed),  # answers of an interrupted run (--resume), timed in that run
+        "resumed_answers": len(resumed.rows) if resumed else 0,  # answers of an interrupted run (--resume), timed in that run
         "sets": [{"name": s.name, "path": str(s.path), "kind": s.kind, "n": len(s.prompts)} for s in sets],
         "modes": [{"mode": m.label, "family": m.family, "gate": m.gate, "target_ratio": m.target_ratio,
                    "tau": m.tau if m.tau is not None or m.target_ratio is not None or m.gate not in

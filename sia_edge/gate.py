@@ -20,7 +20,8 @@ opening is where it commits to refusing or complying ("I" -> "'m sorry" / "'m ha
 second and third tokens of such openings often have low entropy, so the entropy gate alone passes
 them unsteered. Measured in docs/RESULTS.md: a 3-token head next to the entropy gate lost refusals,
 while a 10-token head alone (tau above ln k) kept 80% of dense steering's refusal gain with the
-shipped value model and 95% with a full-depth one, at 21% of 48-token answers.
+10-layer value model (the default until 2026-11-27) and 95% with a full-depth one, at 21% of
+48-token answers.
 
 ``follow`` F keeps steering while the value model overrules the base model: after a junction where
 steering moved at least F of the probability (the total variation distance between the base and

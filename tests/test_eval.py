@@ -362,44 +362,86 @@ def test_resume_finishes_an_interrupted_run(e2e: dict[str, Any], tmp_path: Path)
         assert now[k] == before[k]  # timings too: the same answers, timed in the first run
     for pset in ("harmful", "benign"):
         assert now[("random@sparse", pset)]["p"] == before[("random@sparse", pset)]["p"]
-    # A finished run resumes to itself without generating anything.
+    # A finished run resumes to itself without generating anything, Best-of-N and random rows included.
     rc, out, err = _resume(e2e, part)
     assert rc == 0 and json.loads(out)["resumed_answers"] == 15
     assert part.read_text().splitlines(keepends=True) == lines
+    assert results(json.loads(out)) == now
+
+
+def _set_stats_tau(row: dict[str, Any]) -> None:
+    row["stats"]["tau"] = 1.5
 
 
 @pytest.mark.parametrize(
-    ("change", "extra", "message"),
+    ("line", "change", "extra", "message"),
     [
-        (None, ["--max-tokens", "9"], "line 1 was written with max_tokens 8, this run has 9"),
-        (None, ["--seed", "4"], "prompt 1 has a different seed (--seed)"),
-        (None, ["--w", "2"], "was written with w 1.0, this run has 2.0"),
-        (None, ["--modes", "off,dense"], "answers mode 'sparse', which is not in --modes"),
-        (None, ["--limit", "1"], "answers prompt 2 of set 'harmful', which this run does not have"),
-        (lambda r: r.pop("run"), [], "does not record its settings"),
-        (lambda r: r["stats"].pop("junctions"), [], "lacks the stats of an answer"),
-        ("garbage", [], "line 2 is not an answer of python -m sia_edge.eval"),
-        ("twice", [], "line 2 answers mode 'off', set 'harmful', prompt 1 again"),
+        (0, None, ["--max-tokens", "9"], "line 1 was written with max_tokens 8, this run has 9"),
+        (0, None, ["--seed", "4"], "prompt 1 has a different seed (--seed)"),
+        (0, None, ["--w", "2"], "was written with w 1.0, this run has 2.0"),
+        (0, None, ["--threads", "2"], "was written with threads 1, this run has 2"),
+        (0, None, ["--n-ctx", "600"], "was written with n_ctx 512, this run has 600"),
+        (0, None, ["--modes", "off,dense"], "answers mode 'sparse', which is not in --modes"),
+        (0, None, ["--limit", "1"], "answers prompt 2 of set 'harmful', which this run does not have"),
+        (0, lambda r: r.pop("run"), [], "does not record its settings"),
+        (0, lambda r: r.update(run=5), [], "does not record its settings"),
+        (0, lambda r: r["stats"].pop("junctions"), [], "lacks the verdicts or the stats of an answer"),
+        (0, lambda r: r.update(reward=None), [], "lacks the verdicts or the stats of an answer"),
+        (0, lambda r: r.update(system="Be brief."), [], "prompt 1 has a different system prompt"),
+        (0, lambda r: r.update(source="t9"), [], "prompt 1 has a different source"),
+        (1, "garbage", [], "line 2 is not an answer of python -m sia_edge.eval"),
+        (1, "twice", [], "line 2 answers mode 'off', set 'harmful', prompt 1 a second time"),
+        # the steering of resumed answers: random@sparse's rate (its rows come last), sparse's tau
+        (12, lambda r: r.update(p=0.99), [], "mode random@sparse, set 'harmful', prompt 1 was steered with probability 0.99"),
+        (3, _set_stats_tau, [], "mode sparse, set 'harmful', prompt 1 was steered at tau 1.5, this run's is 1"),
     ],
 )
-def test_resume_refuses_answers_of_another_run(e2e: dict[str, Any], tmp_path: Path, change: Any,
+def test_resume_refuses_answers_of_another_run(e2e: dict[str, Any], tmp_path: Path, line: int, change: Any,
                                                extra: list[str], message: str) -> None:
-    lines = e2e["outputs"].read_text().splitlines()[:5]
+    """Each file ends in half a row, as after a kill: a refused file keeps it (nothing is cut or
+    appended before every row is known to belong to this run)."""
+    lines = e2e["outputs"].read_text().splitlines()
+    assert [json.loads(x)["mode"] for x in lines[::3]] == ["off", "sparse", "dense", "bon@2", "random@sparse"]
     if change == "garbage":
-        lines[1] = "{not json"
+        lines[line] = "{not json"
     elif change == "twice":
-        lines[1] = lines[0]
+        lines[line] = lines[0]
     elif change is not None:
-        row = json.loads(lines[0])
+        row = json.loads(lines[line])
         change(row)
-        lines[0] = json.dumps(row)
+        lines[line] = json.dumps(row)
     part = tmp_path / "answers.jsonl"
-    part.write_text("\n".join(lines) + "\n")
+    part.write_text("\n".join(lines) + "\n" + lines[-1][:40])
     before = part.read_bytes()
     rc, _, err = _resume(e2e, part, *extra)
     err = err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("error: ") and message in err, err
-    assert part.read_bytes() == before  # nothing appended to answers of another run
+    assert part.read_bytes() == before
+
+
+def test_resume_refuses_a_random_rate_taken_from_fewer_answers(e2e: dict[str, Any], tmp_path: Path) -> None:
+    """A run with --limit 1 finished random@sparse at sparse's rate over one harmful prompt; the
+    same command without --limit would copy sparse's rate over two. Refused before anything runs."""
+    part = tmp_path / "answers.jsonl"
+    rc, _, err = _resume(e2e, part, "--limit", "1")  # no file yet: a plain run that writes one
+    assert rc == 0, err
+    before = part.read_bytes()
+    rc, _, err = _resume(e2e, part)
+    assert rc == 2 and "mode random@sparse, set 'harmful', prompt 1 copies the rate of sparse, which has " \
+                       "answered 1 of the set's 2 prompts here" in err, err
+    assert part.read_bytes() == before
+
+
+def test_resume_refuses_another_value_model_or_harmful_flag(e2e: dict[str, Any], tmp_path: Path,
+                                                           recommending_value_model: Path) -> None:
+    part = tmp_path / "answers.jsonl"
+    part.write_text(e2e["outputs"].read_text())
+    rc, _, err = _resume(e2e, part, "--value-model", str(recommending_value_model))
+    assert rc == 2 and "line 1 was written with value_model" in err, err
+    argv = list(e2e["argv"])
+    argv[argv.index("--benign")] = "--harmful"  # the same plain-text file, now flagged harmful
+    rc, _, err = _resume({**e2e, "argv": argv}, part)
+    assert rc == 2 and "set 'benign' prompt 1 has a different harmful flag (--harmful / --benign)" in err, err
 
 
 def test_plot_is_a_png(e2e: dict[str, Any]) -> None:
