@@ -423,6 +423,11 @@ class RowResult:
         no token ids, only their count."""
         st = row["stats"]
         tau = st.get("tau") if entropy_gate else None  # Best-of-N rows store None for other gates
+        for v in (row.get("toxicity"), row.get("drift")):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError("a verdict that is not a number")
+        for sample in st.get("samples") or []:  # Best-of-N: random@ copies a rate per sample window
+            int(sample["tokens"]), str(sample["stop_reason"])
         return cls(
             row["set"], int(row["index"]), item, row["mode"], int(row["seed"]), str(row["text"]), [], [],
             n_tokens=int(st["tokens"]), steps=int(row["steps"]), junctions=int(st["junctions"]),
@@ -648,14 +653,20 @@ class ResumedAnswers:
     path: Path
     rows: dict[tuple[str, str, int], RowResult]  # (mode, set, prompt index) -> answer
     valid_bytes: int  # the file's length without a last row cut short by the interruption
+    read_bytes: int  # its length when it was read
 
     def drop_unfinished_row(self) -> None:
         """Cut a half-written last row off the file (its prompt is answered again); called once
         every resumed answer is known to belong to this run, so a refused file stays as it was."""
-        if self.path.exists() and self.path.stat().st_size > self.valid_bytes:
-            with open(self.path, "r+b") as f:
-                f.truncate(self.valid_bytes)
-            print(f"{self.path.name}: dropped an unfinished last row", file=sys.stderr)
+        if self.read_bytes == self.valid_bytes:
+            return
+        size = self.path.stat().st_size if self.path.exists() else -1
+        if size != self.read_bytes:  # another process is writing it: cutting would lose its rows
+            raise CliError(f"{self.path} changed while it was read ({self.read_bytes} -> {size} bytes): is the "
+                           "interrupted run still running? Resume once it has stopped")
+        with open(self.path, "r+b") as f:
+            f.truncate(self.valid_bytes)
+        print(f"{self.path.name}: dropped an unfinished last row", file=sys.stderr)
 
 
 def _check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], modes: Sequence[EvalMode],
@@ -664,7 +675,7 @@ def _check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], m
     """Every resumed answer was steered as this run steers its mode: at the same tau (a target
     ratio calibrates again when its cache is gone or on another CPU) and, for random gates, with the
     same probability (``random@MODE`` takes MODE's rate on the set, which changes if MODE's answers
-    do: a larger --limit, say). Checked before anything is generated."""
+    do: a larger --limit, say). Checked before any answer is generated."""
     by_label = {m.label: m for m in modes}
     for (label, set_name, index), row in resumed.items():
         mode, config = by_label[label], configs[label]
@@ -677,14 +688,15 @@ def _check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], m
                 done = [r for r in matched if r is not None]
                 if len(done) < len(matched):
                     raise CliError(f"{where} copies the rate of {mode.match}, which has answered {len(done)} of "
-                                   f"the set's {len(matched)} prompts here: the file is not one run; give "
-                                   "--outputs a new file")
+                                   f"the set's {len(matched)} prompts here: resume with the --limit of the run "
+                                   "that wrote the file, or give --outputs a new file")
                 p = _matched_probability(done, by_label[mode.match].horizon)
             if row.p is None or p is None or not math.isclose(row.p, p, rel_tol=1e-9, abs_tol=1e-12):
                 raise CliError(f"{where} was steered with probability {row.p}, this run's is {p}; give --outputs "
                                "a new file")
-        elif row.tau is not None and not math.isclose(row.tau, taus[label], rel_tol=1e-6):
-            raise CliError(f"{where} was steered at tau {row.tau:.4g}, this run's is {taus[label]:.4g} (a target "
+        elif mode.gate in ("entropy", "full-entropy") and (
+                row.tau is None or not math.isclose(row.tau, taus[label], rel_tol=1e-6)):
+            raise CliError(f"{where} was steered at tau {row.tau}, this run's is {taus[label]:.4g} (a target "
                            "ratio calibrated again?); give --outputs a new file")
 
 
@@ -1014,14 +1026,20 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
     not changed here: a last line cut short by the interruption is only left out, and dropped from
     the file once ``evaluate`` has checked the steering too (``ResumedAnswers.drop_unfinished_row``)."""
     if not path.exists():
-        return ResumedAnswers(path, {}, 0)
+        return ResumedAnswers(path, {}, 0, 0)
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
+    tail, row_start = data[cut:], b'{"set": '  # how as_row's JSON begins
+    if tail and not (tail.startswith(row_start) or row_start.startswith(tail)):  # not a row cut short
+        raise CliError(f"{path} does not end in answers of {PROG}; give --outputs a new file, or drop --resume "
+                       "to overwrite it")
     by_mode = {m.label: m for m in modes}
     by_set = {s.name: s for s in sets}
     rows: dict[tuple[str, str, int], RowResult] = {}
     new_file = "give --outputs a new file"
-    for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").splitlines(), 1):
+    # Split at "\n" only: answers are written raw (ensure_ascii=False) and may hold U+2028 and the like.
+    for n, raw in enumerate(data[:cut].split(b"\n")[:-1], 1):
+        line = raw.decode("utf-8", errors="replace")
         where = f"{path}: line {n}"
         if not line.strip():
             continue
@@ -1029,7 +1047,7 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
             row = json.loads(line)
             key = (str(row["mode"]), str(row["set"]), int(row["index"]))
             written = row.get("run")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             raise CliError(f"{where} is not an answer of {PROG}; {new_file}, or drop --resume to overwrite "
                            "it") from None
         if not isinstance(written, dict):
@@ -1063,10 +1081,10 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
         try:
             rows[key] = RowResult.from_row(row, item, entropy_gate=by_mode[mode_label].gate in
                                            ("entropy", "full-entropy"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             raise CliError(f"{where} lacks the verdicts or the stats of an answer (reward, refused, steps, "
                            f"stats); {new_file}") from None
-    return ResumedAnswers(path, rows, cut)
+    return ResumedAnswers(path, rows, cut, len(data))
 
 
 def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet]) -> None:

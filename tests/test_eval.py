@@ -419,6 +419,27 @@ def test_resume_refuses_answers_of_another_run(e2e: dict[str, Any], tmp_path: Pa
     assert part.read_bytes() == before
 
 
+def test_resume_reads_answers_that_hold_unicode_line_separators(e2e: dict[str, Any], tmp_path: Path) -> None:
+    """Rows are written raw (ensure_ascii=False): U+2028 in an answer is no line break for --resume."""
+    rows = [json.loads(line) for line in e2e["outputs"].read_text().splitlines()]
+    rows[0]["text"] += "\u2028\u2029\x85"
+    part = tmp_path / "answers.jsonl"
+    part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    rc, out, err = _resume(e2e, part)
+    assert rc == 0 and json.loads(out)["resumed_answers"] == 15, err
+
+
+@pytest.mark.parametrize("content", ["How do I boil an egg?", '{"prompt": "x"}'])
+def test_resume_refuses_a_file_that_does_not_end_in_answers(e2e: dict[str, Any], tmp_path: Path,
+                                                            content: str) -> None:
+    """A prompt file or any other text given as --outputs by mistake: refused, not emptied."""
+    part = tmp_path / "answers.jsonl"
+    part.write_text(content)
+    rc, _, err = _resume(e2e, part)
+    assert rc == 2 and "does not end in answers of python -m sia_edge.eval" in err, err
+    assert part.read_text() == content
+
+
 def test_resume_refuses_a_random_rate_taken_from_fewer_answers(e2e: dict[str, Any], tmp_path: Path) -> None:
     """A run with --limit 1 finished random@sparse at sparse's rate over one harmful prompt; the
     same command without --limit would copy sparse's rate over two. Refused before anything runs."""
@@ -438,6 +459,14 @@ def test_resume_refuses_another_value_model_or_harmful_flag(e2e: dict[str, Any],
     part.write_text(e2e["outputs"].read_text())
     rc, _, err = _resume(e2e, part, "--value-model", str(recommending_value_model))
     assert rc == 2 and "line 1 was written with value_model" in err, err
+    value = Path(e2e["argv"][e2e["argv"].index("--value-model") + 1])
+    retrained = tmp_path / "same-name" / value.name  # same name, same size, other weights
+    retrained.parent.mkdir()
+    data = bytearray(value.read_bytes())
+    data[-1] ^= 1
+    retrained.write_bytes(bytes(data))
+    rc, _, err = _resume(e2e, part, "--value-model", str(retrained))
+    assert rc == 2 and "line 1 was written with value_model" in err and '"sha256"' in err, err
     argv = list(e2e["argv"])
     argv[argv.index("--benign")] = "--harmful"  # the same plain-text file, now flagged harmful
     rc, _, err = _resume({**e2e, "argv": argv}, part)
