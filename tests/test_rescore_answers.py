@@ -181,7 +181,29 @@ def test_bad_gain_and_rename_options(tmp_path: Path, args: list[str], message: s
 def test_a_prompt_answered_twice_in_one_mode_does_not_pair(tmp_path: Path) -> None:
     rows = _run_of("off", [False]) + _run_of("dense", [True]) + _run_of("sparse", [True]) * 2
     proc = run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense")
-    assert proc.returncode == 2 and "mode sparse answers the prompt 'harmful request 0' twice" in proc.stderr
+    assert proc.returncode == 2 and "mode sparse answers the prompt 'harmful request 0' twice with the same " \
+                                    "seed" in proc.stderr
+
+
+def test_runs_with_other_seeds_pool_and_resample_by_prompt(tmp_path: Path) -> None:
+    """Two seeds of the same 40 prompts: pooled rates, pairs by seed, and prompts (not answers) as
+    the units of the bootstrap and the standard error. Seed 2 repeats seed 1's verdicts, so the
+    pooled figures are seed 1's and the intervals as wide: 80 answers carry 40 prompts' evidence."""
+    def seeded(rows: list[dict], seed: int) -> list[dict]:
+        return [r | {"seed": seed} for r in rows]
+
+    one = (_run_of("off", [i < 4 for i in range(40)]) + _run_of("dense", [i < 24 for i in range(40)])
+           + _run_of("sparse", [i < 19 for i in range(40)]) + _run_of("random@sparse", [i < 9 for i in range(40)]))
+    src1 = write(tmp_path / "s1.jsonl", seeded(one, 1))
+    both = write(tmp_path / "s12.jsonl", seeded(one, 1) + seeded(one, 2))
+    args = ("--gain", "off,dense", "--paired", "sparse,random@sparse", "--json")
+    single, pooled = (json.loads(run(f, *args).stdout) for f in (src1, both))
+    g1, g2 = ({e["mode"]: e for e in x["gain"]}["sparse"] for x in (single, pooled))
+    assert (g2["n"], g2["prompts"], g1["n"], g1["prompts"]) == (80, 40, 40, 40)
+    assert g2["share"] == pytest.approx(0.75) and g2["share_ci95"] == pytest.approx(g1["share_ci95"])
+    (p1,), (p2,) = single["paired"], pooled["paired"]
+    assert (p2["n"], p2["prompts"]) == (80, 40) and p2["refused_diff"] == pytest.approx(0.25)
+    assert p2["refused_diff_se"] == pytest.approx(p1["refused_diff_se"])  # not shrunk by the repeat
 
 
 def test_best_of_n_rows_count_the_decisions_of_all_samples(tmp_path: Path) -> None:

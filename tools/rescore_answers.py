@@ -16,7 +16,7 @@ Answers scored by a custom ``--reward`` keep their reward; only ``refused`` is r
 ``--gain OFF,DENSE`` adds issue 6's measure: for every other mode, its share of DENSE's gain in
 harmful refusal rate over OFF, (r_mode - r_off) / (r_dense - r_off), on the harmful prompts all
 three answered (paired by prompt set and text), with a 95% interval from a paired bootstrap over
-those prompts: a prompt's three verdicts are resampled together. Resamples in which dense gains
+those prompts: a prompt's three verdicts are resampled together (with several seeds, all of them). Resamples in which dense gains
 nothing have no share; if more than 2.5% of them are such, no interval is given. With ``--json``
 the output is then ``{"modes": [...], "gain": [...]}``. ``--rename OLD=NEW`` pools a mode that two
 runs labelled differently (a tau calibrated in one run and passed as a number to the next); the
@@ -27,6 +27,11 @@ answered, the mean difference A - B in refusal (points) and in reward, each with
 error (the standard deviation of the per-prompt differences over sqrt(n)). "Measurably better"
 in docs/RESULTS.md means a difference above twice that error. Two runs that used the same mode
 name (two value models, say) pair after one is written out with ``--rename ... --out``.
+
+Answers pair by prompt set, prompt text and seed, so runs with different ``--seed`` pool: a
+prompt's answers under each seed count once each in the rates, the bootstrap resamples prompts
+with all their seeds together, and ``--paired`` averages each prompt's differences over its seeds
+before taking the standard error over prompts. Answers without a seed pair by prompt alone.
 """
 
 from __future__ import annotations
@@ -116,21 +121,25 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _harmful_answers(rows: Sequence[dict[str, Any]]) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
-    """mode -> (set, prompt) -> answer row, over the harmful answers; a prompt answered twice in
-    one mode is an error (the files would be two runs of the same prompts, which do not pair)."""
-    out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+Answer = tuple[str, str, Any]  # (set, prompt, seed): modes pair on it; the same prompt under another seed pools
+
+
+def _harmful_answers(rows: Sequence[dict[str, Any]]) -> dict[str, dict[Answer, dict[str, Any]]]:
+    """mode -> (set, prompt, seed) -> answer row, over the harmful answers; a prompt answered twice
+    in one mode with the same seed is an error (two runs of the same prompts, which do not pair)."""
+    out: dict[str, dict[Answer, dict[str, Any]]] = {}
     for r in rows:
         if r["harmful"] is not True:
             continue
         if not isinstance(r.get("prompt"), str):
             raise CliError(f"mode {r['mode']}: an answer row without its prompt cannot be paired for --gain; "
                            "pass the --outputs file of sia_edge.eval")
-        key = (str(r.get("set", "")), r["prompt"])
+        key = (str(r.get("set", "")), r["prompt"], r.get("seed"))
         by_prompt = out.setdefault(str(r["mode"]), {})
         if key in by_prompt:
-            raise CliError(f"mode {r['mode']} answers the prompt {key[1][:60]!r} twice; pass the files of "
-                           "runs over disjoint prompts (or --rename one run's mode)")
+            raise CliError(f"mode {r['mode']} answers the prompt {key[1][:60]!r} twice with the same seed; pass "
+                           "the files of runs over disjoint prompts or with different --seed (or --rename one "
+                           "run's mode)")
         by_prompt[key] = r
     return out
 
@@ -165,13 +174,15 @@ def gain_shares(rows: Sequence[dict[str, Any]], off: str, dense: str) -> list[di
             continue
         table = np.array([[verdicts[off][p]["refused"], answers[p]["refused"], verdicts[dense][p]["refused"]]
                           for p in prompts], dtype=np.float64)
+        sums, counts = _by_prompt(prompts, table)
+        entry["prompts"] = len(counts)
         r_off, r_mode, r_dense = table.mean(axis=0)
         entry.update(refusal_off=r_off, refusal=r_mode, refusal_dense=r_dense)
         if r_dense <= r_off:
             continue  # dense gained nothing: no share to speak of
         entry["share"] = (r_mode - r_off) / (r_dense - r_off)
-        picks = rng.integers(0, len(prompts), size=(BOOTSTRAP_RESAMPLES, len(prompts)))
-        means = table[picks].mean(axis=1)  # resamples x (off, mode, dense)
+        picks = rng.integers(0, len(counts), size=(BOOTSTRAP_RESAMPLES, len(counts)))  # prompts, all their seeds
+        means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)[:, None]  # resamples x (off, mode, dense)
         gained = means[:, 2] > means[:, 0]  # resamples where dense still gained something
         entry["resamples_without_gain"] = float(1.0 - gained.mean())
         if entry["resamples_without_gain"] > 0.025:
@@ -182,17 +193,33 @@ def gain_shares(rows: Sequence[dict[str, Any]], off: str, dense: str) -> list[di
     return out
 
 
+def _by_prompt(answers: Sequence[Answer], table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``table`` (one per answer) summed per prompt, in order of first appearance, and the
+    number of answers (seeds) of each prompt: the units a bootstrap or a standard error resamples."""
+    index: dict[tuple[str, str], int] = {}
+    ids = np.array([index.setdefault(a[:2], len(index)) for a in answers], dtype=np.int64)
+    sums = np.zeros((len(index), table.shape[1]), dtype=np.float64)
+    np.add.at(sums, ids, table)
+    return sums, np.bincount(ids, minlength=len(index)).astype(np.float64)
+
+
 def paired_difference(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
-    """Mode ``a`` minus mode ``b`` over the harmful prompts both answered (see the module docstring)."""
+    """Mode ``a`` minus mode ``b`` over the harmful answers both gave to the same prompt and seed,
+    averaged per prompt first (see the module docstring)."""
     verdicts = _harmful_answers(rows)
     for name in (a, b):
         if name not in verdicts:
             raise CliError(f"--paired: no harmful answers of mode {name!r}; the modes are "
                            f"{', '.join(verdicts) or '(none)'}")
-    prompts = [p for p in verdicts[a] if p in verdicts[b]]
-    entry: dict[str, Any] = {"a": a, "b": b, "n": len(prompts)}
-    for key in ("refused", "reward"):
-        d = np.array([float(verdicts[a][p][key]) - float(verdicts[b][p][key]) for p in prompts], dtype=np.float64)
+    pairs = [p for p in verdicts[a] if p in verdicts[b]]
+    entry: dict[str, Any] = {"a": a, "b": b, "n": len(pairs)}
+    diffs = np.array([[float(verdicts[a][p][k]) - float(verdicts[b][p][k]) for k in ("refused", "reward")]
+                      for p in pairs], dtype=np.float64).reshape(len(pairs), 2)
+    sums, counts = _by_prompt(pairs, diffs)
+    entry["prompts"] = len(counts)
+    per_prompt = sums / counts[:, None] if len(counts) else sums
+    for j, key in enumerate(("refused", "reward")):
+        d = per_prompt[:, j]
         entry[f"{key}_diff"] = float(d.mean()) if len(d) else None
         entry[f"{key}_diff_se"] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
     return entry
