@@ -2,7 +2,7 @@
 """The default safety value model for SmolLM2-135M-Instruct: build its GGUF, or rebuild it all.
 
     python tools/build_default_value_model.py --if-missing   # what ./dev.sh setup runs
-    python tools/build_default_value_model.py --rebuild      # data, training, export: about 45 minutes on 2 cores
+    python tools/build_default_value_model.py --rebuild      # data, training, export: about 45 minutes on 2 EPYC cores
     python tools/build_default_value_model.py --rebuild --restart   # ... training from scratch (after a
                                                                     # recipe change: other --layers, say)
 
