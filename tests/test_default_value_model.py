@@ -71,6 +71,17 @@ def test_setup_rebuilds_the_gguf_when_the_assets_change(tmp_path: Path) -> None:
     assert build.assets_digest() != digest
 
 
+def test_restart_goes_with_rebuild() -> None:
+    """--restart discards training checkpoints: alone it would mean nothing, so it is an error."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools/build_default_value_model.py"), "--if-missing",
+                           "--restart"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "--restart goes with --rebuild" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _mean_value(engine, prompt: str, answer: str) -> float:  # type: ignore[no-untyped-def]
     """Mean V over the answer's tokens: the quantity training regressed on the reward."""
     prompt_ids = engine.encode_prompt([{"role": "user", "content": prompt}])
