@@ -91,6 +91,7 @@ from sia_edge.cli_common import (
 )
 from sia_edge.gate import MAX_SEED, SteeringConfig
 from sia_edge.prompts import Prompt, read_prompt_file
+from sia_edge.value_format import file_sha256
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
@@ -677,20 +678,23 @@ def _check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], m
     same probability (``random@MODE`` takes MODE's rate on the set, which changes if MODE's answers
     do: a larger --limit, say). Checked before any answer is generated."""
     by_label = {m.label: m for m in modes}
+    set_sizes = {s.name: len(s.prompts) for s in sets}
+    copied: dict[tuple[str, str], float] = {}  # (random@MODE, set) -> MODE's rate there, once per set
     for (label, set_name, index), row in resumed.items():
         mode, config = by_label[label], configs[label]
         where = f"--resume: mode {label}, set {set_name!r}, prompt {index + 1}"
         if config.gate == "random":
             p = config.p
-            if mode.match is not None:
-                pset = next(s for s in sets if s.name == set_name)
-                matched = [resumed.get((mode.match, set_name, i)) for i in range(len(pset.prompts))]
+            if mode.match is not None and (label, set_name) not in copied:
+                matched = [resumed.get((mode.match, set_name, i)) for i in range(set_sizes[set_name])]
                 done = [r for r in matched if r is not None]
                 if len(done) < len(matched):
                     raise CliError(f"{where} copies the rate of {mode.match}, which has answered {len(done)} of "
                                    f"the set's {len(matched)} prompts here: resume with the --limit of the run "
                                    "that wrote the file, or give --outputs a new file")
-                p = _matched_probability(done, by_label[mode.match].horizon)
+                copied[(label, set_name)] = _matched_probability(done, by_label[mode.match].horizon)
+            if mode.match is not None:
+                p = copied[(label, set_name)]
             if row.p is None or p is None or not math.isclose(row.p, p, rel_tol=1e-9, abs_tol=1e-12):
                 raise CliError(f"{where} was steered with probability {row.p}, this run's is {p}; give --outputs "
                                "a new file")
@@ -1003,19 +1007,12 @@ def run_settings(engine: SteeringEngine, args: argparse.Namespace) -> dict[str, 
     named by file name and sha256 (a retrained model has the same size: the tensors' shapes and
     types fix it); threads are here because ms/token pools over the resumed answers."""
     def model(m: Any) -> dict[str, Any] | None:
-        return None if m is None else {"name": m.path.name, "sha256": _file_sha256(m.path)}
+        return None if m is None else {"name": m.path.name, "sha256": file_sha256(m.path)}
 
     return {"base_model": model(engine.base), "value_model": model(engine.value), "max_tokens": args.max_tokens,
             "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward,
             "n_ctx": engine.n_ctx, "threads": engine.n_threads}
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMode], *, seed: int,

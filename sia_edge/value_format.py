@@ -55,6 +55,7 @@ __all__ = [
     "ValueHeadMeta",
     "add_value_meta",
     "check_recommended_steering",
+    "file_sha256",
     "fingerprint_from_gguf",
     "random_head_value_gguf",
     "read_gguf_kv",
@@ -338,6 +339,15 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_float32(KEY_STEERING_TAU, float(meta.steering_tau))
     if meta.steering_horizon is not None:
         writer.add_uint32(KEY_STEERING_HORIZON, int(meta.steering_horizon))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in blocks (model files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_output(path: str | os.PathLike[str]) -> Path:

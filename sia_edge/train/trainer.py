@@ -46,6 +46,7 @@ from sia_edge.train.model import (
     response_mean,
     save_value_model,
 )
+from sia_edge.value_format import file_sha256
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -124,11 +125,7 @@ class TrainResult:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 # ----------------------------------------------------------------------------- distributed
