@@ -390,6 +390,7 @@ def _set_stats_tau(row: dict[str, Any]) -> None:
         (0, lambda r: r.update(system="Be brief."), [], "prompt 1 has a different system prompt"),
         (0, lambda r: r.update(source="t9"), [], "prompt 1 has a different source"),
         (1, "garbage", [], "line 2 is not an answer of python -m sia_edge.eval"),
+        (0, lambda r: r.update(index=math.inf), [], "line 1 is not an answer of python -m sia_edge.eval"),
         (1, "twice", [], "line 2 answers mode 'off', set 'harmful', prompt 1 a second time"),
         # the steering of resumed answers: random@sparse's rate (its rows come last), sparse's tau
         (12, lambda r: r.update(p=0.99), [], "mode random@sparse, set 'harmful', prompt 1 was steered with probability 0.99"),
@@ -451,6 +452,21 @@ def test_resume_refuses_a_random_rate_taken_from_fewer_answers(e2e: dict[str, An
     assert rc == 2 and "mode random@sparse, set 'harmful', prompt 1 copies the rate of sparse, which has " \
                        "answered 1 of the set's 2 prompts here" in err, err
     assert part.read_bytes() == before
+
+
+def test_resume_never_cuts_a_file_another_process_is_writing(tmp_path: Path) -> None:
+    """Read with half a row at the end, then grown by a writer still running: cutting it back would
+    lose that writer's rows, so it is an error and the file stays whole."""
+    part = tmp_path / "answers.jsonl"
+    part.write_text('{"set": "a"}\n{"set": ')
+    resumed = ev.ResumedAnswers(part, {}, valid_bytes=13, read_bytes=21)
+    part.write_text('{"set": "a"}\n{"set": "b"}\n{"set": ')
+    with pytest.raises(ev.CliError, match=r"changed while it was read \(21 -> 34 bytes\): is the interrupted run"):
+        resumed.drop_unfinished_row()
+    assert part.read_text() == '{"set": "a"}\n{"set": "b"}\n{"set": '
+    part.write_text('{"set": "a"}\n{"set": ')  # unchanged since read: the half row goes
+    resumed.drop_unfinished_row()
+    assert part.read_text() == '{"set": "a"}\n'
 
 
 def test_resume_refuses_another_value_model_or_harmful_flag(e2e: dict[str, Any], tmp_path: Path,
