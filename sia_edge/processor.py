@@ -8,7 +8,8 @@
     out = llm.create_completion(prompt, max_tokens=128,
                                 logits_processor=LogitsProcessorList([sia]), **sia.sampling_kwargs())
 
-What this path costs, compared with ``SteeringEngine`` (measured in docs/RESULTS.md):
+What this path costs, compared with ``SteeringEngine`` (the closest measurement, a numpy logits
+processor, is in docs/results/cost.md):
 
 * llama-cpp-python copies all n_vocab logits into a token-data array and wraps it in a numpy
   record array at every step before calling the processor, then copies the processor's result

@@ -698,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     sock.listen(128)  # clients that connect while the models load wait in the backlog
     base = base_model_path(args.model)
-    choice = choose_value_model(args.value_model)
+    choice = choose_value_model(args.value_model, base, needed=args.mode != "off")
     config = steering_config(args, choice)  # wrong settings fail before loading
     if choice.notice:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)

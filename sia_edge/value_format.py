@@ -353,14 +353,23 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def atomic_output(path: str | os.PathLike[str]) -> Path:
     """A temporary path beside ``path``; rename it over ``path`` with ``commit_output`` when done."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    except OSError as exc:  # name the file the user asked for, not our temporary one
+        raise OSError(exc.errno, f"cannot write {p}: {exc.strerror or exc} (check that the folder "
+                                 f"{p.parent} exists and is writable)") from None
     os.close(fd)
     # mkstemp makes the file private (0600); a model file gets the usual umask-based mode.
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
     return Path(tmp)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail now, naming ``path``, if it could not be written later (before minutes of work)."""
+    atomic_output(path).unlink()
 
 
 def commit_output(tmp: Path, path: str | os.PathLike[str]) -> None:
@@ -430,3 +439,63 @@ def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[
                          base_model=Path(base).stem, objective=f"random head (seed {seed}): no alignment")
     write_gguf_with_value_meta(base, dst, meta)
     return Path(dst)
+
+
+def read_gguf_tensor_infos(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The tensors of a GGUF file without their data: name -> (shape in numpy order, i.e. rows
+    first, GGML type number). Walks the header like ``read_gguf_kv``, skipping the values."""
+    import mmap
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueFormatError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueFormatError(f"{p}: not a GGUF file (starts with {bytes(buf[:4])!r})")
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version not in (2, 3):
+                raise ValueFormatError(f"{p}: unsupported GGUF version {version} (big-endian file?)")
+            off = 24
+
+            def skip_string() -> None:
+                nonlocal off
+                (n,) = struct.unpack_from("<Q", buf, off)
+                off += 8 + n
+
+            def skip_value(vtype: int) -> None:
+                nonlocal off
+                if vtype == _GGUF_STRING:
+                    skip_string()
+                elif vtype == _GGUF_ARRAY:
+                    sub, n = struct.unpack_from("<IQ", buf, off)
+                    off += 12
+                    if sub in (_GGUF_STRING, _GGUF_ARRAY):
+                        for _ in range(n):
+                            skip_value(sub)
+                    else:
+                        off += n * np.dtype(_GGUF_NP[sub]).itemsize
+                else:
+                    off += struct.calcsize(_GGUF_SCALARS[vtype])
+
+            for _ in range(n_kv):
+                skip_string()
+                (vtype,) = struct.unpack_from("<I", buf, off)
+                off += 4
+                skip_value(vtype)
+            out: dict[str, tuple[tuple[int, ...], int]] = {}
+            for _ in range(n_tensors):
+                (n,) = struct.unpack_from("<Q", buf, off)
+                name = bytes(buf[off + 8:off + 8 + n]).decode("utf-8", "surrogateescape")
+                off += 8 + n
+                (n_dims,) = struct.unpack_from("<I", buf, off)
+                dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+                ggml_type, _offset = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+                off += 4 + 8 * n_dims + 12
+                out[name] = (tuple(int(d) for d in reversed(dims)), int(ggml_type))
+            return out
+    except ValueFormatError:
+        raise
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
+                               "re-download it") from None

@@ -47,6 +47,10 @@ class ValueModel:
     def name(self) -> str:
         return self.path.name
 
+    def close(self) -> None:
+        """Free the weights once no scorer uses them (``LlamaModel.close``)."""
+        self.model.close()
+
     def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None) -> ValueScorer:
         return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads)
 

@@ -95,9 +95,8 @@ def _refusal_advantage(engine, prompts: list[str]) -> np.ndarray:  # type: ignor
 
 
 def test_refusing_is_worth_more_on_harmful_and_less_on_benign_heldout_prompts(default_value) -> None:  # type: ignore[no-untyped-def]
-    """V in reward standard deviations; refusing vs complying differs by 2 reward units. Measured
-    when the model was trained: refusal preferred on 28 of 30 harmful prompts (mean +1.87) and
-    on 0 of 12 benign ones (mean -2.02)."""
+    """V in reward standard deviations; refusing vs complying differs by 2 reward units. What it
+    measured when the model was trained: docs/TRAINING.md section 5, "What it learned"."""
     harmful = _refusal_advantage(default_value, _heldout("harmful_heldout", 30))
     benign = _refusal_advantage(default_value, _heldout("benign_heldout", 12))
     assert len(harmful) == 30 and len(benign) == 12

@@ -60,8 +60,8 @@ JUDGED = Path(__file__).resolve().parent.parent / "data" / "judged" / "refusals_
 
 def test_detector_agrees_with_blind_labels() -> None:
     # 681 held-out answers (off, sparse@25%, dense) labelled by reading them, blind to the mode
-    # (data/judged/README.md). The detector agreed with 92.7% of them when this was written, and
-    # with 91.7% before the idiom rule; a phrase edit that costs agreement shows up here.
+    # (data/judged/README.md); the agreement is in docs/results/refusal-detector.md. A phrase edit
+    # that costs agreement shows up here.
     rows = [json.loads(line) for line in JUDGED.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 681 and {r["mode"] for r in rows} == {"off", "sparse@25%", "dense"}
     agree = [is_refusal(r["response"]) == r["refusal"] for r in rows]

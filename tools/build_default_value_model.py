@@ -30,10 +30,8 @@ ASSETS = REPO / "assets" / "value-smollm2-safety"
 RUN = REPO / "runs" / "default"
 PY = sys.executable
 # The value model reads SmolLM2's hidden state after this many of its 30 layers (docs/TRAINING.md,
-# "--layers"). All 30 since 2026-11-27: with steering confined to the opening (horizon 16) a junction's
-# cost matters less than the value's quality, and the full-depth model keeps 91% of its dense
-# steering's refusal gain where the 10-layer one kept 80% (docs/RESULTS.md, "The full-depth value
-# model within the opening").
+# "--layers"). All 30: with steering confined to the opening (horizon 16) a junction's cost matters
+# less than the value's quality (docs/RESULTS.md; docs/TRAINING.md section 5, "Why all 30 layers").
 LAYERS = "30"
 
 # The harmful training prompts: the HarmBench and Do-Not-Answer areas that are requests for harm
@@ -48,10 +46,8 @@ HARMFUL_SOURCES = (
 
 # The steering settings the default model was evaluated with (docs/RESULTS.md): written into its
 # GGUF as sia.steering.*, so the chat and server use them unless the user passes --w, --tau /
-# --target-ratio or --horizon.
-# The entropy gate at tau 1 within the first 16 tokens: 91% of dense steering's refusal gain at 8.4%
-# intervention on 128-token answers, in 24% of dense's time (docs/RESULTS.md, "The full-depth value
-# model within the opening"; chosen with the 10-layer model in "The entropy gate within the opening").
+# --target-ratio or --horizon: the entropy gate at tau 1 within the first 16 tokens (chosen with the
+# 10-layer model: docs/results/ablations.md).
 RECOMMENDED_STEERING: dict[str, float] = {"w": 3.0, "tau": 1.0, "horizon": 16}
 
 REBUILD_STEPS: list[list[str]] = [
@@ -61,7 +57,7 @@ REBUILD_STEPS: list[list[str]] = [
     [PY, "tools/make_value_data.py", "data/prompts/benign_train.jsonl", "--out", "runs/default/data_benign.jsonl",
      "--samples-per-prompt", "1", "--max-tokens", "40", "--explore-first", "--threads", "1", "--seed", "2"],
     # answers forced to open with a refusal, which SmolLM2 almost never produces by itself (see
-    # docs/RESULTS.md): worth +1 on harmful prompts, -1 on benign ones
+    # docs/results/data.md): worth +1 on harmful prompts, -1 on benign ones
     [PY, "tools/make_value_data.py", "runs/default/harmful_prompts.jsonl", "--out",
      "runs/default/data_harmful_refusals.jsonl", "--openings", "data/openings/refusals.txt",
      "--samples-per-prompt", "2", "--max-tokens", "40", "--threads", "1", "--seed", "3"],

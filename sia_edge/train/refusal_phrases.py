@@ -121,7 +121,7 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 # phrases above do not fire on them; a refusal elsewhere in the text still counts. Each entry
 # follows "I can't" / "I cannot" / "I can not"; "..." stands for up to 20 characters of one
 # sentence ("I can't thank you enough", "I can't stress this enough"). Found in SmolLM2's dense-
-# steered answers (docs/RESULTS.md, "How good is the refusal detector").
+# steered answers (docs/results/refusal-detector.md).
 NOT_REFUSAL_IDIOMS: tuple[str, ...] = (
     "help but",
     "help thinking",

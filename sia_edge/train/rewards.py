@@ -7,6 +7,8 @@ example the prompt's ``harmful`` flag). ``load_reward(spec)`` understands:
 spec                   reward
 =====================  =========================================================================
 ``safety``             the built-in offline safety reward (below)
+``nontoxicity``        the built-in offline non-toxicity score, ``1 - tox`` in [0, 1] (below):
+                       for continuations of text, where there is no request to refuse
 ``module:function``    a Python callable ``function(prompt, response)`` or
 ``path/file.py:fn``    ``function(prompt, response, row)``, returning a float
 ``jsonl:PATH``         labels read from a JSONL file of ``{"prompt", "response", "reward"}`` rows
@@ -52,6 +54,7 @@ __all__ = [
     "Reward",
     "is_refusal",
     "load_reward",
+    "nontoxicity",
     "safety_reward",
     "toxicity",
 ]
@@ -112,6 +115,11 @@ def safety_reward(prompt: str, response: str, harmful: bool, *, tox: float | Non
         helpful = min(1.0, len(response.split()) / HELPFUL_WORDS)
         base = -1.0 if refused else helpful
     return base - TOXICITY_WEIGHT * tox
+
+
+def nontoxicity(texts: Sequence[str]) -> list[float]:
+    """1 - ``toxicity``: how far from offensive each text is, in [0, 1] (1: clean)."""
+    return [1.0 - t for t in toxicity(texts)]
 
 
 class Reward:
@@ -289,11 +297,26 @@ def _load_callable(spec: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+class NonToxicityReward(Reward):
+    """The built-in non-toxicity score; needs no label, so it judges any prompt set."""
+
+    name = "nontoxicity"
+
+    def __call__(self, prompt: str, response: str, row: Mapping[str, Any] | None = None) -> float:
+        return nontoxicity([response])[0]
+
+    def score_batch(self, prompts: Sequence[str], responses: Sequence[str],
+                    rows: Sequence[Mapping[str, Any]]) -> list[float]:
+        return nontoxicity(list(responses))
+
+
 def load_reward(spec: str) -> Reward:
     """A reward from its command-line spec (table in the module docstring)."""
     spec = spec.strip()
     if spec in ("safety", "builtin:safety"):
         return SafetyReward()
+    if spec in ("nontoxicity", "builtin:nontoxicity"):
+        return NonToxicityReward()
     if spec.startswith("jsonl:"):
         return LabelReward(Path(spec[len("jsonl:"):]).expanduser())
     if spec.startswith("hf:"):
@@ -303,7 +326,7 @@ def load_reward(spec: str) -> Reward:
     if ":" in spec:
         return CallableReward(_load_callable(spec), spec)
     raise TrainError(
-        f"unknown reward {spec!r}: use 'safety', 'module:function', 'path.py:function', 'jsonl:PATH' or 'hf:DIR'"
+        f"unknown reward {spec!r}: use 'safety', 'nontoxicity', 'module:function', 'path.py:function', 'jsonl:PATH' or 'hf:DIR'"
     )
 
 
