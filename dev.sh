@@ -22,7 +22,10 @@ setup() {
   fi
   # Reinstall only when what the build depends on changed: the stamp is a hash of it.
   local want have=""
-  want=$(cat pyproject.toml CMakeLists.txt $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+  # The editable install maps each module of sia_edge/ to its file: a module added or removed
+  # (not edited) needs a reinstall too, so the list of module paths is part of the stamp.
+  want=$( (cat pyproject.toml CMakeLists.txt $(find csrc -type f | sort); find sia_edge -name '*.py' | sort) \
+    | sha256sum | cut -c1-16)
   [ -f "$VENV/.sia-edge-stamp" ] && have=$(cat "$VENV/.sia-edge-stamp")
   if [ "$want" != "$have" ]; then
     log "installing sia-edge and its dependencies (the first time compiles llama.cpp: ~10 minutes)"

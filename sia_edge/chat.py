@@ -31,7 +31,6 @@ from sia_edge.cli_common import (
     build_engine,
     choose_value_model,
     gate_horizon,
-    mode_name,
     new_seed,
     recommended_horizon,
     run_cli,
@@ -39,7 +38,7 @@ from sia_edge.cli_common import (
     steering_config,
     undecodable_text,
 )
-from sia_edge.gate import MAX_SEED, SteeringConfig
+from sia_edge.steering import MAX_SEED, SteeringConfig
 
 __all__ = ["ChatSession", "Highlighter", "main"]
 
@@ -347,10 +346,7 @@ def build_parser() -> CliParser:
 
 def settings_text(c: SteeringConfig) -> str:
     """The steering settings as the chat shows them (at start, after /mode and /tau)."""
-    head = f", head {c.head}" if c.head else ""
-    head += f", follow {c.follow:g}" if c.follow is not None else ""
-    head += f", horizon {c.horizon}" if c.horizon is not None else ""
-    return f"mode {mode_name(c.gate)}, tau {c.tau:g}{head}, k {c.k}, w {c.w:g}, temperature {c.temperature:g}"
+    return c.describe()
 
 
 def _describe(engine: Any, choice: ValueModelChoice, config: SteeringConfig) -> str:

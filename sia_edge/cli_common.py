@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sia_edge._early_sigint import exit_interrupted
-from sia_edge.gate import GATES, MAX_SEED, MODE_ALIASES, SteeringConfig
 from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model, resolve_gguf
+from sia_edge.steering import (
+    GATES,
+    MAX_SEED,
+    SETTINGS,
+    Setting,
+    SteeringConfig,
+    horizon_for_gate,
+    mode_name,
+)
 
 __all__ = [
     "EXIT_ERROR",
@@ -49,7 +57,6 @@ __all__ = [
 ]
 
 EXIT_ERROR = 2
-MODES: tuple[str, ...] = ("sparse", *GATES)  # 'sparse' is the CLI's name for the SIA entropy gate
 
 
 class CliError(Exception):
@@ -116,19 +123,6 @@ def finite_float(text: str) -> float:
     return v
 
 
-def _ratio(text: str) -> float:
-    v = finite_float(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text!r}")
-    return v
-
-
-def _mode(text: str) -> str:
-    if text not in MODES:
-        raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose one of {', '.join(MODES)}")
-    return text
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
     g.add_argument("--model", metavar="PATH.gguf",
@@ -142,32 +136,43 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="context window in tokens (default: %(default)s, capped at the model's training length)")
 
 
+# Where a face's default comes from when the user leaves a setting out (steering_config below).
+_FACE_DEFAULTS = {
+    "gate": "sparse, or off without a value model",
+    "tau": "the value model's recommended tau or target ratio, else 1.0",
+    "target_ratio": "none: tau is used",
+    "p": "0.2",
+    "k": "10",
+    "w": "the value model's recommendation, else 1.0",
+    "temperature": "1.0",
+    "head": "0: the gate alone",
+    "follow": "off",
+    "horizon": "the value model's recommendation for mode sparse, else the whole answer",
+}
+
+
+def _option_type(setting: Setting) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if setting.name == "gate" and text in GATES:  # gate names are accepted beside mode names
+            return text
+        try:
+            return setting.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = setting.name  # argparse names the option's type in some messages
+    return convert
+
+
 def add_steering_options(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    """One option per setting a user may set by name (``sia_edge.steering.SETTINGS``), plus the
+    seed and the answer length."""
     g = parser.add_argument_group("steering and sampling")
-    g.add_argument("--mode", type=_mode, metavar="MODE",
-                   help="when to steer: sparse (SIA: steer where the top-k entropy >= tau; the default), "
-                        "dense (every token), off (plain top-k sampling); also full-entropy, random")
-    g.add_argument("--tau", type=finite_float, metavar="X",
-                   help="entropy threshold in nats (default: the value model's recommended tau or target "
-                        "ratio, else 1.0)")
-    g.add_argument("--target-ratio", type=_ratio, metavar="R",
-                   help="pick tau so that about this fraction of tokens are junctions (measured once on "
-                        "unsteered runs, then cached); replaces --tau")
-    g.add_argument("--head", type=_int, metavar="N",
-                   help="also steer the first N tokens of every answer, where it commits to refusing or "
-                        "complying (default 0: the entropy gate alone)")
-    g.add_argument("--follow", type=finite_float, metavar="F",
-                   help="also steer the token after a junction where steering moved at least F (0-1] of the "
-                        "probability: keep steering while the value model overrules the base model (default: off)")
-    g.add_argument("--horizon", type=_int, metavar="N",
-                   help="steer only within the first N tokens of every answer, at the same tau (a target ratio "
-                        "is calibrated on whole answers); afterwards the value model rests and the answer runs "
-                        "at the base model's speed (default: the value model's recommendation, else the whole "
-                        "answer; 0: the whole answer)")
-    g.add_argument("--k", type=positive_int, metavar="N", help="candidates per step (default 10)")
-    g.add_argument("--w", type=finite_float, metavar="X",
-                   help="steering strength (default: the value model's recommendation, else 1.0)")
-    g.add_argument("--temperature", type=finite_float, metavar="T", help="sampling temperature, 0 = greedy (default 1.0)")
+    for setting in SETTINGS:
+        if "cli" in setting.faces:
+            g.add_argument(setting.option, dest=setting.face_name or setting.name, type=_option_type(setting),
+                           metavar=setting.metavar,
+                           help=f"{setting.help} (default: {_FACE_DEFAULTS[setting.name]})")
     g.add_argument("--seed", type=seed_int, metavar="N", help="random seed (default: a new one for every answer)")
     g.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                    help="longest answer in tokens (default: %(default)s)")
@@ -287,23 +292,14 @@ def recommended_horizon(args: argparse.Namespace, choice: ValueModelChoice) -> i
     return None if horizon is None else int(horizon)
 
 
-def gate_horizon(gate: str, recommended: int | None, current: int | None, head: int = 0) -> int | None:
-    """The horizon of ``gate`` (at start, after chat ``/mode``, for a server request): a recommended
-    horizon belongs to SIA's entropy gate, so other gates steer whole answers, as does a ``head``
-    longer than it (the user's head wins); a horizon the user chose stays whatever the gate."""
-    if recommended is None:
-        return current
-    return recommended if MODE_ALIASES.get(gate, gate) == "entropy" and head <= recommended else None
+gate_horizon = horizon_for_gate  # the rule lives with the settings (sia_edge.steering)
 
 
 def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> SteeringConfig:
     """The ``SteeringConfig`` from the steering options. Without a value model the default mode
     falls back to ``off``; asking for steering explicitly is an error. Settings the user leaves
-    out come from the value model's recommendation (``ValueModelChoice.recommended``), then from
-    the paper's defaults: ``w`` always; ``target_ratio`` for the entropy gates and ``tau`` for the
-    top-k entropy gate (a tau is on that statistic's scale) when neither ``--tau`` nor
-    ``--target-ratio`` is given; ``horizon`` for the top-k entropy gate, see ``recommended_horizon``
-    (``--horizon 0`` steers whole answers)."""
+    out come from the value model's recommendation, by the one rule of
+    ``SteeringConfig.recommended`` (``--horizon 0`` steers whole answers)."""
     mode = args.mode or "sparse"
     value_model = choice.available
     if not value_model:
@@ -313,35 +309,15 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
         if args.target_ratio is not None:
             raise CliError(f"--target-ratio needs a value model{why}: pass --value-model PATH.gguf")
         mode = "off"
-    kwargs: dict[str, Any] = {"gate": mode}
-    for name in ("tau", "k", "w", "temperature", "target_ratio", "head", "follow", "horizon"):
-        value = getattr(args, name)
+    given: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = getattr(args, setting.name, None) if setting.name != "gate" else None
         if value is not None:
-            kwargs[name] = value
-    recommended = choice.recommended() if value_model else {}
-    if "w" in recommended:
-        kwargs.setdefault("w", recommended["w"])
-    entropy_gate = MODE_ALIASES.get(mode, mode) in ("entropy", "full-entropy")
-    if entropy_gate and args.tau is None and args.target_ratio is None:
-        if "tau" in recommended and MODE_ALIASES.get(mode, mode) == "entropy":
-            kwargs["tau"] = recommended["tau"]
-        elif "target_ratio" in recommended:
-            kwargs["target_ratio"] = recommended["target_ratio"]
-    horizon = gate_horizon(mode, recommended_horizon(args, choice), None, head=args.head or 0)
-    if horizon is not None:
-        kwargs["horizon"] = horizon
+            given[setting.name] = value
     try:
-        return SteeringConfig(**kwargs)
+        return SteeringConfig.recommended(choice.recommended() if value_model else {}, gate=mode, **given)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-
-
-def mode_name(gate: str) -> str:
-    """What the CLI and server call a gate: the SIA entropy gate is 'sparse'."""
-    for alias, name in MODE_ALIASES.items():
-        if name == gate:
-            return alias
-    return gate
 
 
 def new_seed() -> int:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from typing_extensions import Self
 
@@ -34,10 +34,14 @@ from sia_edge.value_format import KEY_VERSION, atomic_output, commit_output
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
+    "Backend",
+    "BestOfN",
     "ContextOverflowError",
     "EngineClosedError",
     "Generation",
     "GenerationStats",
+    "LlamaCppBackend",
+    "Sample",
     "SteeringEngine",
     "TokenEvent",
     "TokenIds",
@@ -117,6 +121,31 @@ class GenerationStats:
         return d
 
 
+class Backend(Protocol):
+    """Where the engine's models and contexts come from: llama.cpp (``LlamaCppBackend``), or a
+    small numpy stand-in that lets the decode loop and the gates be tested without a model
+    (tests/fake_backend.py). The objects only need what the engine calls on them."""
+
+    def load_model(self, path: Path, *, what: str) -> LlamaModel: ...
+
+    def new_context(self, model: LlamaModel, *, n_ctx: int, n_threads: int) -> LlamaContext: ...
+
+    def load_value_model(self, path: Path, *, n_threads: int) -> ValueModel: ...
+
+
+class LlamaCppBackend:
+    """The real one: GGUF files in llama.cpp."""
+
+    def load_model(self, path: Path, *, what: str) -> LlamaModel:
+        return LlamaModel(path, what=what)
+
+    def new_context(self, model: LlamaModel, *, n_ctx: int, n_threads: int) -> LlamaContext:
+        return LlamaContext(model, n_ctx=n_ctx, n_threads=n_threads)
+
+    def load_value_model(self, path: Path, *, n_threads: int) -> ValueModel:
+        return ValueModel(path, n_threads=n_threads)
+
+
 @dataclass
 class _Slot:
     """A base context and a value scorer that one generation uses at a time."""
@@ -146,13 +175,16 @@ class SteeringEngine:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         k_max: int = DEFAULT_K_MAX,
+        backend: Backend | None = None,
     ) -> None:
         if not 16 <= n_ctx <= 1 << 20:
             raise ValueError(f"n_ctx must be between 16 and 1048576, got {n_ctx}")
         if not 1 <= k_max <= kernels.MAX_TOP_K:
             raise ValueError(f"k_max must be between 1 and {kernels.MAX_TOP_K}, got {k_max}")
         check_threads(n_threads)
-        self.base = LlamaModel(base_model if base_model is not None else default_base_model(), what="base model")
+        self.backend: Backend = backend or LlamaCppBackend()
+        self.base = self.backend.load_model(Path(base_model) if base_model is not None else default_base_model(),
+                                            what="base model")
         if self.base.meta(KEY_VERSION) is not None:  # a value GGUF would "chat" with a cut-down backbone
             raise ValueError(f"{self.base.path.name} is a value model (it carries a value head), not a base model: "
                              "pass it as the value model (--value-model) and a base model as --model")
@@ -161,7 +193,7 @@ class SteeringEngine:
         self.k_max = k_max
         self.value: ValueModel | None = None
         if value_model is not None:
-            self.value = ValueModel(value_model, n_threads=self.n_threads)
+            self.value = self.backend.load_value_model(Path(value_model), n_threads=self.n_threads)
             self._check_tokenizers(self.value)
         # The engine owns every slot it creates (``_slots``), idle ones also in ``_pool``: a
         # generation only borrows one, so collecting a generation can never free its contexts.
@@ -296,7 +328,7 @@ class SteeringEngine:
                 raise EngineClosedError("the engine is closed; create a new SteeringEngine")
             if self._pool:
                 return self._pool.pop()
-        base = LlamaContext(self.base, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        base = self.backend.new_context(self.base, n_ctx=self.n_ctx, n_threads=self.n_threads)
         scorer = None
         try:
             if self.value is not None:
@@ -354,18 +386,33 @@ class SteeringEngine:
         "Summarise the causes of the French Revolution.",
         "Describe a good morning routine for a student.",
     )
+    CALIBRATION_PREFIXES = (
+        "The lighthouse keeper climbed the stairs and",
+        "Vaccines train the immune system by",
+        "The best way to learn a new language is",
+        "Weather and climate differ because",
+        "Thank you for the invitation to the meeting, but",
+        "To make a simple tomato sauce, first",
+        "The French Revolution began when",
+        "Every morning before class, the student",
+    )
 
     def gate_statistics(
         self, prompts: Sequence[str | Messages] | None = None, *, config: SteeringConfig | None = None,
         max_tokens: int = 96, seed: int = 0,
     ) -> list[float]:
         """The gate statistic at every step of unsteered (``off``) runs of the base model; the
-        first ``config.head`` steps of each run are +inf (junctions whatever tau is)."""
+        first ``config.head`` steps of each run are +inf (junctions whatever tau is). Without
+        ``prompts``: the calibration requests as chat turns, or, for a base model without a chat
+        template, the calibration prefixes continued as text."""
         cfg = config or SteeringConfig()
         off = SteeringConfig(gate="off", k=cfg.k, temperature=cfg.temperature)
         on_full = cfg.gate == "full-entropy"
         stats: list[float] = []
-        for i, p in enumerate(prompts or [[{"role": "user", "content": q}] for q in self.CALIBRATION_PROMPTS]):
+        if prompts is None:
+            prompts = ([[{"role": "user", "content": q}] for q in self.CALIBRATION_PROMPTS] if self.base.chat_template
+                       else list(self.CALIBRATION_PREFIXES))
+        for i, p in enumerate(prompts):
             gen = self.generate(p, max_tokens=max_tokens, config=off, seed=seed + i)
             with gen:
                 run = [ev.entropy for ev in gen]
@@ -423,28 +470,73 @@ class SteeringEngine:
     ) -> tuple[str, list[tuple[str, float, GenerationStats]]]:
         """N samples (steered per ``config``), the best chosen by ``reward(prompt_text, response)``
         or, without one, by the value model's mean V over the response tokens (what it was trained
-        to predict). Returns (best text, [(text, score, stats)] for all N)."""
-        if not isinstance(n, int) or n < 1:
+        to predict). Returns (best text, [(text, score, stats)] for all N); ``sample_best_of_n``
+        returns the token ids too."""
+        result = self.sample_best_of_n(prompt, n, max_tokens=max_tokens, config=config, seed=seed, reward=reward)
+        return result.best.text, [(s.text, s.score, s.stats) for s in result.samples]
+
+    def sample_best_of_n(
+        self,
+        prompt: str | Messages,
+        n: int,
+        *,
+        max_tokens: int = 256,
+        config: SteeringConfig | None = None,
+        seed: int = 0,
+        reward: Callable[[str, str], float] | None = None,
+    ) -> BestOfN:
+        """Best-of-N, the one implementation: N samples seeded ``seed + i``, each scored, the
+        first of the best wins (``best_of_n`` for the arguments)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if reward is None and self.value is None:
             raise ValueError("best-of-N needs a reward function or a value model to rank the samples")
         prompt_ids = self.encode_prompt(prompt)
         prompt_text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
-        results = []
+        samples = []
+        ranking_tokens = 0
         for i in range(n):
             gen = self.generate(prompt, max_tokens=max_tokens, config=config, seed=(seed + i) & MAX_SEED)
             with gen:
                 for _ in gen:
                     pass
+            tokens = list(gen.tokens)
             if reward is not None:
                 score = float(reward(prompt_text, gen.text))
-            else:
+            elif tokens:
                 assert self.value is not None
-                v = self.value.values_at_positions(prompt_ids + gen.tokens, n_threads=self.n_threads)
-                score = float(v[len(prompt_ids):].mean()) if gen.tokens else -math.inf
-            results.append((gen.text, score, gen.stats))
-        best = max(results, key=lambda r: r[1])
-        return best[0], results
+                v = self.value.values_at_positions(prompt_ids + tokens, n_threads=self.n_threads)
+                ranking_tokens += len(prompt_ids) + len(tokens)
+                score = float(v[len(prompt_ids):].mean())
+            else:
+                score = -math.inf
+            samples.append(Sample(gen.text, list(gen.prompt_tokens), tokens, score, gen.stats))
+        best = max(range(n), key=lambda j: samples[j].score)  # the first of equals
+        return BestOfN(samples, best, ranking_tokens)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a Best-of-N."""
+
+    text: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    score: float
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class BestOfN:
+    """All N samples, which one won, and the value-model tokens spent ranking them."""
+
+    samples: list[Sample]
+    chosen: int
+    ranking_value_tokens: int
+
+    @property
+    def best(self) -> Sample:
+        return self.samples[self.chosen]
 
 
 _TAU_FILE_LOCK = threading.Lock()  # engines of one process share the file's read-modify-write
@@ -580,14 +672,7 @@ class _RunState:
 
 def _prefill(slot: _Slot, prompt: list[int]) -> None:
     """Decode the prompt, reusing the slot's cached prefix (multi-turn chat)."""
-    ctx, cached = slot.base, slot.base_cached
-    common = 0
-    limit = min(len(cached), len(prompt) - 1)  # always decode >= 1 token to get logits
-    while common < limit and cached[common] == prompt[common]:
-        common += 1
-    ctx.seq_rm(0, common, -1)
-    ctx.decode(prompt[common:], common)
-    slot.base_cached = list(prompt)
+    slot.base.decode_from_prefix(slot.base_cached, prompt, min_new=1)  # >= 1 token: its logits start the answer
 
 
 def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, None]:

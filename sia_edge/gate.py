@@ -1,18 +1,15 @@
-"""When to steer: gate policies, their settings, and picking tau for a target steering ratio.
+"""When to steer, step by step: the gates, composed per generation, and picking tau for a target
+steering ratio. Their settings and names are defined once in ``sia_edge.steering``.
 
 The gate statistic of the official SIA code is the entropy (nats) of softmax over the base
-model's top-k logits; a step is a junction iff that entropy >= tau. The other gates exist for
-ablations and baselines:
+model's top-k logits; a step is a junction iff that entropy >= tau (``entropy``, the faces'
+``sparse``). The other gates exist for ablations and baselines: ``full-entropy``, ``dense``,
+``off`` and ``random`` (the table in sia_edge/steering.py).
 
-=============  ==============================================================================
-gate           a step is a junction when
-=============  ==============================================================================
-entropy        top-k entropy >= tau (SIA; default k 10, tau 1.0, w 1.0, T 1.0)
-full-entropy   entropy over the whole vocabulary >= tau
-dense          always (steer every token)
-off            never (plain top-k sampling in the same loop)
-random         with probability p, independently of the model (same-ratio baseline)
-=============  ==============================================================================
+Every gate is a small object with one interface (``Gate``: ``threshold()`` once per step, in
+order, and ``steered(shift)`` after a junction), in the spirit of llama.cpp's sampler chain.
+``head``, ``follow`` and ``horizon`` wrap the mode's own gate; ``build_gate`` composes them
+(``horizon(head(follow(mode)))``), so a new gate is one class here and one row in steering.py.
 
 ``head`` N adds the official code's first-N-positions gate to any steering gate: the first N
 tokens of every answer are junctions whatever their statistic (``off`` stays off). An answer's
@@ -48,118 +45,166 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["GATES", "JunctionGate", "SteeringConfig", "steering_shift", "tau_for_ratio"]
+from sia_edge.steering import GATES, MAX_SEED, SteeringConfig
 
-GATES: tuple[str, ...] = ("entropy", "full-entropy", "dense", "off", "random")
-MODE_ALIASES = {"sparse": "entropy"}  # what the CLI and server call the default gate
-MAX_SEED = 2**64 - 1
-MAX_W = 1e4  # |w| beyond this turns w * V into inf for any value worth steering with  # a generation's seed feeds the native sampler's unsigned 64-bit generator
+__all__ = [
+    "GATES",
+    "MAX_SEED",
+    "DenseGate",
+    "EntropyGate",
+    "FollowGate",
+    "Gate",
+    "HeadGate",
+    "HorizonGate",
+    "JunctionGate",
+    "OffGate",
+    "RandomGate",
+    "SteeringConfig",  # defined in sia_edge.steering; importable from here as it always was
+    "build_gate",
+    "steering_shift",
+    "tau_for_ratio",
+]
 
 
-@dataclass(frozen=True)
-class SteeringConfig:
-    """Every knob of one generation's steering. Validated on construction."""
+class Gate(Protocol):
+    """Per-step junction decisions of one generation: a step is a junction iff its gate
+    statistic >= ``threshold()`` (NaN never is; -inf: always, +inf: never)."""
 
-    gate: str = "entropy"
-    k: int = 10
-    tau: float = 1.0
-    w: float = 1.0
-    temperature: float = 1.0
-    p: float = 0.2  # random gate: steering probability
-    target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
-    head: int = 0  # also steer the first `head` tokens of every answer
-    follow: float | None = None  # steer the next token after a junction that moved >= this much mass
-    horizon: int | None = None  # no junction after the first `horizon` tokens of an answer (0 = None)
+    def threshold(self) -> float:
+        """The threshold of the next step (called once per sampling decision, in order)."""
+        ...
 
-    def __post_init__(self) -> None:
-        gate = MODE_ALIASES.get(self.gate, self.gate)
-        object.__setattr__(self, "gate", gate)
-        if gate not in GATES:
-            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)} (or 'sparse')")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
-        for name in ("tau", "w", "temperature", "p"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if abs(self.w) > MAX_W:
-            raise ValueError(f"w must be between -{MAX_W:g} and {MAX_W:g}, got {self.w!r}: values are normalised, "
-                             "so a weight that large only overflows the steered logits")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"p must be in [0, 1], got {self.p}")
-        if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
-            raise ValueError(f"head must be a whole number of tokens >= 0, got {self.head!r}")
-        if self.horizon is not None:
-            if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 0:
-                raise ValueError(f"horizon must be a whole number of tokens (0: none), got {self.horizon!r}")
-            if self.horizon == 0:  # as head 0 is no head: lets a request lift a server's default horizon
-                object.__setattr__(self, "horizon", None)
-        if self.horizon is not None and self.head > self.horizon:
-            raise ValueError(f"head {self.head} steers past horizon {self.horizon}, which ends all steering; "
-                             "lower head or raise horizon")
-        if self.follow is not None and (
-            isinstance(self.follow, bool) or not isinstance(self.follow, (int, float)) or not 0.0 < self.follow <= 1.0
-        ):
-            raise ValueError(f"follow must be a share of probability mass in (0, 1], got {self.follow!r}")
-        if self.target_ratio is not None:
-            if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
-                raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
-            if gate not in ("entropy", "full-entropy"):
-                raise ValueError("target_ratio applies to the entropy gates only")
+    def steered(self, shift: float) -> None:
+        """A junction moved ``shift`` of the probability (``steering_shift``)."""
+        ...
 
-    @property
-    def steers(self) -> bool:
-        return self.gate != "off"
 
-    def with_tau(self, tau: float) -> SteeringConfig:
-        return replace(self, tau=float(tau), target_ratio=None)
+class _Fixed:
+    def __init__(self, threshold: float) -> None:
+        self._threshold = threshold
+
+    def threshold(self) -> float:
+        return self._threshold
+
+    def steered(self, shift: float) -> None:
+        pass
+
+
+class EntropyGate(_Fixed):
+    """SIA's gate, on the top-k or the full entropy (which one the native step reports)."""
+
+
+class DenseGate(_Fixed):
+    def __init__(self) -> None:
+        super().__init__(-math.inf)
+
+
+class OffGate(_Fixed):
+    def __init__(self) -> None:
+        super().__init__(math.inf)
+
+
+class RandomGate:
+    """Steer with probability p, independently of the model. Its coin has a stream of its own,
+    so it does not shift the sampling RNG."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        self.p = p
+        self._coin = random.Random(seed ^ 0x5EED_6A7E)
+
+    def threshold(self) -> float:
+        return -math.inf if self._coin.random() < self.p else math.inf
+
+    def steered(self, shift: float) -> None:
+        pass
+
+
+class HeadGate:
+    """The first ``n`` steps are junctions whatever their statistic (the official code's
+    first-N-positions gate, joined to the mode's own)."""
+
+    def __init__(self, inner: Gate, n: int) -> None:
+        self.inner, self._left = inner, n
+
+    def threshold(self) -> float:
+        if self._left > 0:
+            self._left -= 1
+            return -math.inf
+        return self.inner.threshold()
+
+    def steered(self, shift: float) -> None:
+        self.inner.steered(shift)
+
+
+class FollowGate:
+    """After a junction that moved at least ``share`` of the probability, the next step is a
+    junction too: keep steering while the value model overrules the base model."""
+
+    def __init__(self, inner: Gate, share: float) -> None:
+        self.inner, self.share, self._next = inner, share, False
+
+    def threshold(self) -> float:
+        if self._next:
+            self._next = False
+            return -math.inf
+        return self.inner.threshold()
+
+    def steered(self, shift: float) -> None:
+        self._next = shift >= self.share
+        self.inner.steered(shift)
+
+
+class HorizonGate:
+    """No junction after the first ``n`` steps, whatever the gates inside would say."""
+
+    def __init__(self, inner: Gate, n: int) -> None:
+        self.inner, self._left = inner, n
+
+    def threshold(self) -> float:
+        if self._left <= 0:
+            return math.inf
+        self._left -= 1
+        return self.inner.threshold()
+
+    def steered(self, shift: float) -> None:
+        self.inner.steered(shift)
+
+
+def build_gate(config: SteeringConfig, seed: int) -> Gate:
+    """The gate of one generation: the mode's own, wrapped by follow, head and horizon."""
+    if config.target_ratio is not None:
+        raise ValueError("resolve target_ratio to a tau first (SteeringEngine does it)")
+    gate: Gate
+    if config.gate == "random":
+        gate = RandomGate(config.p, seed)
+    elif config.gate == "dense":
+        gate = DenseGate()
+    elif config.gate == "off":
+        return OffGate()  # never steers: head, follow and horizon have nothing to add
+    else:
+        gate = EntropyGate(config.tau)
+    if config.follow is not None:
+        gate = FollowGate(gate, config.follow)
+    if config.head:
+        gate = HeadGate(gate, config.head)
+    if config.horizon is not None:
+        gate = HorizonGate(gate, config.horizon)
+    return gate
 
 
 class JunctionGate:
-    """Turns a config into the per-step threshold the native step compares the statistic to:
-    a step is a junction iff statistic >= threshold (NaN never is)."""
+    """A config's gate for one generation (``build_gate``), and which entropy it reads."""
 
     def __init__(self, config: SteeringConfig, seed: int) -> None:
-        if config.target_ratio is not None:
-            raise ValueError("resolve target_ratio to a tau first (SteeringEngine does it)")
         self.config = config
-        self.on_full_entropy = config.gate == "full-entropy"
-        self._fixed: float | None = {
-            "entropy": config.tau,
-            "full-entropy": config.tau,
-            "dense": -math.inf,
-            "off": math.inf,
-        }.get(config.gate)
-        # The random gate has its own stream, so it does not shift the sampling RNG.
-        self._coin = random.Random(seed ^ 0x5EED_6A7E)
-        self._head_left = config.head if config.steers else 0  # 'off' never steers
-        self._follow_next = False
-        self._horizon_left = config.horizon if config.horizon is not None else math.inf
-
-    def steered(self, shift: float) -> None:
-        """Report a junction's ``steering_shift``: with ``follow``, a large one makes the next step a junction."""
-        self._follow_next = self.config.follow is not None and shift >= self.config.follow
-
-    def threshold(self) -> float:
-        """The threshold of the next step (call once per generated token, in order)."""
-        if self._horizon_left <= 0:
-            return math.inf
-        self._horizon_left -= 1
-        if self._head_left > 0:
-            self._head_left -= 1
-            return -math.inf
-        if self._follow_next:
-            self._follow_next = False
-            return -math.inf
-        if self._fixed is not None:
-            return self._fixed
-        return -math.inf if self._coin.random() < self.config.p else math.inf
+        self.on_full_entropy = config.kind.statistic == "full"
+        self._gate = build_gate(config, seed)
+        self.threshold = self._gate.threshold
+        self.steered = self._gate.steered
 
 
 def steering_shift(base_logits: np.ndarray, values: np.ndarray, w: float, temperature: float) -> float:

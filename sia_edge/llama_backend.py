@@ -21,7 +21,7 @@ import ctypes
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,6 +418,28 @@ class LlamaContext:
                     f"llama_decode failed with code {rc} "
                     + ("(no free KV-cache slot: the context is full)" if rc == 1 else "(see SIA_EDGE_VERBOSE=1)")
                 )
+
+    def decode_from_prefix(self, cached: list[int], tokens: Sequence[int], *, min_new: int = 0,
+                           output_last: bool = True) -> int:
+        """Make sequence 0, which holds ``cached``, hold ``tokens``: keep the longest common
+        prefix (leaving at least ``min_new`` tokens to decode: 1 when the last row's logits are
+        needed), drop what diverged, decode the rest. ``cached`` is updated in place (emptied
+        first, so a failed decode never leaves it claiming cells it lost). Returns the tokens kept."""
+        n = min(len(cached), len(tokens) - min_new)
+        common = 0
+        if n > 0 and cached[:n] == list(tokens[:n]):
+            common = n
+        else:
+            while common < n and cached[common] == tokens[common]:
+                common += 1
+        self.seq_rm(0, common, -1)
+        del cached[common:]
+        kept = list(cached)
+        cached.clear()
+        self.decode(list(tokens[common:]), common, output_last=output_last)
+        cached.extend(kept)
+        cached.extend(tokens[common:])
+        return common
 
     def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
         """Writable float32 view (no copy) of the logits of output row i (-1: the last)."""

@@ -96,23 +96,9 @@ class ValueScorer:
 
     def _sync_prefix(self, sequence: Sequence[int]) -> None:
         """Make sequence 0 hold exactly ``sequence``: drop what diverged, decode what is new."""
-        cached = self.cached
-        n = min(len(cached), len(sequence))
-        common = 0
-        if cached[:n] == list(sequence[:n]):
-            common = n
-        else:
-            while common < n and cached[common] == sequence[common]:
-                common += 1
-        if common < len(cached):
-            self.ctx.seq_rm(0, common, -1)
-            del cached[common:]
-        new = list(sequence[common:])
-        if new:
-            self.ctx.set_embeddings(False)  # no outputs: llama.cpp skips the vocabulary head
-            self.ctx.decode(new, common, output_last=False)
-            cached.extend(new)
-            self.tokens_decoded += len(new)
+        self.ctx.set_embeddings(False)  # no outputs: llama.cpp skips the vocabulary head
+        kept = self.ctx.decode_from_prefix(self.cached, sequence, output_last=False)
+        self.tokens_decoded += len(self.cached) - kept
 
     def score(self, sequence: Sequence[int], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
         """Normalised values V(sequence + [c]) for each candidate c (k <= k_max), as float32."""

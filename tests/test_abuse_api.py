@@ -270,7 +270,7 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenised(engine: SteeringEngine)
 
 @pytest.mark.parametrize("w", [1e308, -1e308, 1e5])
 def test_an_overflowing_steering_weight_is_refused(w: float) -> None:
-    with pytest.raises(ValueError, match="w must be between"):
+    with pytest.raises(ValueError, match="w must be a finite number between"):
         SteeringConfig(w=w)
 
 

@@ -110,7 +110,7 @@ def test_piped_interactive_session_with_commands(env: dict[str, str], value_mode
     assert "(mode dense, tau 0.5" in out and "(mode sparse, tau 0.5" in out
     assert "session: 2 answers" in out  # the second answer was generated and counted
     assert "(conversation cleared)" in out
-    assert "unknown gate 'bogus'" in r.stderr
+    assert "unknown mode 'bogus'" in r.stderr
     assert "unknown command /frobnicate" in r.stderr
     assert "sia-edge chat: base model" in r.stderr
     assert "Traceback" not in r.stderr
@@ -189,21 +189,21 @@ def test_context_limit_is_said_not_crashed(env: dict[str, str], value_model_path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tau", "abc"], "argument --tau: expected a number"),
+        (["--tau", "abc"], "argument --tau: tau must be a finite number, got 'abc'"),
         (["--mode", "sideways"], "unknown mode 'sideways'"),
         (["--max-tokens", "0"], "expected a positive integer"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--json"], "--json needs --prompt"),
         (["--model", "/nonexistent/model.gguf", "--prompt", "hi"], "does not exist"),
         (["--value-model", "{not_gguf}", "--prompt", "hi"], "is not a GGUF file"),
-        (["--target-ratio", "1.5"], "strictly between 0 and 1"),
+        (["--target-ratio", "1.5"], "argument --target-ratio: target_ratio must be in (0, 1), got 1.5"),
         (["--head", "-1", "--prompt", "hi"], "head must be a whole number of tokens >= 0"),
         (["--follow", "0", "--prompt", "hi"], "follow must be a share of probability mass in (0, 1]"),
         (["--horizon", "-1", "--prompt", "hi"], "horizon must be a whole number of tokens (0: none)"),
         (["--head", "9", "--horizon", "4", "--prompt", "hi"], "head 9 steers past horizon 4"),
         # Python 3.11's argparse read these as a missing value ("expected one argument")
-        (["--tau", "-inf", "--prompt", "hi"], "argument --tau: expected a finite number, got '-inf'"),
-        (["--k", "-1e3", "--prompt", "hi"], "argument --k: expected a positive integer, got '-1e3'"),
+        (["--tau", "-inf", "--prompt", "hi"], "argument --tau: tau must be a finite number, got -inf"),
+        (["--k", "-1e3", "--prompt", "hi"], "argument --k: k must be a positive integer, got '-1e3'"),
         # a negative seed was a TypeError traceback; 100,000 threads crashed llama.cpp (SIGSEGV)
         (["--seed", "-1", "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),
         (["--seed", str(2**64), "--prompt", "hi"], "expected a whole number from 0 to 2**64 - 1"),

@@ -212,7 +212,7 @@ def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"gate": "nope"}, "unknown gate"),
+        ({"gate": "nope"}, "unknown mode .nope.; choose one of sparse"),
         ({"k": 0}, "k must be a positive integer"),
         ({"tau": math.inf}, "tau must be a finite number"),
         ({"tau": math.nan}, "tau must be a finite number"),

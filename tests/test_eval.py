@@ -127,12 +127,12 @@ def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window()
                             value_tokens=0, gen_ms=0.0, tau=None, p=None, stats={"samples": samples} if samples else {})
 
     rows = [row(48, 6), row(10, 4)]  # 10 junctions; 16 + 10 steps within the horizon, 58 in all
-    assert ev._matched_probability(rows, 16) == pytest.approx(10 / 26)
-    assert ev._matched_probability(rows, None) == pytest.approx(10 / 58)
+    assert ev.matched_probability(rows, 16) == pytest.approx(10 / 26)
+    assert ev.matched_probability(rows, None) == pytest.approx(10 / 58)
     # Best-of-N: a window per sample (100 tokens; 1 token + EOS; 1 + EOS; 1 + EOS): 16 + 2 + 2 + 2 steps
     samples = [{"tokens": 100, "stop_reason": "length"}] + [{"tokens": 1, "stop_reason": "eos"}] * 3
-    assert ev._matched_probability([row(106, 8, samples)], 16) == pytest.approx(8 / 22)
-    assert ev._matched_probability([], 16) == 0.0
+    assert ev.matched_probability([row(106, 8, samples)], 16) == pytest.approx(8 / 22)
+    assert ev.matched_probability([], 16) == 0.0
 
 
 # --------------------------------------------------------------------------- prompt files

@@ -225,3 +225,27 @@ def test_no_interval_where_dense_often_gains_nothing(tmp_path: Path) -> None:
     (entry,) = json.loads(proc.stdout)["gain"]
     assert entry["share"] == 1.0 and entry["share_ci95"] is None and entry["resamples_without_gain"] > 0.3
     assert "no interval: dense gains nothing" in run(write(tmp_path / "a.jsonl", rows), "--gain", "off,dense").stdout
+
+
+def test_the_statistics_on_small_hand_computed_cases() -> None:
+    """sia_edge.eval.metrics, which eval's summaries and this tool share, without any model."""
+    import numpy as np
+
+    from sia_edge.eval import metrics
+
+    assert metrics.rate_with_se([True, False, False, True]) == (0.5, pytest.approx(0.25))
+    assert metrics.rate_with_se([]) == (None, None)
+    assert metrics.mean_with_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))  # sd sqrt(2) over sqrt(2)
+    assert metrics.mean_with_se([4.0]) == (4.0, None)
+    # Two answers (seeds) of prompt a count as one unit: per-unit means 1 and 3.
+    diffs = np.array([[0.0], [2.0], [3.0]])
+    n, ((mean, se),) = metrics.paired_differences([("s", "a"), ("s", "a"), ("s", "b")], diffs)
+    assert (n, mean, se) == (2, 2.0, pytest.approx(1.0))
+    # Off refuses none of 4 prompts, dense all 4, the mode 2 of them: a share of 50%.
+    verdicts = np.array([[0, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1]], dtype=np.float64)
+    units = ["p1", "p2", "p3", "p4"]
+    gain = metrics.share_of_gain(units, verdicts, np.random.default_rng(0), resamples=2000)
+    assert (gain.units, gain.baseline, gain.mode, gain.full, gain.share) == (4, 0.0, 0.5, 1.0, 0.5)
+    assert gain.resamples_without_gain == 0.0 and gain.ci95 is not None and gain.ci95[0] <= 0.5 <= gain.ci95[1]
+    none = metrics.share_of_gain(units, verdicts[:, [0, 1, 0]], np.random.default_rng(0))
+    assert none.share is None and none.ci95 is None  # the full mode gains nothing: no share

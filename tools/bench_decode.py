@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class NaiveSIAProcessor:
         return out
 
 
-def naive_run(llm, proc: NaiveSIAProcessor, prompt_ids: list[int], n: int, seed: int) -> tuple[float, int]:
+def naive_run(llm: Any, proc: NaiveSIAProcessor, prompt_ids: list[int], n: int, seed: int) -> tuple[float, int]:
     from llama_cpp import LogitsProcessorList
 
     llm.reset()
@@ -246,7 +247,7 @@ def main() -> int:
     for name, runs in rows.items():
         if not runs:
             continue
-        entry = {"ms_per_token": med(name, "ms_per_token"), "tokens": int(sum(r["tokens"] for r in runs))}
+        entry: dict[str, Any] = {"ms_per_token": med(name, "ms_per_token"), "tokens": int(sum(r["tokens"] for r in runs))}
         if name in modes:
             entry.update(intervention_rate=med(name, "intervention_rate"),
                          value_tokens=med(name, "value_tokens_per_token"),

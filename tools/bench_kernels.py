@@ -11,6 +11,7 @@ Checks first that the native kernel and numpy agree on every vocabulary size, th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -130,9 +131,9 @@ def main() -> int:
             print(f"MISMATCH at vocab {n}: core and numpy disagree", file=sys.stderr)
             return 1
 
-        core_ms = median_ms(lambda z=z, topk=topk: K.junction_stats(z, topk), args.reps)
-        numpy_ms = median_ms(lambda z=z, f=numpy_fn: f(z), args.reps)
-        floor_ms = median_ms(lambda z=z: np.add.reduce(z), args.reps)
+        core_ms = median_ms(functools.partial(K.junction_stats, z, topk), args.reps)
+        numpy_ms = median_ms(functools.partial(numpy_fn, z), args.reps)
+        floor_ms = median_ms(functools.partial(np.add.reduce, z), args.reps)
         results.append({
             "vocab": n, "k": args.k,
             "numpy_ms": round(numpy_ms, 4), "core_ms": round(core_ms, 4), "floor_ms": round(floor_ms, 4),

