@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sia_edge.engine import Generation, GenerationStats, SteeringEngine
-from sia_edge.gate import SteeringConfig
+from sia_edge.steering import SteeringConfig
 from sia_edge.models import ModelNotFoundError, default_value_model
 
 

@@ -367,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = undecodable_text(text) if text is not None else None
         if problem:  # before loading: an interactive chat would otherwise fail every turn
             raise CliError(f"{option}: {problem}")
-    base = base_model_path(args.model)
-    choice = choose_value_model(args.value_model, base, needed=args.mode != "off")
+    base = base_model_path(args.model, args.preset)
+    choice = choose_value_model(args.value_model, base, needed=args.mode != "off", preset=args.preset)
     config = steering_config(args, choice)  # wrong settings fail before loading
     if choice.notice:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)
@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: measuring tau for target ratio {config.target_ratio:g} (once per model; cached)",
                   file=sys.stderr, flush=True)
         config = config.with_tau(engine.calibrate_tau(config))
-    completion = args.completion
+    completion = args.completion or (args.preset is not None and args.preset.prompt_style == "text")
     if not completion and not engine.base.chat_template:
         completion = True
         print(f"note: {engine.base.path.name} has no chat template; each prompt is completed as plain text",

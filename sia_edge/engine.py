@@ -208,6 +208,23 @@ class SteeringEngine:
         self._tau_cache: dict[tuple[str, int, float, float, int], float] = {}
         self._calibration_lock = threading.Lock()
 
+    @classmethod
+    def from_preset(cls, name: str | None = None, **kwargs: Any) -> SteeringEngine:
+        """The engine of a preset (sia_edge/presets.py): its base model and its value model, the
+        latter built from its assets on first use. ``kwargs``: n_ctx, n_threads, k_max."""
+        from sia_edge.presets import DEFAULT_PRESET, get_preset
+
+        preset = get_preset(name or DEFAULT_PRESET)
+        return cls(preset.base_model(), preset.value_model(), **kwargs)
+
+    def recommended(self, *, gate: str = "entropy", **given: Any) -> SteeringConfig:
+        """The steering the value model recommends (the settings it was evaluated with, stored
+        in its GGUF), with ``given`` settings winning: what the chat and the server use by
+        default (``SteeringConfig.recommended``). Without a value model: ``off``."""
+        if self.value is None:
+            return SteeringConfig(gate="off", **{k: v for k, v in given.items() if k in ("k", "temperature")})
+        return SteeringConfig.recommended(self.value.meta.recommended_steering(), gate=gate, **given)
+
     # ----------------------------------------------------------------- setup checks
     def _check_tokenizers(self, value: ValueModel) -> None:
         base_fp, value_fp = self.base.fingerprint, value.model.fingerprint
@@ -292,8 +309,9 @@ class SteeringEngine:
         seed: int = 0,
     ) -> Generation:
         """Start a generation; iterate the result for ``TokenEvent``s. ``prompt`` is plain text
-        (completion) or a list of chat messages (the model's chat template is applied)."""
-        config = config or SteeringConfig()
+        (completion) or a list of chat messages (the model's chat template is applied). Without
+        ``config``, the value model's recommendation (``recommended()``), as the chat uses it."""
+        config = config or self.recommended()
         if self._closed:
             raise EngineClosedError("the engine is closed; create a new SteeringEngine")
         if not isinstance(max_tokens, int) or max_tokens < 1:

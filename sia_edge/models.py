@@ -77,17 +77,14 @@ def gemma3_base_model() -> Path:
 
 
 def default_value_model() -> Path:
-    """The default safety value model for SmolLM2, built by the README's setup."""
+    """The default preset's value model (sia_edge/presets.py), built from its assets on first
+    use; ``$SIA_EDGE_VALUE_MODEL`` replaces it."""
     env = os.environ.get("SIA_EDGE_VALUE_MODEL")
     if env:
         return resolve_gguf(env, "value model ($SIA_EDGE_VALUE_MODEL)")
-    path = models_dir() / DEFAULT_VALUE_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"the default value model {path} has not been built: run the README's setup command "
-            "(it exports it from the adapter shipped in assets/), or pass --value-model PATH.gguf"
-        )
-    return path
+    from sia_edge.presets import DEFAULT_PRESET, get_preset
+
+    return get_preset(DEFAULT_PRESET).value_model()
 
 
 def resolve_gguf(path: str | os.PathLike[str], what: str = "model") -> Path:

@@ -7,11 +7,20 @@ and ``temperature`` as usual), and every response carries the generation's stats
 Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
 
 Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
-requests wait their turn (up to ``--max-queue``, then 429). A streaming client that disconnects
-cancels its generation, and its slot goes to the next request once the engine has let go of it.
+requests wait their turn (up to ``--max-queue``, then 429 with ``Retry-After``). A client that
+disconnects, streaming or not, running or still queued, cancels its generation, and its slot goes to
+the next request once the engine has let go of it.
 
 Fields that would change the distribution after the steering step (penalties, logit_bias) are
 refused, as are ``n`` > 1, ``logprobs``, ``echo`` and tools; ``top_p`` and unknown fields are ignored.
+A ``model`` other than the one served is 404 (``model_not_found``); leaving it out is fine.
+
+Limits (docs/EMBEDDING.md, "Limits and promises"): a request body of at most ``--max-request-bytes``
+(default 2 MiB; larger is 413 before it is read), sent as ``Content-Type: application/json`` (else
+415); the request's headers and body must arrive within ``--read-timeout`` seconds of its first byte
+(default 30; then 408 and the connection is closed), and a connection with no request in progress
+is closed after ``--idle-timeout`` seconds (default 15). Every error is in OpenAI's format, and bad
+input is a 4xx, never a 500. ``server_config(app)`` gives uvicorn the protocol that applies the timeouts.
 """
 
 from __future__ import annotations
@@ -23,24 +32,31 @@ import asyncio
 import ipaddress
 import json
 import math
+import re
 import signal
 import socket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from sse_starlette import EventSourceResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sia_edge import __version__
 from sia_edge.cli_common import (
@@ -60,11 +76,23 @@ from sia_edge.cli_common import (
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.gate import MAX_SEED, SteeringConfig
+from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
 
-__all__ = ["ApiError", "ServerState", "create_app", "main"]
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_READ_TIMEOUT", "ApiError", "ServerState",
+    "create_app", "main", "server_config",
+]
 
 PROG = "python -m sia_edge.serve"
+
+# Chat requests are text: 2 MiB holds a long conversation many times over what n_ctx tokens can
+# take, while parsing and validating that much JSON stays in milliseconds.
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's headers and body, from its first byte
+# Longer than the keep-alive expiry of common clients (httpx and the openai package: 5 s), so
+# that they drop a pooled connection before the server does, and never send on a closing one.
+DEFAULT_IDLE_TIMEOUT = 15.0
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 # --------------------------------------------------------------------------- errors
@@ -72,15 +100,29 @@ class ApiError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        # Messages and params can quote the request (a field's value, a dict key): a lone
+        # surrogate from a JSON escape cannot be encoded as UTF-8 and would turn the 4xx into a
+        # 500, and a newline would break the one-line message.
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -93,6 +135,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
         return ApiError(400, "the request body must be a JSON object")
+    if not loc and first.get("type") == "missing":
+        return ApiError(400, "the request body is empty; send a JSON object")
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
@@ -100,34 +144,33 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 # --------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON has no NaN or infinity, but Python's parser reads NaN, Infinity and 1e999: refuse them
+    # here, in one message, rather than in whichever setting would choke on them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Strict):
+# The steering fields of a request: one per setting of sia_edge.steering.SETTINGS that the server
+# face shows (the mode as ``sia_mode``), checked by SteeringConfig itself when the request's
+# settings are merged over the server's defaults.
+STEERING_FIELDS: dict[str, str] = {s.field: s.name for s in SETTINGS if "server" in s.faces}
+_SteeringFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "_SteeringFields", __base__=_Strict, **{s.field: (s.kind | None, None) for s in SETTINGS if "server" in s.faces})
+
+
+class _GenerationRequest(_SteeringFields):  # type: ignore[misc,valid-type]
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     stop: str | list[str] | None = None
-    # steering (sia-edge's extra fields)
-    sia_mode: str | None = None
-    gate: str | None = None
-    tau: float | None = None
-    k: int | None = Field(default=None, ge=1)
-    w: float | None = None
-    target_ratio: float | None = None
-    p: float | None = None
-    head: int | None = None
-    follow: float | None = None
-    horizon: int | None = None
+    gate: Any = None  # the former name of sia_mode: refused with a pointer to it
     # OpenAI fields sia-edge refuses when they would change anything
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -187,6 +230,18 @@ def _refuse_unsupported(req: _GenerationRequest) -> None:
             raise ApiError(400, "suffix is not supported", param="suffix")
 
 
+def _culprit(config: SteeringConfig, changes: dict[str, Any], message: str) -> str | None:
+    """The request's setting that SteeringConfig refused: the first that fails on its own, else
+    (a combination, such as a head past the horizon) the one its message starts with."""
+    for name, value in changes.items():
+        try:
+            replace(config, **{name: value})
+        except ValueError:
+            return name
+    first_word = message.split(" ", 1)[0]
+    return first_word if first_word in changes else None
+
+
 def _stops(req: _GenerationRequest) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4:
@@ -241,9 +296,12 @@ class ServerState:
     max_queue: int = 64
     model_id: str = ""
     recommended_horizon: int | None = None  # the value model's, for the entropy gate (cli_common.gate_horizon)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0
-    waiting: int = 0
+    waiting: int = 0  # requests with a generation that wait for a slot
     starting: int = 0  # requests being validated and tokenised: they count against the queue too
     peak_active: int = 0
     completed: int = 0
@@ -251,12 +309,30 @@ class ServerState:
     failed: int = 0
     _slots: asyncio.Semaphore | None = None
     _executor: ThreadPoolExecutor | None = None
+    _held: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # seconds recent generations held a slot
 
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        for name in ("read_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if not self.model_id:
             self.model_id = self.engine.base.path.stem
+
+    def note_slot_time(self, seconds: float) -> None:
+        self._held.append(seconds)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue likely has room: a slot frees, on average, every mean slot time
+        divided by the slots; at least 1, and at most 60 so that clients keep trying."""
+        if not self._held:
+            return 1
+        mean = sum(self._held) / len(self._held)
+        return max(1, min(60, math.ceil(mean / self.parallel)))
 
     @property
     def slots(self) -> asyncio.Semaphore:
@@ -285,12 +361,31 @@ class ServerState:
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Job:
+    """A generation from the moment it joins the queue (``state.waiting``) until its request is
+    counted as completed, cancelled or failed, which happens exactly once (``settled``)."""
+
     generation: Generation
     config: SteeringConfig
     seed: int
     stops: list[str]
+    settled: bool = False
+    queued: bool = True  # still counted in state.waiting
+
+    def leave_queue(self, state: ServerState) -> None:
+        if self.queued:
+            self.queued = False
+            state.waiting -= 1
+
+    def abandon(self, state: ServerState) -> None:
+        """The client left before the generation got a slot: it never runs."""
+        self.leave_queue(state)
+        if not self.settled:
+            self.settled = True
+            self.generation.cancel()
+            self.generation.close()
+            state.cancelled += 1
 
 
 class _End:
@@ -321,15 +416,21 @@ def _drain(gen: Generation, loop: asyncio.AbstractEventLoop, queue: asyncio.Queu
         put(_End())
 
 
-async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEvent, None]:
+async def _events(state: ServerState, job: _Job) -> AsyncGenerator[TokenEvent, None]:
     """The generation's events, run in a worker slot. Leaving early (client gone, stop sequence)
     cancels the generation and waits until its contexts are back in the pool before the slot
-    is handed on."""
-    state.waiting += 1
+    is handed on; leaving while still queued counts as cancelled too."""
+    gen = job.generation
+    if job.settled:
+        return
     try:
         await state.slots.acquire()
-    finally:
-        state.waiting -= 1
+    except BaseException:
+        job.abandon(state)
+        raise
+    job.leave_queue(state)
+    job.settled = True
+    held_from = time.monotonic()
     state.active += 1
     state.peak_active = max(state.peak_active, state.active)
     loop = asyncio.get_running_loop()
@@ -355,6 +456,7 @@ async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEv
             # Even if a second, native asyncio cancellation cut the wait short: a slot that is
             # never released would shrink the server for good.
             state.active -= 1
+            state.note_slot_time(time.monotonic() - held_from)
             if gen.stats.stop_reason == "cancelled":
                 state.cancelled += 1
             elif gen.stats.stop_reason == "error" or worker is None:
@@ -362,6 +464,21 @@ async def _events(state: ServerState, gen: Generation) -> AsyncGenerator[TokenEv
             else:
                 state.completed += 1
             state.slots.release()
+
+
+class _StreamResponse(EventSourceResponse):
+    """Server-sent events for one job. A client that hangs up before the stream's first step
+    (its generator then never runs) still leaves the queue and is counted as cancelled."""
+
+    def __init__(self, job: _Job, state: ServerState, content: AsyncIterator[dict[str, str]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job, self.sia_state = job, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.abandon(self.sia_state)
 
 
 def _finish_reason(gen: Generation, stopped: bool) -> str:
@@ -382,6 +499,149 @@ def _usage(gen: Generation) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+# --------------------------------------------------------------------------- limits
+class _RequestBody:
+    """Raw ASGI middleware: reads each request's body before the app sees it, and refuses one
+    larger than ``max_bytes`` (413, and the connection is closed) as soon as that is known: from
+    Content-Length before reading anything, else by counting the bytes of a chunked body, so that
+    a huge body is never parsed nor held. A generation request must say its body is JSON."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, declared: int | None) -> ApiError:
+        size = f"{declared} bytes (Content-Length), more than" if declared is not None else "larger than"
+        return ApiError(413, f"the request body is {size} this server's limit of {self.max_bytes} bytes; "
+                             "send less, or start the server with a larger --max-request-bytes",
+                        code="request_too_large", headers={"Connection": "close"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "").lstrip("0")
+        # h11 has already checked that it is digits; int() of thousands of them would raise
+        if declared.isdigit() and (len(declared) > 20 or int(declared) > self.max_bytes):
+            await self._too_large(int(declared)).response()(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._too_large(None).response()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+            problem = _content_type_problem(headers.get("content-type"))
+            if problem:
+                await ApiError(415, problem, code="unsupported_media_type").response()(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # then what the connection says next: a disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _content_type_problem(value: str | None) -> str | None:
+    """Why a generation request's Content-Type is refused, or None. A missing one is refused
+    too: a web page can post a body without a type, or as text/plain or a form, to a local
+    server without asking (no CORS preflight), and this server has no authentication."""
+    fix = "send the body as JSON with that header (curl: -H 'Content-Type: application/json')"
+    if not value:
+        return f"Content-Type must be application/json and the request has none; {fix}"
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return None
+    return f"Content-Type must be application/json, not {value.split(';', 1)[0].strip()!r}; {fix}"
+
+
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the timeouts it lacks. uvicorn only closes a connection
+    that stays idle after a response; one that never sends a request, or sends it a byte at a
+    time (slowloris), would keep its socket for good. Here a connection with no request in
+    progress is closed after ``idle_timeout`` (uvicorn's keep-alive timer, also armed when the
+    connection opens), and a request whose headers and body have not all arrived
+    ``read_timeout`` seconds after its first byte gets 408 and the connection is closed."""
+
+    read_timeout: ClassVar[float] = DEFAULT_READ_TIMEOUT
+    idle_timeout: ClassVar[float] = DEFAULT_IDLE_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.idle_timeout  # type: ignore[assignment]  # uvicorn types it int
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                            self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+        super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the request is in (or the connection failed)
+            self._stop_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot parse (request line, headers, framing) gets a 400 in OpenAI's format too."""
+        self._close_with(400, "Bad Request", ApiError(
+            400, "the request is not valid HTTP/1.1: a malformed request line, header or Content-Length, or "
+                 "headers too long", code="invalid_http"))
+
+    def _close_with(self, status: int, reason: str, error: ApiError) -> None:
+        """Answer ``error`` and close the connection; the app, if it was reading the body, sees a
+        disconnect. Mid-response (after an early 413) nothing more can be said: just close."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            body = json.dumps(error.body()).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        self.transport.close()
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        self._close_with(408, "Request Timeout", ApiError(
+            408, f"the request did not arrive in time: its headers and body must arrive within "
+                 f"{self.read_timeout:g} s of its first byte", code="request_timeout"))
+
+
+def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's settings for an app from ``create_app``: its timeouts (``read_timeout``,
+    ``idle_timeout``) applied by the protocol that enforces them. ``kwargs`` go to
+    ``uvicorn.Config`` (``log_level``, ...). Serve it with ``uvicorn.Server(config)``."""
+    state: ServerState = app.state.sia
+
+    class Protocol(_TimedH11Protocol):
+        read_timeout = state.read_timeout
+        idle_timeout = state.idle_timeout
+
+    kwargs.setdefault("ws", "none")
+    kwargs.setdefault("lifespan", "on")
+    return uvicorn.Config(app, http=Protocol, **kwargs)
+
+
 # --------------------------------------------------------------------------- the app
 def create_app(
     engine: SteeringEngine,
@@ -393,18 +653,25 @@ def create_app(
     max_queue: int = 64,
     model_id: str | None = None,
     recommended_horizon: int | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. ``config`` is the default steering of requests; its
     ``target_ratio``, if any, must already be resolved to a tau. ``recommended_horizon``: the
     value model's horizon for its entropy gate (``cli_common.recommended_horizon``): a request for
     another gate that names no horizon steers the whole answer, as the chat's ``--mode`` and
-    ``/mode`` do, and one for the entropy gate gets it back."""
+    ``/mode`` do, and one for the entropy gate gets it back. ``max_request_bytes`` bounds request
+    bodies (the app enforces it); ``read_timeout`` and ``idle_timeout`` are the connection's,
+    applied by the server that ``server_config(app)`` configures."""
     if config is None:
         config = SteeringConfig() if engine.value is not None else SteeringConfig(gate="off")
     if config.target_ratio is not None:
         raise ValueError("resolve the default config's target_ratio to a tau first (engine.calibrate_tau)")
     state = ServerState(engine, config, max_tokens=max_tokens, seed=seed, parallel=parallel,
-                        max_queue=max_queue, model_id=model_id or "", recommended_horizon=recommended_horizon)
+                        max_queue=max_queue, model_id=model_id or "", recommended_horizon=recommended_horizon,
+                        max_request_bytes=max_request_bytes, read_timeout=read_timeout,
+                        idle_timeout=idle_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -414,6 +681,7 @@ def create_app(
     app = FastAPI(title="sia-edge", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sia = state
+    app.add_middleware(_RequestBody, max_bytes=max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -425,6 +693,11 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's words for whatever json.loads raised other than a syntax error
+            return ApiError(400, "the request body could not be read as JSON: it must be UTF-8, nested less "
+                                 "than a thousand levels deep, with numbers of fewer than 4300 digits",
+                            code="invalid_json").response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), type=kind).response()
 
@@ -462,18 +735,25 @@ def create_app(
         return model_card()
 
     async def start(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
+        if req.model is not None and req.model != state.model_id:
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{state.model_id!r} (GET /v1/models), or leave model out",
+                           type="not_found_error", param="model", code="model_not_found")
         _refuse_unsupported(req)
         # Checked and counted with no await in between, so a burst of requests cannot all pass
         # the check before any of them is counted: room is --parallel slots plus --max-queue.
         if state.active + state.waiting + state.starting >= state.parallel + state.max_queue:
+            wait = state.retry_after()
             raise ApiError(429, f"the server is busy: {state.active} generations running and "
-                                f"{state.waiting + state.starting} waiting; retry later", type="server_busy",
-                           code="queue_full")
+                                f"{state.waiting + state.starting} waiting; retry in {wait} s", type="server_busy",
+                           code="queue_full", headers={"Retry-After": str(wait)})
         state.starting += 1
         try:
-            return await _prepare(req, prompt)
+            job = await _prepare(req, prompt)
         finally:
             state.starting -= 1
+        state.waiting += 1  # in the same step: counted without a gap until _events takes it out
+        return job
 
     async def _prepare(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
         texts = [("prompt", prompt)] if isinstance(prompt, str) else [
@@ -483,21 +763,28 @@ def create_app(
             if problem:
                 raise ApiError(400, f"{field_name}: {problem}", param=field_name, code="invalid_value")
         stops = _stops(req)
+        if req.gate is not None:
+            raise ApiError(400, "gate: the field is called sia_mode (off, sparse, dense, full-entropy, random)",
+                           param="gate", code="invalid_value")
         changes: dict[str, Any] = {}
-        mode = req.sia_mode if req.sia_mode is not None else req.gate
-        if mode is not None:
-            changes["gate"] = mode
-        for name in ("tau", "k", "w", "temperature", "p", "target_ratio", "head", "follow", "horizon"):
-            if getattr(req, name) is not None:
-                changes[name] = getattr(req, name)
+        for field_name, setting in STEERING_FIELDS.items():
+            if getattr(req, field_name) is not None:
+                changes[setting] = getattr(req, field_name)
+        ratio = changes.get("target_ratio")
+        if isinstance(ratio, (int, float)) and 0 < ratio < 1 and abs(ratio * 100 - round(ratio * 100)) > 1e-9:
+            # Each new ratio measures tau on unsteered runs (seconds, one at a time) and is cached
+            # for good: whole percentages bound what clients can make the server calibrate.
+            raise ApiError(400, f"target_ratio: this server calibrates whole percentages (0.01 to 0.99), got {ratio}",
+                           param="target_ratio", code="invalid_value")
         if state.recommended_horizon is not None and "horizon" not in changes:
             changes["horizon"] = gate_horizon(changes.get("gate", state.config.gate), state.recommended_horizon,
                                               state.config.horizon, head=changes.get("head", state.config.head))
         try:
             cfg = replace(state.config, **changes)
         except ValueError as exc:
-            first_word = str(exc).split(" ", 1)[0]
-            param = first_word if first_word in changes else "sia_mode" if "gate" in str(exc) else None
+            param = _culprit(state.config, changes, str(exc))
+            if param == "gate":  # as the request names it
+                param = "sia_mode"
             raise ApiError(400, str(exc), param=param, code="invalid_value") from None
         if cfg.steers and engine.value is None:
             raise ApiError(400, f"mode {mode_name(cfg.gate)} needs a value model, and this server has none "
@@ -512,7 +799,7 @@ def create_app(
             raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",
                            code="context_length_exceeded") from None
         except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(400, str(exc), code="invalid_value") from None
         return _Job(gen, cfg.with_tau(gen.config.tau) if cfg.target_ratio is not None else cfg, seed, stops)
 
     async def stream(job: _Job, make_chunk: Any, include_usage: bool) -> AsyncIterator[dict[str, str]]:
@@ -523,7 +810,7 @@ def create_app(
         first = True
         raw = 0  # characters of gen.text the events carried
         try:
-            async with aclosing(_events(state, gen)) as events:
+            async with aclosing(_events(state, job)) as events:
                 async for ev in events:
                     raw += len(ev.text)
                     text = matcher.push(ev.text)
@@ -560,21 +847,38 @@ def create_app(
         parts: list[str] = []
         raw = 0
 
-        async def watch_disconnect() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            gen.cancel()
-
-        watcher = asyncio.ensure_future(watch_disconnect())
-        try:
-            async with aclosing(_events(state, gen)) as events:
+        async def run() -> None:
+            nonlocal raw
+            async with aclosing(_events(state, job)) as events:
                 async for ev in events:
                     raw += len(ev.text)
                     parts.append(matcher.push(ev.text))
                     if matcher.hit:
                         break
+
+        runner = asyncio.ensure_future(run())
+        left = False
+
+        async def watch_disconnect() -> None:
+            nonlocal left
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            gen.cancel()
+            if job.queued:  # leave the queue now, not when a slot frees (it would prefill for nothing)
+                runner.cancel()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await runner
+        except asyncio.CancelledError:
+            if not left:
+                raise
         finally:
             watcher.cancel()
+            if not runner.done():
+                runner.cancel()
+            job.abandon(state)  # if it never got as far as the queue's wait (a no-op once it ran)
         if not matcher.hit:
             parts.append(matcher.push(gen.text[raw:]) + matcher.flush())
         return "".join(parts), matcher.hit
@@ -612,7 +916,7 @@ def create_app(
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(stream(job, chunk, include_usage), ping=15)
+            return _StreamResponse(job, state, stream(job, chunk, include_usage), ping=15)
 
         text, stopped = await collect(job, request)
         return response_body(job, text, stopped, "chat", cid, created)
@@ -635,7 +939,7 @@ def create_app(
                         "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(stream(job, chunk, include_usage), ping=15)
+            return _StreamResponse(job, state, stream(job, chunk, include_usage), ping=15)
 
         text, stopped = await collect(job, request)
         return response_body(job, text, stopped, "completion", cid, created)
@@ -654,7 +958,13 @@ def build_parser() -> CliParser:
         description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) "
                     "for a base model steered by a value model. Steering options below are the defaults "
                     "of requests, which can override them with extra fields (sia_mode, tau, k, w, "
-                    "target_ratio, p, head, follow, horizon, seed, temperature).",
+                    "target_ratio, p, head, follow, horizon, seed, temperature). "
+                    "Limits: request bodies of at most --max-request-bytes (413), sent as application/json "
+                    "(415); a request's headers and body within --read-timeout seconds of its first byte "
+                    "(408, then the connection is closed); connections without a request in progress "
+                    "closed after --idle-timeout seconds; beyond --parallel running and --max-queue "
+                    "waiting, 429 with Retry-After. Errors are in OpenAI's format; bad input is a 4xx, "
+                    "never a 500; a client that disconnects frees its place at once.",
     )
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; there is no authentication, so think "
@@ -664,7 +974,17 @@ def build_parser() -> CliParser:
                    help="generations that run at once; the rest wait (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="waiting requests before new ones get 429 (default: %(default)s)")
-    p.add_argument("--model-name", metavar="ID", help="model id reported by /v1/models (default: the base file's name)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                   help="largest request body; a larger one gets 413 before it is read (default: %(default)s, 2 MiB)")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                   help="time a client has to send a request's headers and body, from its first byte; then "
+                        "408 and the connection is closed (default: %(default)g)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                   help="a connection with no request in progress is closed after this long "
+                        "(default: %(default)g)")
+    p.add_argument("--model-name", metavar="ID",
+                   help="model id reported by /v1/models, and the one requests may name (default: the base "
+                        "file's name)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     add_model_options(p)
     add_steering_options(p, max_tokens=512)
@@ -672,8 +992,6 @@ def build_parser() -> CliParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
-
     from sia_edge.cli_common import CliError
 
     args = build_parser().parse_args(argv)
@@ -683,6 +1001,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CliError("--max-queue must be >= 0")
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_request_bytes < 1:
+        raise CliError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
+    for option in ("read_timeout", "idle_timeout"):
+        value = getattr(args, option)
+        if not (math.isfinite(value) and value > 0):
+            raise CliError(f"--{option.replace('_', '-')} must be a positive number of seconds, got {value:g}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -697,8 +1021,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.close()
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     sock.listen(128)  # clients that connect while the models load wait in the backlog
-    base = base_model_path(args.model)
-    choice = choose_value_model(args.value_model, base, needed=args.mode != "off")
+    base = base_model_path(args.model, args.preset)
+    choice = choose_value_model(args.value_model, base, needed=args.mode != "off", preset=args.preset)
     config = steering_config(args, choice)  # wrong settings fail before loading
     if choice.notice:
         print(f"note: {choice.notice}", file=sys.stderr, flush=True)
@@ -710,7 +1034,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config.with_tau(engine.calibrate_tau(config))
     app = create_app(engine, config=config, max_tokens=args.max_tokens, seed=args.seed,
                      parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name,
-                     recommended_horizon=recommended_horizon(args, choice))
+                     recommended_horizon=recommended_horizon(args, choice),
+                     max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
+                     idle_timeout=args.idle_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not loopback:
@@ -729,7 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 self.interrupted = True
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, log_level=args.log_level, ws="none", lifespan="on"))
+    server = Server(server_config(app, log_level=args.log_level))
     server.run(sockets=[sock])
     if server.interrupted:
         # uvicorn re-raises the captured Ctrl-C inside asyncio.run, where it can be lost in a race

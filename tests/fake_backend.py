@@ -101,11 +101,19 @@ class FakeContext:
         self.closed = True
 
 
+class FakeValueHead:
+    """The value GGUF's metadata, as far as the engine reads it: no recommended settings."""
+
+    def recommended_steering(self) -> dict[str, float]:
+        return {}
+
+
 class FakeValueModel:
     def __init__(self, base: FakeModel, *, seed: int = 1, name: str = "fake-value.gguf") -> None:
         self.model = FakeModel(base.n_vocab, seed=seed, name=name, fingerprint=base.fingerprint)
         self.path = Path(name)
         self.name = name
+        self.meta = FakeValueHead()
         rng = np.random.default_rng(seed)
         self.table = rng.standard_normal((base.n_vocab, base.n_vocab)).astype(np.float32)
         self.scorers: list[FakeScorer] = []

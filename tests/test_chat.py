@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """No default value model (an empty models dir), no colour preferences from outside."""
+    """No default value model (an empty models dir, and no assets to build one from), no colour
+    preferences from outside."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("SIA_EDGE_") and k != "NO_COLOR"}
     e["SIA_EDGE_MODELS"] = str(tmp_path_factory.mktemp("no-models"))
+    e["SIA_EDGE_ASSETS"] = str(tmp_path_factory.mktemp("no-assets"))
     e["PYTHONUNBUFFERED"] = "1"
     return e
 
@@ -75,7 +77,7 @@ def test_horizon_limits_steering_to_the_opening(env: dict[str, str], value_model
 def test_without_a_value_model_steering_is_off_and_said_so(env: dict[str, str]) -> None:
     r = chat(env, "--prompt", "Hi", "--json", "--max-tokens", "4", "--seed", "0")
     assert r.returncode == 0, r.stderr
-    assert "no trained value model is installed" in r.stderr
+    assert "its trained value model is not in" in r.stderr and "steering is off" in r.stderr
     s = json.loads(r.stdout)["stats"]
     assert s["mode"] == "off" and s["junctions"] == 0
 

@@ -4,7 +4,6 @@ a refusal is worth more than compliance on a harmful request, and less on a beni
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -54,21 +53,20 @@ def test_it_matches_the_base_model_and_the_recorded_depth(default_value) -> None
 
 
 def test_setup_rebuilds_the_gguf_when_the_assets_change(tmp_path: Path) -> None:
-    """The setup's digest of assets/ matches the built GGUF's stamp (so the GGUF is current), and
-    any change of the assets changes the digest (so the next setup rebuilds)."""
-    spec = importlib.util.spec_from_file_location("build_default", REPO_ROOT / "tools/build_default_value_model.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    digest = build.assets_digest()
-    assert build.stamp_path(BUILT).read_text().strip() == digest
-    build.ASSETS = tmp_path / "assets"
-    shutil.copytree(ASSETS, build.ASSETS)
-    assert build.assets_digest() == digest
-    meta = json.loads((build.ASSETS / "value_meta.json").read_text())
+    """The digest of the preset's assets matches the built GGUF's stamp (so the GGUF is current),
+    and any change of the assets changes the digest (so the next first use rebuilds)."""
+    from sia_edge.presets import assets_digest, get_preset, stamp_path
+
+    preset = get_preset("smollm2-safety")
+    digest = assets_digest(ASSETS)
+    assert stamp_path(BUILT).read_text().strip() == digest and preset.value_path == BUILT and preset.is_built()
+    copy = tmp_path / "assets"
+    shutil.copytree(ASSETS, copy)
+    assert assets_digest(copy) == digest
+    meta = json.loads((copy / "value_meta.json").read_text())
     meta["steering"]["w"] = 1.0
-    (build.ASSETS / "value_meta.json").write_text(json.dumps(meta))
-    assert build.assets_digest() != digest
+    (copy / "value_meta.json").write_text(json.dumps(meta))
+    assert assets_digest(copy) != digest
 
 
 def test_restart_goes_with_rebuild() -> None:

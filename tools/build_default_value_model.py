@@ -18,7 +18,6 @@ checkpoints of another recipe: --restart discards them).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PRESET = "smollm2-safety"  # sia_edge/presets.py: its base model, assets and value GGUF
 ASSETS = REPO / "assets" / "value-smollm2-safety"
 RUN = REPO / "runs" / "default"
 PY = sys.executable
@@ -100,21 +100,8 @@ def export(model_dir: Path, prefix: Path, types: str = "q8_0") -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def assets_digest() -> str:
-    """What the shipped artefacts are: a GGUF built from other assets is out of date."""
-    h = hashlib.sha256()
-    for f in sorted(ASSETS.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def stamp_path(target: Path) -> Path:
-    return target.with_name(target.name + ".assets-sha256")
-
-
 def main() -> int:
-    from sia_edge.models import DEFAULT_VALUE_FILE, models_dir
+    from sia_edge.presets import assets_digest, get_preset, stamp_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -125,21 +112,15 @@ def main() -> int:
     args = ap.parse_args()
     if args.restart and not args.rebuild:
         ap.error("--restart goes with --rebuild (it discards training checkpoints)")
-    target = models_dir() / DEFAULT_VALUE_FILE
+    preset = get_preset(PRESET)
+    target = preset.value_path
     prefix = target.parent / target.name.replace("-q8_0.gguf", "")
 
     if args.if_missing:
         if not (ASSETS / "value_meta.json").is_file():
             print("[setup] no trained value model ships in assets/ yet: the chat runs unsteered", file=sys.stderr)
             return 0
-        digest = assets_digest()
-        stamp = stamp_path(target)
-        if target.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
-            return 0
-        again = " (the shipped assets changed)" if target.is_file() else " (once)"
-        print(f"[setup] building {target.name} from {ASSETS.relative_to(REPO)}{again}", file=sys.stderr)
-        export(ASSETS, prefix)
-        stamp.write_text(digest + "\n")  # after the export's atomic rename: a killed build rebuilds
+        preset.value_model()  # builds it once, and again whenever the shipped assets change
         return 0
 
     select_harmful_prompts(RUN / "harmful_prompts.jsonl")
@@ -157,7 +138,7 @@ def main() -> int:
             shutil.copy2(f, ASSETS / f.name)
     (ASSETS / "value_meta.json").write_text(portable_meta((final / "value_meta.json").read_text()))
     export(ASSETS, prefix)
-    stamp_path(target).write_text(assets_digest() + "\n")
+    stamp_path(target).write_text(assets_digest(ASSETS) + "\n")
     return 0
 
 

@@ -78,8 +78,8 @@ def build_parser() -> CliParser:
     g.add_argument("--by-source", action="store_true", help="also summarise each row 'source' separately")
     g.add_argument("--prompt-style", choices=("auto", "chat", "text"), default="auto",
                    help="chat: each prompt is a user turn in the base model's chat template; text: it is "
-                        "continued as plain text (base models); auto: chat if the model has a template "
-                        "(default: %(default)s)")
+                        "continued as plain text (base models); auto: the preset's, else chat if the model "
+                        "has a template (default: %(default)s)")
     g = ap.add_argument_group("modes and sampling")
     g.add_argument("--modes", default=DEFAULT_MODES, help="comma list of modes (default: %(default)s)")
     g.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -90,8 +90,9 @@ def build_parser() -> CliParser:
     g.add_argument("--w", type=finite_float, default=None,
                    help="steering strength (default: the value model's recommendation, else 1.0)")
     g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: %(default)s)")
-    g.add_argument("--reward", default="safety", help="safety (built in, default) or a spec of "
-                   "sia_edge.train.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR")
+    g.add_argument("--reward", default=None, help="safety or nontoxicity (built in), or a spec of "
+                   "sia_edge.train.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR "
+                   "(default: the preset's, else safety)")
     add_model_options(ap)
     g = ap.add_argument_group("output")
     g.add_argument("--outputs", metavar="FILE.jsonl", help="write every answer (prompt, set, mode, text, stats)")
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("give at least one prompt file: --prompts FILE (or --harmful FILE / --benign FILE)")
     modes = parse_modes(args.modes)
     sets = load_prompt_sets(args.files, args.limit)
+    if args.reward is None:  # what the preset was evaluated with
+        args.reward = args.preset.reward if args.preset is not None else "safety"
     if args.reward in ("safety", "builtin:safety"):
         unlabelled = unlabelled_files(sets)
         if unlabelled:
@@ -172,13 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sia_edge.cli_common import base_model_path, choose_value_model
 
     needs_value = any(m.needs_value_model for m in modes)
-    base = base_model_path(args.model)
-    choice = choose_value_model(args.value_model, base, needed=needs_value)
+    base = base_model_path(args.model, args.preset)
+    choice = choose_value_model(args.value_model, base, needed=needs_value, preset=args.preset)
     if needs_value and choice.missing:  # an evaluation of steering cannot quietly run without it
         steering_modes = [m.label for m in modes if m.needs_value_model]
         raise CliError(f"modes {', '.join(steering_modes)} need a value model, but {choice.missing}; pass "
                        "--value-model PATH.gguf trained for this base model, or --modes off")
     engine = SteeringEngine(base, choice.path, n_ctx=args.n_ctx, n_threads=args.threads, k_max=DEFAULT_K_MAX)
+    if args.prompt_style == "auto" and args.preset is not None:
+        args.prompt_style = args.preset.prompt_style
     if args.prompt_style == "auto":
         args.prompt_style = "chat" if engine.base.chat_template else "text"
     elif args.prompt_style == "chat" and not engine.base.chat_template:

@@ -36,5 +36,7 @@ class Judge:
         else:
             meta = {"harmful": row.item.harmful, "set": row.set, "source": row.item.source}
             row.reward = float(self._custom.score_batch([row.item.prompt], [row.text], [meta])[0])
+            if self._custom.name == "nontoxicity":  # its reward is 1 - toxicity: the toxic rate comes free
+                row.toxicity = 1.0 - row.reward
         if not math.isfinite(row.reward):
             raise CliError(f"reward {self.name} returned {row.reward} for set {row.set}, prompt {row.index + 1}")

@@ -45,6 +45,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     """The summary as a plain-text table, one block per prompt set."""
     cols = [("mode", "mode", "s", 16), ("n", "n", "d", 4), ("reward", "mean_reward", "+.3f", 7),
             ("refusal", "refusal_rate", ".1%", 7), ("over-ref", "over_refusal_rate", ".1%", 8),
+            ("toxic", "toxic_rate", ".1%", 6),
             ("interv.", "intervention_rate", ".1%", 7), ("V tok/tok", "value_tokens_per_token", ".2f", 9),
             ("ms/tok", "ms_per_token", ".1f", 7), ("drift", "drift", ".3f", 7), ("tokens", "mean_tokens", ".1f", 6)]
     out: list[str] = []

@@ -1,0 +1,131 @@
+"""Presets: a named pair of models plus what they were evaluated with.
+
+=================  ====================================  =============================================
+preset             base model                            value model (built from assets/ on first use)
+=================  ====================================  =============================================
+smollm2-safety     SmolLM2-135M-Instruct (chat), Q4_1     safety: refuse harmful requests, answer benign
+                                                         ones; all 30 of SmolLM2's layers
+gemma3-detox       Gemma-3-270M base (no chat template),  non-toxic continuations of text; a backbone
+                   Q4_K_M                                 shallower than the base (weak-to-strong)
+=================  ====================================  =============================================
+
+The steering settings a preset was evaluated with live in its value GGUF (``sia.steering.*``);
+its judge (the eval reward) and prompt style (chat turns or text to continue) live here. The
+chat, the server, eval (``--preset NAME``) and the Python API (``SteeringEngine.from_preset``)
+all read them from this one table. Where the numbers come from: docs/RESULTS.md (smollm2-safety)
+and docs/results/gemma3-detox.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sia_edge.models import REPO_ROOT, ModelNotFoundError, default_base_model, gemma3_base_model, models_dir
+
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "assets_digest", "build_value_model", "get_preset", "stamp_path"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    base_model: Callable[[], Path]  # finds (or assembles) the base GGUF; ModelNotFoundError says how to get it
+    assets: str  # folder under assets/: the trained adapter, head and metadata
+    reward: str  # what eval judges answers with (sia_edge.train.rewards.load_reward)
+    prompt_style: str  # "chat": requests in the chat template; "text": prefixes continued as text
+
+    @property
+    def assets_dir(self) -> Path:
+        return assets_root() / self.assets
+
+    @property
+    def value_path(self) -> Path:
+        """Where the preset's value GGUF is built (q8_0, as evaluated)."""
+        return models_dir() / f"{self.assets}-q8_0.gguf"
+
+    def is_built(self) -> bool:
+        stamp = stamp_path(self.value_path)
+        return (self.value_path.is_file() and stamp.is_file()
+                and stamp.read_text().strip() == assets_digest(self.assets_dir))
+
+    def value_model(self, *, build: bool = True) -> Path:
+        """The value GGUF, built from the preset's assets first if it is missing or older than them."""
+        if self.is_built():
+            return self.value_path
+        if not (self.assets_dir / "value_meta.json").is_file():
+            raise ModelNotFoundError(f"preset {self.name}: its trained value model is not in {self.assets_dir} "
+                                     "(see docs/TRAINING.md for how to train it)")
+        if not build:
+            raise ModelNotFoundError(f"preset {self.name}: the value model {self.value_path} has not been built "
+                                     "from its assets yet: run the README's setup command")
+        return build_value_model(self)
+
+
+def assets_root() -> Path:
+    """Where presets' trained artefacts are: ``$SIA_EDGE_ASSETS`` or ``assets/`` in the checkout."""
+    return Path(os.environ.get("SIA_EDGE_ASSETS") or REPO_ROOT / "assets")
+
+
+def assets_digest(folder: Path) -> str:
+    """What a preset's shipped artefacts are: a GGUF built from other assets is out of date."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def stamp_path(target: Path) -> Path:
+    """The digest of the assets a value GGUF was built from, beside it."""
+    return target.with_name(target.name + ".assets-sha256")
+
+
+def build_value_model(preset: Preset, *, log: Callable[[str], None] | None = None) -> Path:
+    """Merge the preset's adapter into its base model and write the q8_0 value GGUF (atomic: a
+    killed build leaves no file that counts as built; the digest stamp is written last)."""
+    try:
+        from sia_edge.train.export import export_value_model
+    except ImportError as exc:  # torch, peft, transformers: the train extra
+        raise ModelNotFoundError(f"preset {preset.name}: building its value model needs the training extra "
+                                 f"({exc.name} is missing): pip install 'sia-edge[train]'") from None
+    say = log or _progress(preset)
+    target = preset.value_path
+    say(f"building {target.name} from {preset.assets_dir} (once)")
+    prefix = target.parent / target.name.removesuffix("-q8_0.gguf")
+    base = preset.base_model()
+    export_value_model(preset.assets_dir, prefix, base_gguf=base, backbone=base, types=("q8_0",), log=say)
+    stamp_path(target).write_text(assets_digest(preset.assets_dir) + "\n")
+    say(f"built {target}")
+    return target
+
+
+def _progress(preset: Preset) -> Callable[[str], None]:
+    """Build steps as lines on stderr, numbered, so a first use that takes a while shows it moving."""
+    step = [0]
+
+    def say(text: str) -> None:
+        step[0] += 1
+        print(f"[{preset.name} {step[0]}] {text}", file=sys.stderr, flush=True)
+
+    return say
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("smollm2-safety", "SmolLM2-135M-Instruct steered to refuse harmful requests", default_base_model,
+           "value-smollm2-safety", "safety", "chat"),
+    Preset("gemma3-detox", "Gemma-3-270M (base) steered away from toxic continuations by a shallower value model",
+           gemma3_base_model, "value-gemma3-detox", "nontoxicity", "text"),
+)}
+DEFAULT_PRESET = "smollm2-safety"
+
+
+def get_preset(name: str) -> Preset:
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return preset
