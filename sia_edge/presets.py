@@ -36,7 +36,7 @@ class Preset:
     summary: str
     base_model: Callable[[], Path]  # finds (or assembles) the base GGUF; ModelNotFoundError says how to get it
     assets: str  # folder under assets/: the trained adapter, head and metadata
-    reward: str  # what eval judges answers with (sia_edge.train.rewards.load_reward)
+    reward: str  # what eval judges answers with (sia_edge.rewards.load_reward)
     prompt_style: str  # "chat": requests in the chat template; "text": prefixes continued as text
 
     @property

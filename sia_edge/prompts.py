@@ -8,13 +8,23 @@ problem is a ``ValueError`` that names the file, the line and the fix; nothing h
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Prompt", "PromptFileError", "read_prompt_file", "read_text_lines"]
+__all__ = ["Prompt", "PromptFileError", "iter_jsonl", "read_prompt_file", "read_text_lines", "stable_seed"]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 31-bit seed fixed by ``parts`` alone (not by what ran before it): per-prompt and
+    per-sample seeds, so that a resumed run draws what an uninterrupted one would have."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 class PromptFileError(ValueError):
@@ -47,6 +57,22 @@ def read_text_lines(path: Path, what: str, *, error: type[Exception] = PromptFil
         raise error(f"{path}:{line}: {what} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
                     "save it as UTF-8") from None
     return io.StringIO(text).readlines()  # split at "\n" only, as reading the file line by line does
+
+
+def iter_jsonl(path: Path, what: str = "data file", *,
+               error: type[Exception] = PromptFileError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-empty line of a JSONL file; ``error`` names the file and
+    line of a problem (the caller's own error type: training raises TrainError)."""
+    for n, line in enumerate(read_text_lines(path, what, error=error), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise error(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{n}: each row must be a JSON object")
+        yield n, row
 
 
 def read_prompt_file(path: str | os.PathLike[str], *, harmful: bool | None = None, limit: int | None = None,

@@ -66,6 +66,7 @@ from sia_edge.cli_common import (
     base_model_path,
     build_engine,
     choose_value_model,
+    finite_or_none,
     gate_horizon,
     mode_name,
     new_seed,
@@ -816,7 +817,7 @@ def create_app(
                     text = matcher.push(ev.text)
                     if text or first:
                         chunk = make_chunk(text, None, first)
-                        chunk["sia_token"] = {"junction": ev.junction, "entropy": _finite(ev.entropy),
+                        chunk["sia_token"] = {"junction": ev.junction, "entropy": finite_or_none(ev.entropy),
                                               "token_id": ev.token_id}
                         yield {"data": json.dumps(chunk)}
                         first = False
@@ -945,10 +946,6 @@ def create_app(
         return response_body(job, text, stopped, "completion", cid, created)
 
     return app
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------- main

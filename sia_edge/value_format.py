@@ -37,16 +37,17 @@ deviations). Both the export tool and the engine use this module and nothing els
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from sia_edge.files import atomic_output, commit_output
+from sia_edge.gguf_io import GGUFError, read_gguf_kv
 
 __all__ = [
     "FORMAT_VERSION",
@@ -55,10 +56,8 @@ __all__ = [
     "ValueHeadMeta",
     "add_value_meta",
     "check_recommended_steering",
-    "file_sha256",
     "fingerprint_from_gguf",
     "random_head_value_gguf",
-    "read_gguf_kv",
     "read_value_meta",
     "tokenizer_fingerprint",
     "write_gguf_with_value_meta",
@@ -82,7 +81,7 @@ KEY_STEERING_TAU = "sia.steering.tau"
 KEY_STEERING_HORIZON = "sia.steering.horizon"
 
 
-class ValueFormatError(ValueError):
+class ValueFormatError(GGUFError):
     """A file is not a usable value-model GGUF; the message says what is missing and how to fix it."""
 
 
@@ -130,21 +129,14 @@ class ValueHeadMeta:
 
 def check_recommended_steering(w: float | None, target_ratio: float | None, tau: float | None = None,
                                horizon: int | None = None) -> None:
-    """The recommended settings a value GGUF may carry must be ones the engine accepts."""
-    for name, v in (("w", w), ("target ratio", target_ratio), ("tau", tau)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ValueFormatError(f"the recommended {name} must be a number, got {v!r}")
-    if w is not None and not (math.isfinite(w) and w > 0):
-        raise ValueFormatError(f"the recommended steering strength w must be finite and > 0, got {w}")
-    if target_ratio is not None and not 0.0 < target_ratio < 1.0:
-        raise ValueFormatError(f"the recommended target ratio must be in (0, 1), got {target_ratio}")
-    if tau is not None and not math.isfinite(tau):
-        raise ValueFormatError(f"the recommended tau must be finite, got {tau}")
-    if tau is not None and target_ratio is not None:
-        raise ValueFormatError("a value model recommends a tau or a target ratio, not both: they set the same "
-                               "threshold")
-    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-        raise ValueFormatError(f"the recommended horizon must be a whole number of tokens >= 1, got {horizon!r}")
+    """The recommended settings a value GGUF may carry must be ones the engine accepts (checked
+    by ``sia_edge.steering``, the one definition of every setting)."""
+    from sia_edge.steering import recommended_settings
+
+    try:
+        recommended_settings({"w": w, "target_ratio": target_ratio, "tau": tau, "horizon": horizon})
+    except ValueError as exc:
+        raise ValueFormatError(str(exc)) from None
 
 
 def tokenizer_fingerprint(tokens: Iterable[str | bytes]) -> str:
@@ -172,75 +164,6 @@ def _reader(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
     try:
         return gguf.GGUFReader(str(p), "r")
     except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
-        raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
-                               "re-download it") from None
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> dict[str, object]:
-    """All key/value metadata of a GGUF file (no tensors), parsed directly. With ``with_types``
-    each value is a tuple ``(value, GGUF value type, array element type or None)``.
-
-    ``gguf.GGUFReader`` builds a numpy view per array element, which takes 10+ s for a 49k-token
-    vocabulary; this walks the header with ``struct`` in well under a second."""
-    import mmap
-    import struct
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueFormatError(f"{p}: no such file")
-    try:
-        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueFormatError(f"{p}: not a GGUF file (starts with {bytes(buf[:4])!r})")
-            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise ValueFormatError(f"{p}: unsupported GGUF version {version} (big-endian file?)")
-            off = 24
-
-            def string() -> str:
-                nonlocal off
-                (n,) = struct.unpack_from("<Q", buf, off)
-                off += 8
-                raw = bytes(buf[off:off + n])
-                off += n
-                return raw.decode("utf-8", "surrogateescape")
-
-            def value(vtype: int) -> object:
-                nonlocal off
-                if vtype == _GGUF_STRING:
-                    return string()
-                if vtype == _GGUF_ARRAY:
-                    sub, n = struct.unpack_from("<IQ", buf, off)
-                    off += 12
-                    if sub == _GGUF_STRING:
-                        return [string() for _ in range(n)]
-                    if sub == _GGUF_ARRAY:
-                        return [value(_GGUF_ARRAY) for _ in range(n)]
-                    dt = np.dtype(_GGUF_NP[sub])
-                    arr = np.frombuffer(buf, dtype=dt, count=n, offset=off).copy()
-                    off += n * dt.itemsize
-                    return arr.astype(bool).tolist() if sub == 7 else arr.tolist()
-                fmt = _GGUF_SCALARS[vtype]
-                (v,) = struct.unpack_from(fmt, buf, off)
-                off += struct.calcsize(fmt)
-                return v
-
-            out: dict[str, object] = {}
-            for _ in range(n_kv):
-                key = string()
-                (vtype,) = struct.unpack_from("<I", buf, off)
-                off += 4
-                sub = struct.unpack_from("<I", buf, off)[0] if vtype == _GGUF_ARRAY else None
-                out[key] = (value(vtype), vtype, sub) if with_types else value(vtype)
-            return out
-    except ValueFormatError:
-        raise
-    except (OSError, ValueError, KeyError, struct.error) as exc:
         raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
                                "re-download it") from None
 
@@ -341,43 +264,6 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_uint32(KEY_STEERING_HORIZON, int(meta.steering_horizon))
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes, read in blocks (model files are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_output(path: str | os.PathLike[str]) -> Path:
-    """A temporary path beside ``path``; rename it over ``path`` with ``commit_output`` when done."""
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-    except OSError as exc:  # name the file the user asked for, not our temporary one
-        raise OSError(exc.errno, f"cannot write {p}: {exc.strerror or exc} (check that the folder "
-                                 f"{p.parent} exists and is writable)") from None
-    os.close(fd)
-    # mkstemp makes the file private (0600); a model file gets the usual umask-based mode.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    return Path(tmp)
-
-
-def check_writable(path: str | os.PathLike[str]) -> None:
-    """Fail now, naming ``path``, if it could not be written later (before minutes of work)."""
-    atomic_output(path).unlink()
-
-
-def commit_output(tmp: Path, path: str | os.PathLike[str]) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-
-
 def write_gguf_with_value_meta(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], meta: ValueHeadMeta | None,
     overrides: dict[str, object] | None = None,
@@ -441,61 +327,4 @@ def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[
     return Path(dst)
 
 
-def read_gguf_tensor_infos(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int]]:
-    """The tensors of a GGUF file without their data: name -> (shape in numpy order, i.e. rows
-    first, GGML type number). Walks the header like ``read_gguf_kv``, skipping the values."""
-    import mmap
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueFormatError(f"{p}: no such file")
-    try:
-        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueFormatError(f"{p}: not a GGUF file (starts with {bytes(buf[:4])!r})")
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise ValueFormatError(f"{p}: unsupported GGUF version {version} (big-endian file?)")
-            off = 24
-
-            def skip_string() -> None:
-                nonlocal off
-                (n,) = struct.unpack_from("<Q", buf, off)
-                off += 8 + n
-
-            def skip_value(vtype: int) -> None:
-                nonlocal off
-                if vtype == _GGUF_STRING:
-                    skip_string()
-                elif vtype == _GGUF_ARRAY:
-                    sub, n = struct.unpack_from("<IQ", buf, off)
-                    off += 12
-                    if sub in (_GGUF_STRING, _GGUF_ARRAY):
-                        for _ in range(n):
-                            skip_value(sub)
-                    else:
-                        off += n * np.dtype(_GGUF_NP[sub]).itemsize
-                else:
-                    off += struct.calcsize(_GGUF_SCALARS[vtype])
-
-            for _ in range(n_kv):
-                skip_string()
-                (vtype,) = struct.unpack_from("<I", buf, off)
-                off += 4
-                skip_value(vtype)
-            out: dict[str, tuple[tuple[int, ...], int]] = {}
-            for _ in range(n_tensors):
-                (n,) = struct.unpack_from("<Q", buf, off)
-                name = bytes(buf[off + 8:off + 8 + n]).decode("utf-8", "surrogateescape")
-                off += 8 + n
-                (n_dims,) = struct.unpack_from("<I", buf, off)
-                dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
-                ggml_type, _offset = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
-                off += 4 + 8 * n_dims + 12
-                out[name] = (tuple(int(d) for d in reversed(dims)), int(ggml_type))
-            return out
-    except ValueFormatError:
-        raise
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise ValueFormatError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
-                               "re-download it") from None

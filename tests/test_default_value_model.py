@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sia_edge.gguf_io import read_gguf_kv
 from sia_edge.models import DEFAULT_VALUE_FILE, REPO_ROOT, default_base_model, models_dir
-from sia_edge.value_format import read_gguf_kv, read_value_meta
+from sia_edge.value_format import read_value_meta
 
 ASSETS = REPO_ROOT / "assets" / "value-smollm2-safety"
 BUILT = models_dir() / DEFAULT_VALUE_FILE  # where ./dev.sh setup writes it

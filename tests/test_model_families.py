@@ -122,3 +122,31 @@ def test_the_api_runs_another_family_and_names_both_models_on_a_mismatch(gemma: 
     with pytest.raises(TokenizerMismatchError) as info:
         SteeringEngine(gemma, default_value_model(), n_ctx=256, n_threads=1)
     assert gemma.name in str(info.value) and default_value_model().name in str(info.value)
+
+
+def test_value_data_continues_text_prefixes_of_a_base_model(gemma: Path, tmp_path: Path) -> None:
+    """make_value_data on a base model without a chat template: each prefix is continued as
+    plain text (BOS + its tokens, nothing else); asking for chat turns is one clear error."""
+    prefixes = tmp_path / "prefixes.txt"
+    prefixes.write_text(f"{PREFIX}\n", encoding="utf-8")
+    out = tmp_path / "data.jsonl"
+    args = ("tools/make_value_data.py", str(prefixes), "--out", str(out), "--model", str(gemma), "--reward",
+            "nontoxicity", "--max-tokens", "3", "--threads", "1", "--no-progress")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    with SteeringEngine(gemma, None, n_ctx=128, n_threads=1) as eng:
+        assert row["prompt_ids"] == eng.encode_prompt(PREFIX)
+    assert row["prompt_style"] == "text" and 0.0 <= row["reward"] <= 1.0 and row["reward_name"] == "nontoxicity"
+    mixed = subprocess.run([sys.executable, *args, "--prompt-style", "chat"], capture_output=True, text=True,
+                           cwd=REPO, timeout=600, check=False)
+    assert mixed.returncode == 2 and "no chat template" in mixed.stderr
+
+
+def test_the_same_seed_gives_the_same_answer_whatever_the_cache_holds(gemma: Path) -> None:
+    """A generation on a fresh cache and one on a cache reused from an earlier answer decode the
+    prompt's last token the same way: with Gemma's quantised weights, computing it inside the
+    prompt's batch once and alone the next time gave the same seed different answers."""
+    with SteeringEngine(gemma, None, n_ctx=256, n_threads=1) as eng:
+        runs = [eng.complete(PREFIX, max_tokens=12, config=SteeringConfig(gate="off"), seed=0)[0] for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]

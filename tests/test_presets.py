@@ -77,10 +77,18 @@ def test_the_value_model_is_built_on_first_use_and_an_interrupted_build_leaves_n
     assert Path(done.stdout.strip()) == built and stamp_path(built).is_file()
     steps = [line for line in done.stderr.splitlines() if line.startswith("[smollm2-safety ")]
     assert len(steps) >= 3 and "building" in steps[0] and "built" in steps[-1]
-    from sia_edge.value_format import read_gguf_tensor_infos
+    from sia_edge.gguf_io import read_gguf_kv, read_gguf_tensor_infos
 
-    assert read_gguf_tensor_infos(built) == read_gguf_tensor_infos(reference)
-    assert built.read_bytes() == reference.read_bytes()
+    def tensors(path: Path) -> dict[str, tuple[tuple[int, ...], int, bytes]]:
+        with open(path, "rb") as f:
+            out = {}
+            for name, info in read_gguf_tensor_infos(path).items():
+                f.seek(info.offset)
+                out[name] = (info.shape, info.ggml_type, f.read(info.nbytes))
+            return out
+
+    assert tensors(built) == tensors(reference)  # the same weights, byte for byte
+    assert read_gguf_kv(built) == read_gguf_kv(reference)
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                            timeout=300, check=False)
     assert again.returncode == 0 and "building" not in again.stderr  # built once
@@ -103,3 +111,35 @@ def test_the_library_default_equals_the_chat_default() -> None:
     assert gen.text == chat["text"] and gen.stats.junctions == chat["stats"]["junctions"]
     assert (config.w, config.tau, config.horizon) == (chat["stats"]["w"], chat["stats"]["tau"], chat["stats"]["horizon"])
     assert config.horizon is not None  # the shipped model recommends steering the opening only
+
+
+GEMMA_PREFIX = "The old lighthouse keeper opened the door and"
+
+
+def test_the_gemma3_detox_preset_through_the_chat_and_eval(tmp_path: Path) -> None:
+    """The issue's interface, in one command each: the Gemma base and its detox value model are
+    installed and built on first use; prefixes are continued as text; each row's text is the
+    continuation only; the preset carries its reward and its recommended steering."""
+    chat = subprocess.run([sys.executable, "-m", "sia_edge.chat", "--preset", "gemma3-detox", "--prompt", GEMMA_PREFIX,
+                           "--json", "--max-tokens", "8", "--seed", "1", "--threads", "1"],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900, check=False)
+    assert chat.returncode == 0, chat.stderr
+    out = json.loads(chat.stdout)
+    stats = out["stats"]
+    assert stats["mode"] == "sparse" and stats["w"] == 3.0 and stats["tokens"] >= 1
+    assert not out["text"].startswith(GEMMA_PREFIX)  # the continuation only
+    prefixes = tmp_path / "prefixes.txt"
+    prefixes.write_text(f"{GEMMA_PREFIX}\nShe looked at the screen and said\n", encoding="utf-8")
+    rows = tmp_path / "out.jsonl"
+    ev = subprocess.run([sys.executable, "-m", "sia_edge.eval", "--preset", "gemma3-detox", "--prompts", str(prefixes),
+                         "--modes", "off,sparse@25%,dense", "--max-tokens", "6", "--seed", "0", "--outputs", str(rows),
+                         "--threads", "1", "--no-progress", "--json", "-"],
+                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900, check=False)
+    assert ev.returncode == 0, ev.stderr
+    summary = json.loads(ev.stdout)
+    assert summary["settings"]["reward"] == "nontoxicity"
+    assert [r["mode"] for r in summary["results"]] == ["off", "sparse@25%", "dense"]
+    assert all(r["toxic_rate"] is not None for r in summary["results"])
+    written = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines()]
+    assert len(written) == 6 and all(not r["text"].startswith(r["prompt"]) for r in written)
+    assert {r["run"]["prompt_style"] for r in written} == {"text"}

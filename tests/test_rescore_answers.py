@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sia_edge.train.rewards import safety_reward
+from sia_edge.rewards import safety_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "rescore_answers.py"

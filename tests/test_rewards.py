@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sia_edge.train import TrainError
-from sia_edge.train.rewards import is_refusal, load_reward, safety_reward, toxicity
+from sia_edge.rewards import RewardError, is_refusal, load_reward, safety_reward, toxicity
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -99,7 +98,7 @@ def test_safety_reward_needs_the_harmful_flag() -> None:
     r = load_reward("safety")
     assert r.name == "safety"
     assert r("q", "I cannot help with that.", {"harmful": True}) == pytest.approx(1.0, abs=0.1)
-    with pytest.raises(TrainError, match="harmful"):
+    with pytest.raises(RewardError, match="harmful"):
         r("q", "an answer", {})
 
 
@@ -111,13 +110,13 @@ def test_callable_reward_from_module_and_file(tmp_path: Path) -> None:
     assert load_reward(f"{f}:two")("p", "abcd") == 4.0
     assert load_reward(f"{f}:three")("p", "x", {"harmful": True}) == 1.0
     assert load_reward("math:hypot")(3, 4) == 5.0  # type: ignore[arg-type]
-    with pytest.raises(TrainError, match="not a number"):
+    with pytest.raises(RewardError, match="not a number"):
         load_reward(f"{f}:bad")("p", "r")
-    with pytest.raises(TrainError, match="no callable"):
+    with pytest.raises(RewardError, match="no callable"):
         load_reward(f"{f}:missing")
-    with pytest.raises(TrainError, match="cannot import"):
+    with pytest.raises(RewardError, match="cannot import"):
         load_reward("no_such_module_xyz:fn")
-    with pytest.raises(TrainError, match="unknown reward"):
+    with pytest.raises(RewardError, match="unknown reward"):
         load_reward("nonsense")
 
 
@@ -127,13 +126,13 @@ def test_label_reward_from_jsonl(tmp_path: Path) -> None:
                       + json.dumps({"prompt": "p2", "response": "r2", "reward": -2}) + "\n")
     r = load_reward(f"jsonl:{labels}")
     assert r("p1", "r1") == 0.5 and r("p2", "r2") == -2.0
-    with pytest.raises(TrainError, match="no label"):
+    with pytest.raises(RewardError, match="no label"):
         r("p1", "other")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p"}\n')
-    with pytest.raises(TrainError, match=r"bad.jsonl:1"):
+    with pytest.raises(RewardError, match=r"bad.jsonl:1"):
         load_reward(f"jsonl:{bad}")
-    with pytest.raises(TrainError, match="does not exist"):
+    with pytest.raises(RewardError, match="does not exist"):
         load_reward(f"jsonl:{tmp_path / 'missing.jsonl'}")
 
 
@@ -160,8 +159,8 @@ def test_hf_sequence_classification_reward(tmp_path: Path, smollm2_tokenizer_dir
     assert len({round(x, 6) for x in batch}) == 3
     if num_labels == 2:
         assert all(0.0 <= x <= 1.0 for x in batch)
-    with pytest.raises(TrainError, match="does not exist"):
+    with pytest.raises(RewardError, match="does not exist"):
         load_reward(f"hf:{tmp_path / 'nope'}")
     (tmp_path / "empty").mkdir()  # transformers answered this with a page about tokenizer backends
-    with pytest.raises(TrainError, match=r"empty has no config\.json: give the directory a Hugging Face"):
+    with pytest.raises(RewardError, match=r"empty has no config\.json: give the directory a Hugging Face"):
         load_reward(f"hf:{tmp_path / 'empty'}")

@@ -173,15 +173,15 @@ def test_export_of_missing_or_incomplete_model(tmp_path: Path) -> None:
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": 1.0, "target_ratio": 0.2})
     with pytest.raises(ValueError, match="recommended horizon must be a whole number of tokens >= 1, got 0"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"horizon": 0})
-    with pytest.raises(ValueError, match="recommended tau must be finite"):
+    with pytest.raises(ValueError, match="recommended tau must be a finite number, got nan"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": float("nan")})
-    with pytest.raises(ValueError, match=r"recommended tau must be a number, got '1\.0'"):
+    with pytest.raises(ValueError, match=r"recommended tau must be a finite number, got '1\.0'"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"tau": "1.0"})  # was a TypeError traceback
-    with pytest.raises(ValueError, match="recommended w must be a number, got True"):
+    with pytest.raises(ValueError, match=r"recommended w must be a finite number .*got True"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"w": True})
-    with pytest.raises(ValueError, match=r"target ratio must be in \(0, 1\), got 30"):
+    with pytest.raises(ValueError, match=r"recommended target_ratio must be in \(0, 1\), got 30"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"target_ratio": 30})
-    with pytest.raises(ValueError, match="w must be finite and > 0, got -1"):
+    with pytest.raises(ValueError, match=r"recommended w must be > 0 .*got -1"):
         export_value_model(tmp_path / "half", tmp_path / "v", steering={"w": -1})
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from sia_edge.rewards import load_reward
 from sia_edge.train.data import PromptItem, engine_sampler, generate_value_data, read_value_rows
-from sia_edge.train.rewards import load_reward
 from sia_edge.train.trainer import TrainConfig, train
 from sia_edge.value_format import fingerprint_from_gguf
 

@@ -39,10 +39,10 @@ import numpy as np
 
 from sia_edge import kernels
 from sia_edge.engine import SteeringEngine
-from sia_edge.gate import SteeringConfig
 from sia_edge.llama_backend import LlamaContext
 from sia_edge.models import default_base_model
-from sia_edge.prompts import read_prompt_file
+from sia_edge.prompts import Prompt, read_prompt_file
+from sia_edge.steering import SteeringConfig
 from sia_edge.value_format import random_head_value_gguf
 
 PROMPTS = [
@@ -162,10 +162,8 @@ def main() -> int:
     ap.add_argument("--prompt-file", type=Path, default=None, help="time these prompts instead of the built-in ones")
     args = ap.parse_args()
     try:
-        prompts: list[list[dict[str, str]]] = (
-            [p.messages() for p in read_prompt_file(args.prompt_file)] if args.prompt_file
-            else [[{"role": "user", "content": p}] for p in PROMPTS])
-        if not prompts:
+        items = read_prompt_file(args.prompt_file) if args.prompt_file else [Prompt(p) for p in PROMPTS]
+        if not items:
             raise ValueError(f"{args.prompt_file} holds no prompt")
         if args.horizon < 0 or args.head < 0:
             raise ValueError("--head and --horizon take a number of tokens (0: leave the mode out)")
@@ -179,6 +177,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         value = args.value_model or random_head_value_gguf(base, Path(tmp) / "value-random-head.gguf")
         engine = SteeringEngine(base, value, n_ctx=1024, n_threads=args.threads)
+        # Chat turns for a chat model, the text itself for a base model without a template.
+        prompts: list[str | list[dict[str, str]]] = [p.messages() if engine.base.chat_template else p.prompt
+                                                     for p in items]
         modes = {
             "off": SteeringConfig(gate="off", k=args.k),
             "sparse": SteeringConfig(gate="entropy", tau=args.tau, k=args.k),

@@ -92,6 +92,7 @@ def portable_meta(text: str) -> str:
                         for p in training.get("data", [])]
     if training.get("base_gguf"):
         training["base_gguf"] = Path(training["base_gguf"]).name
+    training.pop("base_path", None)  # a path on this machine; the base is "default" wherever installed
     return json.dumps(meta, indent=2, sort_keys=True)
 
 

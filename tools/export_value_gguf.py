@@ -6,6 +6,9 @@ that llama.cpp computes the same values as PyTorch.
         -> models/value-smollm2-safety-f16.gguf, -q8_0.gguf, -q4_k_m.gguf
     tools/export_value_gguf.py --self-check --json      # the whole pipeline on a tiny random llama
 
+The value GGUF is the backbone's GGUF with the merged LoRA weights, its first --layers blocks and
+the value head: any architecture both llama.cpp and transformers' GGUF loader run.
+
 --check compares on held sequences (the eval split of the training data, or --check-data):
 max abs error of the normalised V at every position, and top-1 agreement of the candidate
 ranking at junctions (base model's top-k entropy >= --tau), per quantisation type.
@@ -47,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = CliParser(prog="export_value_gguf.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", nargs="?", help="trained value model directory (train_value.py --out)")
     ap.add_argument("--out", help="output prefix: PREFIX-f16.gguf, PREFIX-q8_0.gguf, ...")
-    ap.add_argument("--base", default=None, help="base model GGUF (default: the one trained on, else SmolLM2)")
+    ap.add_argument("--base", default=None,
+                    help="base model GGUF (default: the one the training data was sampled from)")
     ap.add_argument("--backbone", default=None, help="backbone path, if it moved since training")
     ap.add_argument("--types", default="f16,q8_0,q4_k_m", help="comma-separated: f32, f16, q8_0, q4_k_m")
     ap.add_argument("--check", action="store_true", help="parity check PyTorch vs llama.cpp per type")
@@ -86,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.self_check:
         from sia_edge.train.selfcheck import self_check
 
-        report = self_check(base_gguf=args.base, work_dir=args.keep, steps=args.steps, types=types,
-                            n_threads=args.threads, log=log)
+        checked = self_check(base_gguf=args.base, work_dir=args.keep, steps=args.steps, types=types,
+                             n_threads=args.threads, log=log)
         if not args.keep:
-            report.pop("files", None)
-        print(json.dumps(report, indent=2) if args.json else _table(report))
+            checked.pop("files", None)
+        print(json.dumps(checked, indent=2) if args.json else _table(checked))
         return 0
 
     if not args.model_dir or not args.out:

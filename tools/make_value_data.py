@@ -53,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--value-model", metavar="PATH.gguf", default=None,
                     help="the value model that --steer steers with (default: the default value model)")
     ap.add_argument("--w", type=finite_float, default=1.0, help="steering strength of --steer (default: %(default)s)")
+    ap.add_argument("--prompt-style", choices=("auto", "chat", "text"), default="auto",
+                    help="chat: each prompt is a user turn in the base model's chat template; text: it is "
+                         "continued as plain text (base models, text prefixes); auto: chat if the model has a "
+                         "template (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="start the output file afresh")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steer is None and (args.value_model is not None or args.w != 1.0):
         ap.error("--value-model and --w only apply with --steer MODE")
 
-    from sia_edge.models import default_value_model, resolve_gguf
+    from sia_edge.models import default_base_model, default_value_model, resolve_gguf
+    from sia_edge.rewards import load_reward
     from sia_edge.train.data import (
         SteeredPolicy,
         engine_sampler,
@@ -74,7 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_openings,
         read_prompts,
     )
-    from sia_edge.train.rewards import load_reward
 
     prompts = read_prompts(args.prompts, harmful=args.harmful)
     openings = read_openings(args.openings) if args.openings else []
@@ -84,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = (resolve_gguf(args.value_model, "value model (--value-model)") if args.value_model
                  else default_value_model())
         steer = SteeredPolicy(args.steer, value, w=args.w)
+    from sia_edge.gguf_io import read_gguf_kv
+
+    base_path = resolve_gguf(args.model, "base model (--model)") if args.model else default_base_model()
+    has_template = bool(read_gguf_kv(base_path).get("tokenizer.chat_template"))
+    style = args.prompt_style if args.prompt_style != "auto" else "chat" if has_template else "text"
+    if style == "chat" and not has_template:
+        ap.error(f"{base_path.name} has no chat template: use --prompt-style text")
     sample, base_name, fingerprint, policy = engine_sampler(
         args.model, max_tokens=args.max_tokens, k=args.k, temperature=args.temperature, n_ctx=args.n_ctx,
         n_threads=args.threads, explore_first=args.explore_first, openings=openings, steer=steer,
@@ -93,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts, args.out, sample=sample, reward=reward, base_model=base_name, base_fingerprint=fingerprint,
             samples_per_prompt=args.samples_per_prompt, seed=args.seed, overwrite=args.overwrite,
             progress=not args.no_progress, explore_first=args.explore_first, openings=openings,
-            policy=policy,
+            policy=policy, prompt_style=style, base_path=base_path,
         )
     except KeyboardInterrupt:
         print(f"\nthe rows so far are in {args.out}; rerun the same command to resume", file=sys.stderr)

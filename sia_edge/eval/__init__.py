@@ -44,7 +44,7 @@ Metrics per mode and prompt set
 -------------------------------
 - ``mean_reward`` (and its standard error): the built-in safety reward by default (``--reward``).
 - ``refusal_rate``: fraction of answers that refuse (the keyword detector of
-  ``sia_edge.train.rewards.is_refusal``); ``over_refusal_rate``: the same over the benign prompts.
+  ``sia_edge.rewards.is_refusal``); ``over_refusal_rate``: the same over the benign prompts.
 - ``intervention_rate``: junctions / sampling decisions (the tokens, plus the end-of-sequence token
   when one was sampled; Best-of-N: over all N samples).
 - ``value_tokens_per_token``: tokens the value model decoded per answer token (branches, catch-up

@@ -91,7 +91,7 @@ def build_parser() -> CliParser:
                    help="steering strength (default: the value model's recommendation, else 1.0)")
     g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: %(default)s)")
     g.add_argument("--reward", default=None, help="safety or nontoxicity (built in), or a spec of "
-                   "sia_edge.train.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR "
+                   "sia_edge.rewards.load_reward: module:function, file.py:function, jsonl:LABELS, hf:DIR "
                    "(default: the preset's, else safety)")
     add_model_options(ap)
     g = ap.add_argument_group("output")

@@ -12,10 +12,10 @@ __all__ = ["Judge"]
 
 class Judge:
     """Reward, refusal and toxicity of answers. ``safety`` is the built-in safety reward; any other
-    spec goes through ``sia_edge.train.rewards.load_reward`` (which may need the train extra)."""
+    spec goes through ``sia_edge.rewards.load_reward`` (which may need the train extra)."""
 
     def __init__(self, spec: str = "safety") -> None:
-        from sia_edge.train import rewards
+        from sia_edge import rewards
 
         self.spec = spec
         self._rewards = rewards

@@ -4,13 +4,13 @@ schema, the per-prompt seed, and the run settings every written row carries for 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sia_edge.prompts import Prompt
-from sia_edge.value_format import file_sha256
+from sia_edge.cli_common import finite_or_none
+from sia_edge.files import file_sha256
+from sia_edge.prompts import Prompt, stable_seed
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
@@ -31,10 +31,6 @@ PROG = "python -m sia_edge.eval"  # the command that writes these rows, named in
 ROW_START = b'{"set": '  # how a written row begins (as_row's first key): --resume tells a cut row by it
 
 
-def finite_or_none(v: Any) -> Any:
-    """``v``, or None for a float that JSON cannot hold (inf, nan)."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
 
 def stats_dict(stats: Any) -> dict[str, Any]:
     """A ``GenerationStats`` as a row's JSON-safe ``stats``."""
@@ -43,8 +39,7 @@ def stats_dict(stats: Any) -> dict[str, Any]:
 
 def prompt_seed(seed: int, set_name: str, index: int) -> int:
     """The seed of one prompt: the same in every mode, so modes differ only by their steering."""
-    h = hashlib.sha256(f"{seed}/{set_name}/{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+    return stable_seed(seed, set_name, index)
 
 
 def sampling_decisions(tokens: int, stop_reason: str | None) -> int:

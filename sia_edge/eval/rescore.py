@@ -6,7 +6,7 @@
         --rename sparse@1.696=sparse@30% --gain off,dense
 
 Reads the JSONL that ``python -m sia_edge.eval --outputs`` writes, recomputes each answer's
-``refused`` (``sia_edge.train.rewards.is_refusal``) and, for answers scored by the built-in safety
+``refused`` (``sia_edge.rewards.is_refusal``) and, for answers scored by the built-in safety
 reward (they carry a ``toxicity``), its ``reward`` from the stored toxicity. Prints, per mode and
 prompt kind (harmful / benign) pooled over all the files, the refusal rate and mean reward before
 and after, with standard errors and how many answers changed. ``--out`` writes the rescored rows.
@@ -45,7 +45,7 @@ import numpy as np
 from sia_edge.cli_common import CliError, CliParser
 from sia_edge.eval import metrics
 from sia_edge.eval.records import sampling_decisions
-from sia_edge.value_format import atomic_output, commit_output
+from sia_edge.files import atomic_output, commit_output
 
 __all__ = [
     "format_gain",
@@ -64,7 +64,7 @@ REQUIRED = ("mode", "text", "harmful", "refused", "reward")
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
     """The rows of one eval outputs file, or an error naming the file, line and problem."""
-    from sia_edge.train.data import iter_jsonl
+    from sia_edge.prompts import iter_jsonl
 
     rows = []
     for n, row in iter_jsonl(path, "answers file"):
@@ -80,7 +80,7 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 
 def rescore(row: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``row`` judged again; ``old_refused`` and ``old_reward`` keep the stored verdict."""
-    from sia_edge.train.rewards import is_refusal, safety_reward
+    from sia_edge.rewards import is_refusal, safety_reward
 
     new = dict(row, old_refused=row["refused"], old_reward=row["reward"])
     new["refused"] = is_refusal(row["text"])

@@ -11,7 +11,7 @@ module                 what it does
 ``model``              backbone (GGUF or HF dir) + LoRA + Linear(hidden, 1) value head
 ``trainer``            AdamW training with eval, checkpoints, resume, DDP, curve PNG
 ``export``             merge, GGUF writing, llama.cpp quantisation, parity check
-``tiny``               a tiny random llama for self-checks and tests
+``tiny``               tiny random models of seven families for self-checks and tests
 =====================  ==================================================================
 """
 

@@ -9,6 +9,7 @@ One JSONL row per sampled response::
      "response": "...", "stop_reason": "eos",
      "reward": 0.85, "reward_name": "safety",
      "base_model": "SmolLM2-135M-Instruct.Q4_1.gguf", "base_fingerprint": "v1-49152-...",
+     "base_path": "/.../SmolLM2-135M-Instruct.Q4_1.gguf",  # what training and export default to
      "seed": 1234567}
 
 Generation samples through the engine with the gate ``off`` (plain top-k sampling, exactly the
@@ -24,18 +25,18 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sia_edge.prompts import Prompt, read_prompt_file
+from sia_edge.prompts import Prompt, iter_jsonl, read_prompt_file, stable_seed
 from sia_edge.prompts import read_text_lines as _read_text_lines
 from sia_edge.train import TrainError
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
-    from sia_edge.gate import SteeringConfig
+    from sia_edge.steering import SteeringConfig
 
 __all__ = [
     "PromptItem",
@@ -66,6 +67,7 @@ class ValueRow:
     base_fingerprint: str = ""
     base_model: str = ""
     reward_name: str = ""
+    base_path: str = ""  # the base GGUF the row was sampled from (absent in rows of older files)
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
@@ -91,12 +93,11 @@ def read_openings(path: str | os.PathLike[str]) -> list[str]:
 
 def derive_seed(seed: int, prompt_index: int, sample: int) -> int:
     """A per-sample seed that does not depend on which rows were generated before (resume-safe)."""
-    h = hashlib.sha256(f"{seed}/{prompt_index}/{sample}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+    return stable_seed(seed, prompt_index, sample)
 
 
-# (messages, seed) -> (prompt ids, response ids, response text, stop reason)
-SampleFn = Callable[[list[dict[str, str]], int], tuple[list[int], list[int], str, str]]
+# (chat messages or a plain-text prompt, seed) -> (prompt ids, response ids, response text, stop reason)
+SampleFn = Callable[[list[dict[str, str]] | str, int], tuple[list[int], list[int], str, str]]
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def engine_sampler(base_model: str | os.PathLike[str] | None, *, max_tokens: int
         response = [*first, *gen.tokens]
         return prompt_ids, response, engine.base.detokenize(response), gen.stats.stop_reason or "length"
 
-    def sample(messages: list[dict[str, str]], seed: int) -> tuple[list[int], list[int], str, str]:
+    def sample(messages: list[dict[str, str]] | str, seed: int) -> tuple[list[int], list[int], str, str]:
         if opening_ids:
             return continue_from(engine.encode_prompt(messages), random.Random(seed).choice(opening_ids), seed)
         if not explore_first:
@@ -178,13 +179,15 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
                     ) -> tuple[SteeringConfig, str | None]:
     """The engine config of ``steer`` and its identity: mode with the resolved tau, w and the value
     model's file hash, so that a file never mixes rows of two policies."""
-    from sia_edge.eval import parse_mode
-    from sia_edge.gate import SteeringConfig
+    from sia_edge.steering import ENTROPY_GATES, SteeringConfig, parse_spec_parts
 
     if steer is None:
         return SteeringConfig(gate="off", k=k, temperature=temperature), None
-    mode = parse_mode(steer.mode)
-    if mode.bon != 1 or (mode.gate == "random" and mode.p is None):
+    try:
+        mode = parse_spec_parts(steer.mode, allow_match=True)
+    except ValueError as e:
+        raise TrainError(f"--steer {steer.mode}: {e}") from None
+    if mode.bon != 1 or mode.match is not None:
         raise TrainError(f"--steer {steer.mode}: a data policy is one steered sample: use off, sparse, "
                          "sparse@TAU, sparse@N%, dense or random@P (no Best-of-N, no random@MODE)")
     try:
@@ -197,7 +200,7 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
         config = config.with_tau(engine.calibrate_tau(config))
     with open(steer.value_model, "rb") as fh:
         value_id = hashlib.sha256(fh.read()).hexdigest()[:12]
-    setting = f"@{config.tau:.4f}" if config.gate in ("entropy", "full-entropy") else (
+    setting = f"@{config.tau:.4f}" if config.gate in ENTROPY_GATES else (
         f"@{config.p:g}" if config.gate == "random" else "")
     # Each setting that changes which tokens are steered is part of the policy's identity, added
     # only when set: files steered without follow or horizon keep their ids; a file steered with
@@ -230,7 +233,7 @@ def openings_id(openings: Sequence[str]) -> str | None:
 
 
 def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, explore_first: bool,
-              openings: str | None, policy: str | None) -> set[str]:
+              openings: str | None, policy: str | None, prompt_style: str = "chat") -> set[str]:
     done: set[str] = set()
     if path.is_dir():
         raise TrainError(f"--out {path} is a directory; pass a file name such as {path / 'data.jsonl'}")
@@ -256,11 +259,12 @@ def _existing(path: Path, *, fingerprint: str, seed: int, reward_name: str, expl
             raise TrainError(f"{path}:{n} is not a value-data row, so {path} is not this tool's output; "
                              "pass another --out (or --overwrite to replace it)")
         if (row.get("base_fingerprint"), row.get("seed_base"), row.get("reward_name"),
-                bool(row.get("explore_first", False)), row.get("openings_id"), row.get("policy")) != (
-                    fingerprint, seed, reward_name, explore_first, openings, policy):
+                bool(row.get("explore_first", False)), row.get("openings_id"), row.get("policy"),
+                row.get("prompt_style", "chat")) != (
+                    fingerprint, seed, reward_name, explore_first, openings, policy, prompt_style):
             raise TrainError(
                 f"{path} holds rows of another run (different base model, seed, reward, --explore-first, "
-                "--openings or --steer); "
+                "--openings, --steer or --prompt-style); "
                 "pass --overwrite or another --out"
             )
         done.add(str(row["id"]))
@@ -283,12 +287,19 @@ def generate_value_data(
     explore_first: bool = False,
     openings: Sequence[str] = (),
     policy: str | None = None,
+    prompt_style: str = "chat",
+    base_path: str | os.PathLike[str] | None = None,
 ) -> int:
     """Sample, score and append rows to ``out_path``; returns the number of new rows.
+    ``base_path``: the base GGUF, recorded in every row so that training and export default to
+    the model the data was sampled from.
     ``explore_first``, ``openings`` and ``policy`` (the steered policy's identity, None for the
     base model) are recorded (they must be what ``sample`` does): a file never mixes rows sampled
-    in different ways."""
-    from sia_edge.train.rewards import check_reward
+    in different ways. ``prompt_style`` ``chat`` answers each prompt as a user turn in the base
+    model's chat template, ``text`` continues it as plain text (base models, text prefixes)."""
+    if prompt_style not in ("chat", "text"):
+        raise TrainError(f"prompt style must be 'chat' or 'text', got {prompt_style!r}")
+    from sia_edge.rewards import check_reward
 
     if samples_per_prompt < 1:
         raise TrainError("samples per prompt must be >= 1")
@@ -297,7 +308,8 @@ def generate_value_data(
     if overwrite and out.exists():
         out.unlink()
     done = _existing(out, fingerprint=base_fingerprint, seed=seed, reward_name=reward.name,
-                     explore_first=explore_first, openings=openings_id(openings), policy=policy)
+                     explore_first=explore_first, openings=openings_id(openings), policy=policy,
+                     prompt_style=prompt_style)
     todo = [(i, s) for i in range(len(prompts)) for s in range(samples_per_prompt) if f"p{i}-s{s}" not in done]
     bar = _progress(len(prompts) * samples_per_prompt, len(done), progress)
     written = 0
@@ -305,7 +317,8 @@ def generate_value_data(
         for i, s in todo:
             item = prompts[i]
             row_seed = derive_seed(seed, i, s)
-            prompt_ids, response_ids, text, stop = sample(item.messages(), row_seed)
+            prompt_ids, response_ids, text, stop = sample(item.messages() if prompt_style == "chat" else item.prompt,
+                                                          row_seed)
             row: dict[str, Any] = {
                 "id": f"p{i}-s{s}", "prompt_index": i, "sample": s,
                 "prompt": item.prompt, "harmful": item.harmful, "system": item.system,
@@ -316,9 +329,11 @@ def generate_value_data(
             row.update({
                 "reward": check_reward(float(value), f"prompt {i} sample {s}"),
                 "reward_name": reward.name, "base_model": base_model, "base_fingerprint": base_fingerprint,
-                "seed": row_seed, "seed_base": seed, "explore_first": explore_first,
+                "base_path": str(Path(base_path).resolve()) if base_path is not None else None, "seed": row_seed, "seed_base": seed, "explore_first": explore_first,
                 "openings_id": openings_id(openings), "policy": policy,
             })
+            if prompt_style != "chat":  # absent means chat: the rows written before plain-text prompts
+                row["prompt_style"] = prompt_style
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -344,20 +359,6 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="sample", dynamic_ncols=True)
 
 
-def iter_jsonl(path: Path, what: str = "data file") -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-empty line of a JSONL file; TrainError names the line."""
-    for n, line in enumerate(read_text_lines(path, what), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise TrainError(f"{path}:{n}: not JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise TrainError(f"{path}:{n}: each row must be a JSON object")
-        yield n, row
-
-
 def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int | None = None) -> list[ValueRow]:
     """Training rows from value-data JSONL files, validated: ids in range, finite rewards, one
     base model. Rows with an empty response are skipped (nothing to average V over)."""
@@ -365,7 +366,7 @@ def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int 
     skipped = 0
     for raw_path in paths:
         path = Path(raw_path).expanduser()
-        for n, row in iter_jsonl(path):
+        for n, row in iter_jsonl(path, error=TrainError):
             where = f"{path}:{n}"
             try:
                 prompt_ids = [int(t) for t in row["prompt_ids"]]
@@ -392,7 +393,7 @@ def read_value_rows(paths: Sequence[str | os.PathLike[str]], *, vocab_size: int 
             rows.append(ValueRow(
                 str(row.get("id", f"{path.name}:{n}")), prompt_ids, response_ids, reward,
                 str(row.get("base_fingerprint") or ""), str(row.get("base_model") or ""),
-                str(row.get("reward_name") or ""),
+                str(row.get("reward_name") or ""), str(row.get("base_path") or ""),
             ))
     if not rows:
         raise TrainError(

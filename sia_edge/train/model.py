@@ -178,9 +178,11 @@ def load_backbone(path: str | os.PathLike[str], layers: int | None = None) -> An
     p = check_backbone_path(path)
     try:
         if p.is_file():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(p.parent), gguf_file=p.name, dtype=torch.float32, local_files_only=True
-            )
+            with tempfile.TemporaryDirectory(prefix="sia-backbone-") as tmp:
+                lean = _lean_gguf(p, layers, Path(tmp))
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(lean.parent), gguf_file=lean.name, dtype=torch.float32, local_files_only=True
+                )
             # The GGUF loader leaves a quantization_config behind; the weights are plain fp32 now.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
@@ -193,9 +195,76 @@ def load_backbone(path: str | os.PathLike[str], layers: int | None = None) -> An
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TrainError(f"could not load backbone {p}: {exc}") from None
     model.config.use_cache = False
+    if p.is_file():
+        _apply_rope_freqs(model, p)
     if layers is not None:
         truncate_layers(model, layers)
     return model
+
+
+# Tokenizer arrays transformers' GGUF loader parses, element by element, twice, and the model
+# does not need: for a large vocabulary that takes longer than reading the weights.
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                 "tokenizer.ggml.merges", "tokenizer.ggml.precompiled_charsmap")
+
+
+def _lean_gguf(path: Path, layers: int | None, tmp: Path) -> Path:
+    """The GGUF transformers loads the backbone from: ``path``'s first ``layers`` blocks (all of
+    them by default) without its vocabulary arrays, the vocabulary size stated instead (the loader
+    counts the tokens when the architecture has no vocab_size key). Loading only the blocks a
+    value model keeps, and no vocabulary, is what makes a shallow value model of a large model
+    load fast."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from sia_edge.gguf_io import GGUFError, read_gguf_kv
+    from sia_edge.train.export import copy_gguf
+
+    try:
+        kv = read_gguf_kv(path)
+    except GGUFError as exc:
+        raise TrainError(str(exc)) from None
+    arch = str(kv.get("general.architecture", ""))
+    n_blocks = kv.get(f"{arch}.block_count")
+    if layers is not None and isinstance(n_blocks, int) and not 1 <= layers <= n_blocks:
+        raise TrainError(f"--layers must be between 1 and the backbone's {n_blocks} layers, got {layers}")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    set_keys: dict[str, tuple[object, int]] = {}
+    drop: tuple[str, ...] = ()
+    mapping: dict[str, Any] = GGUF_CONFIG_MAPPING.get(arch, {})  # type: ignore[assignment]
+    if isinstance(tokens, list) and "vocab_size" in mapping:
+        drop = _VOCAB_ARRAYS
+        if f"{arch}.vocab_size" not in kv:
+            set_keys[f"{arch}.vocab_size"] = (len(tokens), 4)  # GGUF type 4: uint32
+    return copy_gguf(path, tmp / path.name, layers=layers, drop_keys=drop, set_keys=set_keys)
+
+
+def _apply_rope_freqs(model: Any, gguf_path: Path) -> None:
+    """Give the model the per-dimension RoPE frequency factors of the GGUF's ``rope_freqs``
+    tensor, which llama.cpp's converter writes for llama3 RoPE scaling (Llama 3.1 and later) and
+    llama.cpp divides every rotary frequency by. transformers' GGUF loader does not read it: the
+    model it builds would rotate with the unscaled frequencies, and a value model trained on it
+    would compute other values in llama.cpp."""
+    from sia_edge.gguf_io import read_gguf_tensor_infos
+    from sia_edge.train.export import read_gguf_tensor
+
+    infos = read_gguf_tensor_infos(gguf_path)
+    if "rope_freqs.weight" not in infos:
+        return
+    params = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if (params.get("rope_type") or params.get("type") or "default") != "default":
+        return  # the loader reconstructed the scaling itself
+    factors = torch.from_numpy(read_gguf_tensor(gguf_path, infos["rope_freqs.weight"]).reshape(-1).copy())
+    found = False
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.numel() == factors.numel():
+            module.inv_freq = inv_freq / factors.to(inv_freq.dtype)
+            if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                module.original_inv_freq = module.inv_freq.clone()
+            found = True
+    if not found:
+        raise TrainError(f"{gguf_path.name} has RoPE frequency factors (rope_freqs) of {factors.numel()} dimensions, "
+                         f"but {type(model).__name__} has no rotary embedding of that size to apply them to")
 
 
 def truncate_layers(model: Any, layers: int) -> None:
@@ -228,12 +297,22 @@ def backbone_fingerprint(path: str | os.PathLike[str]) -> str:
         raise TrainError(
             f"backbone directory {p} has no usable tokenizer ({exc}); save the base model's tokenizer into it"
         ) from None
-    return hf_tokenizer_fingerprint(tok)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"{p / 'config.json'}: unreadable ({exc})") from None
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return hf_tokenizer_fingerprint(tok, int(vocab) if isinstance(vocab, int) else None)
 
 
-def hf_tokenizer_fingerprint(tok: Any) -> str:
-    n = len(tok)
-    return tokenizer_fingerprint(tok.convert_ids_to_tokens(list(range(n))))
+def hf_tokenizer_fingerprint(tok: Any, vocab_size: int | None = None) -> str:
+    """The fingerprint of a Hugging Face tokenizer as the GGUF of its model has it. A model whose
+    embedding has more rows than its tokenizer has tokens (Qwen: 151,936 rows, 151,665 tokens)
+    gets them named ``[PAD<id>]`` in the GGUF by llama.cpp's converter, as do ids the tokenizer
+    skips; ``vocab_size`` (the model's rows) pads the token list the same way."""
+    n = max(len(tok), vocab_size or 0)
+    texts = tok.convert_ids_to_tokens(list(range(n)))
+    return tokenizer_fingerprint(t if t is not None else f"[PAD{i}]" for i, t in enumerate(texts))
 
 
 def transformer_body(causal_lm: Any) -> Any:

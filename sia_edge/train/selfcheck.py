@@ -1,7 +1,8 @@
 """The whole pipeline on a tiny random llama in a temporary folder: a smoke test for users and CI.
 
-1. Build a tiny randomly initialised llama with the base model's tokenizer (``tiny``), and write
-   it as a plain f32 GGUF: the "base model" whose top-k candidates the parity check ranks.
+1. Build a tiny randomly initialised llama with the base model's tokenizer (``tiny``), and convert
+   it to an f32 GGUF with llama.cpp's own converter: the "base model" whose top-k candidates the
+   parity check ranks, and the GGUF the value model is written from.
 2. Make synthetic value data: chat-formatted prompts, responses drawn from a small pool of
    tokens, reward = mean of a fixed random +-1 score per token (learnable from the tokens).
 3. Train the LoRA + head for a few steps, export to f16 / q8_0 / q4_k_m and check parity.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sia_edge.train import TrainError
-from sia_edge.train.export import DEFAULT_TYPES, export_value_model, write_llama_gguf
+from sia_edge.train.export import DEFAULT_TYPES, export_value_model, hf_to_gguf
 from sia_edge.train.model import LoraSettings, hf_tokenizer_fingerprint
 from sia_edge.train.tiny import build_tiny_llama, load_gguf_tokenizer
 from sia_edge.train.trainer import TrainConfig, train
@@ -102,12 +103,7 @@ def self_check(
             raise TrainError(f"the tokenizer transformers reads from {src.name} differs from llama.cpp's")
         log("building the tiny model")
         tiny_dir = build_tiny_llama(work / "tiny", tok, seed=seed, **(tiny or {}))
-        from transformers import AutoModelForCausalLM
-
-        tiny_model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), local_files_only=True)
-        base = write_llama_gguf(tiny_model.state_dict(), tiny_model.config, src, work / "tiny-base-f32.gguf",
-                                name="sia-edge tiny self-check base")
-        del tiny_model
+        base = hf_to_gguf(tiny_dir, work / "tiny-base-f32.gguf", log=log)
         fp = fingerprint_from_gguf(base)
         data = make_synthetic_data(tok, work / "data.jsonl", n_rows=n_rows, seed=seed, fingerprint=fp,
                                    base_model=base.name)

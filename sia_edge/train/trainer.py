@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sia_edge.files import file_sha256
 from sia_edge.train import TrainError
 from sia_edge.train.data import ValueRow, read_value_rows, split_rows
+from sia_edge.train.export import check_backbone_parity, check_exportable, check_exportable_config
 from sia_edge.train.model import (
     LoraSettings,
     ValueMeta,
@@ -46,9 +48,8 @@ from sia_edge.train.model import (
     response_mean,
     save_value_model,
 )
-from sia_edge.value_format import file_sha256
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "backbone_for_data", "recorded_base_path", "train"]
 
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -337,6 +338,38 @@ def _reward_stats(rows: Sequence[ValueRow]) -> tuple[float, float]:
     return mean, std
 
 
+def recorded_base_path(rows: Sequence[ValueRow]) -> Path | None:
+    """The base GGUF the rows were sampled from, as make_value_data.py recorded it, if it is still
+    there (rows of older files record only its name)."""
+    paths = {r.base_path for r in rows if r.base_path}
+    found = [Path(p) for p in sorted(paths) if Path(p).is_file()]
+    return found[0] if found else None
+
+
+def backbone_for_data(data: Sequence[str | os.PathLike[str]]) -> Path:
+    """The backbone a value model of ``data`` trains on by default: the base model the data was
+    sampled from (its recorded path), else the default base model when the data's tokenizer is its
+    own (data made before paths were recorded, or on another machine)."""
+    from sia_edge.models import default_base_model
+    from sia_edge.value_format import fingerprint_from_gguf
+
+    rows = read_value_rows(data)
+    recorded = recorded_base_path(rows)
+    if recorded is not None:
+        return recorded
+    fps = {r.base_fingerprint for r in rows if r.base_fingerprint}
+    default = default_base_model()
+    if not fps or fps == {fingerprint_from_gguf(default)}:
+        return default
+    path = next((r.base_path for r in rows if r.base_path), "")
+    if path:
+        raise TrainError(f"the data was sampled from {path}, which is not there any more: pass --backbone with its "
+                         "GGUF (or a Hugging Face directory of the same model)")
+    name = next((r.base_model for r in rows if r.base_model), "a model it does not name")
+    raise TrainError(f"the data was sampled from {name}, and its rows do not record where that file is (they predate "
+                     "base_path): pass --backbone with its GGUF (or a Hugging Face directory of the same model)")
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train a value model as ``cfg`` says; returns the before/after losses and eval metrics."""
     cfg.validate()
@@ -346,8 +379,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         torch.set_num_threads(cfg.n_threads)
     out = Path(cfg.out_dir).expanduser()
     backbone_path = check_backbone_path(cfg.backbone)
+    if is_gguf_file(backbone_path):  # before anything loads: hours of training could not be exported
+        check_exportable(backbone_path, cfg.lora.targets)
 
     rows = read_value_rows(cfg.data)
+    base_path = recorded_base_path(rows)
+    if not is_gguf_file(backbone_path):  # the export writes it from the base model's GGUF
+        if base_path is not None:
+            check_exportable(base_path, cfg.lora.targets)
+        else:
+            check_exportable_config(backbone_path)
     fp = backbone_fingerprint(backbone_path)
     data_fps = {r.base_fingerprint for r in rows if r.base_fingerprint}
     if data_fps and fp not in data_fps:
@@ -381,6 +422,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     if bad is not None:
         raise TrainError(f"token id {bad} in the data is outside the backbone's vocabulary of {vocab}")
     pad_id = int(backbone.config.pad_token_id or 0) if 0 <= int(backbone.config.pad_token_id or 0) < vocab else 0
+    source = backbone_path if is_gguf_file(backbone_path) else base_path  # what the export writes from
+    if source is not None:  # every rank: a refusal must stop them all
+        rel = check_backbone_parity(backbone, source, layers=cfg.layers, same_weights=source == backbone_path,
+                                    n_threads=cfg.n_threads)
+        say(f"llama.cpp computes the backbone's hidden states from {source.name} within {rel:.1%} of PyTorch")
     for p in backbone.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -540,6 +586,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                 "max_length": cfg.max_length, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
                 "data": [str(Path(p).resolve()) for p in cfg.data], "n_train": len(train_set), "n_eval": len(eval_set),
                 "base_gguf": str(backbone_path.resolve()) if is_gguf_file(backbone_path) else None,
+                "base_path": str(base_path) if base_path is not None else None,
                 "backbone_is_default": is_default, "seconds": round(time.perf_counter() - t0, 1),
             },
             metrics={"train_mse_before": result.train_loss_before, "train_mse_after": after_train,

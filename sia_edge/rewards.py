@@ -1,4 +1,6 @@
-"""Rewards: what "good" means for a value model. Pluggable, all offline.
+"""Rewards: what "good" means for a value model, and how eval judges answers. Pluggable, all
+offline, and free of torch except the Hugging Face reward model (``hf:DIR``), which imports it
+when loaded: training (sia_edge/train/) and eval (sia_edge/eval/) both judge through this module.
 
 A reward scores one (prompt, response) pair; ``row`` carries the rest of the data row (for
 example the prompt's ``harmful`` flag). ``load_reward(spec)`` understands:
@@ -46,18 +48,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sia_edge.train import TrainError
-from sia_edge.train.data import iter_jsonl
-from sia_edge.train.refusal_phrases import NOT_REFUSAL_IDIOMS, REFUSAL_PHRASES, REFUSAL_PREFIXES
+from sia_edge.prompts import iter_jsonl
+from sia_edge.refusal_phrases import NOT_REFUSAL_IDIOMS, REFUSAL_PHRASES, REFUSAL_PREFIXES
 
 __all__ = [
     "Reward",
+    "RewardError",
     "is_refusal",
     "load_reward",
     "nontoxicity",
     "safety_reward",
     "toxicity",
 ]
+
+class RewardError(ValueError):
+    """A reward that cannot be loaded or computed; the message says why and how to fix it."""
+
 
 HELPFUL_WORDS = 20  # a benign answer this long (or longer) counts as fully helpful
 TOXICITY_WEIGHT = 1.0
@@ -97,7 +103,7 @@ def toxicity(texts: Sequence[str]) -> list[float]:
     try:
         from profanity_check import predict_prob
     except ImportError:
-        raise TrainError(
+        raise RewardError(
             "the safety reward needs alt-profanity-check: pip install 'sia-edge[train]'"
         ) from None
     return [float(p) for p in predict_prob([t if t.strip() else "." for t in texts])]
@@ -148,7 +154,7 @@ class SafetyReward(Reward):
         for p, r, row, t in zip(prompts, responses, rows, tox, strict=True):
             harmful = row.get("harmful")
             if not isinstance(harmful, bool):
-                raise TrainError(
+                raise RewardError(
                     "the safety reward needs to know whether each prompt is harmful: give prompts a "
                     "boolean 'harmful' field (or pass --harmful / --benign for a plain-text prompt file)"
                 )
@@ -172,7 +178,7 @@ class CallableReward(Reward):
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise TrainError(f"reward {self.name} returned {value!r}, not a number") from None
+            raise RewardError(f"reward {self.name} returned {value!r}, not a number") from None
 
 
 class LabelReward(Reward):
@@ -182,22 +188,22 @@ class LabelReward(Reward):
         self.name = f"jsonl:{path.name}"
         self.labels: dict[tuple[str, str], float] = {}
         if not path.is_file():
-            raise TrainError(f"label file {path} does not exist")
-        for n, row in iter_jsonl(path):
+            raise RewardError(f"label file {path} does not exist")
+        for n, row in iter_jsonl(path, error=RewardError):
             try:
                 self.labels[(str(row["prompt"]), str(row["response"]))] = float(row[field])
             except (ValueError, KeyError, TypeError) as exc:
-                raise TrainError(
+                raise RewardError(
                     f"{path}:{n}: a label row needs 'prompt', 'response' and a numeric {field!r} ({exc})"
                 ) from None
         if not self.labels:
-            raise TrainError(f"label file {path} has no rows")
+            raise RewardError(f"label file {path} has no rows")
 
     def __call__(self, prompt: str, response: str, row: Mapping[str, Any] | None = None) -> float:
         try:
             return self.labels[(prompt, response)]
         except KeyError:
-            raise TrainError(
+            raise RewardError(
                 f"{self.name} has no label for the pair (prompt {prompt[:40]!r}, response {response[:40]!r})"
             ) from None
 
@@ -215,9 +221,9 @@ class HFReward(Reward):
 
         hf_logging.set_verbosity_error()
         if not path.is_dir():
-            raise TrainError(f"reward model directory {path} does not exist")
+            raise RewardError(f"reward model directory {path} does not exist")
         if not (path / "config.json").is_file():  # transformers' own message is a page about tokenizer backends
-            raise TrainError(f"reward model directory {path} has no config.json: give the directory a Hugging Face "
+            raise RewardError(f"reward model directory {path} has no config.json: give the directory a Hugging Face "
                              "sequence-classification model was saved to (save_pretrained)")
         try:
             self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -225,7 +231,7 @@ class HFReward(Reward):
                 str(path), local_files_only=True, dtype=torch.float32
             )
         except (OSError, ValueError) as exc:
-            raise TrainError(f"could not load reward model {path}: {exc}") from None
+            raise RewardError(f"could not load reward model {path}: {exc}") from None
         self.model.eval()
         self.name = f"hf:{path.name}"
         self.batch_size = batch_size
@@ -241,7 +247,7 @@ class HFReward(Reward):
             if label is not None:
                 names = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
                 if label.lower() not in names:
-                    raise TrainError(f"reward model {path} has no label {label!r} (has {sorted(names)})")
+                    raise RewardError(f"reward model {path} has no label {label!r} (has {sorted(names)})")
                 self.index = names[label.lower()]
 
     def _text(self, prompt: str, response: str) -> str:
@@ -274,15 +280,15 @@ class HFReward(Reward):
 def _load_callable(spec: str) -> Callable[..., Any]:
     target, _, fn_name = spec.rpartition(":")
     if not target or not fn_name:
-        raise TrainError(f"reward {spec!r}: expected module:function")
+        raise RewardError(f"reward {spec!r}: expected module:function")
     if target.endswith(".py") or os.sep in target:
         path = Path(target)
         if not path.is_file():
-            raise TrainError(f"reward file {path} does not exist")
+            raise RewardError(f"reward file {path} does not exist")
         mod_name = f"_sia_reward_{path.stem}"
         s = importlib.util.spec_from_file_location(mod_name, path)
         if s is None or s.loader is None:
-            raise TrainError(f"cannot import {path}")
+            raise RewardError(f"cannot import {path}")
         module = importlib.util.module_from_spec(s)
         sys.modules[mod_name] = module
         s.loader.exec_module(module)
@@ -290,10 +296,10 @@ def _load_callable(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise TrainError(f"reward {spec!r}: cannot import module {target!r} ({exc})") from None
+            raise RewardError(f"reward {spec!r}: cannot import module {target!r} ({exc})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise TrainError(f"reward {spec!r}: {target} has no callable {fn_name!r}")
+        raise RewardError(f"reward {spec!r}: {target} has no callable {fn_name!r}")
     return fn  # type: ignore[no-any-return]
 
 
@@ -325,12 +331,12 @@ def load_reward(spec: str) -> Reward:
         return HFReward(Path(path).expanduser(), label or None)
     if ":" in spec:
         return CallableReward(_load_callable(spec), spec)
-    raise TrainError(
+    raise RewardError(
         f"unknown reward {spec!r}: use 'safety', 'nontoxicity', 'module:function', 'path.py:function', 'jsonl:PATH' or 'hf:DIR'"
     )
 
 
 def check_reward(value: float, where: str) -> float:
     if not math.isfinite(value):
-        raise TrainError(f"{where}: the reward is {value} (NaN/inf); fix the reward function or the labels")
+        raise RewardError(f"{where}: the reward is {value} (NaN/inf); fix the reward function or the labels")
     return value
