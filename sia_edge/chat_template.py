@@ -48,6 +48,7 @@ class ChatTemplate:
     def segments(self, messages: Messages) -> list[tuple[str, bool]]:
         """The rendered text as (text, written_by_the_template) pieces, in order."""
         _check_messages(messages)
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # nothing else reaches the template
         text = self.render(messages)
         nonce = secrets.token_hex(6)
         marked = [dict(m, content=f"\ue000{nonce}:{i}\ue001") if m["content"] else dict(m)
@@ -137,3 +138,6 @@ def _check_messages(messages: Any) -> None:
             raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
         if not isinstance(m["content"], str) or not isinstance(m["role"], str):
             raise ValueError(f"a message's role and content must be text, got {m!r}")  # noqa: TRY004 (callers report ValueErrors as bad input)
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", m["role"]):
+            # the template writes the role as it is, where special tokens are parsed: only names
+            raise ValueError(f"a message's role must be a name such as user, assistant or system, got {m['role']!r}")

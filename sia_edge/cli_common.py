@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -258,17 +258,25 @@ def choose_value_model(explicit: str | os.PathLike[str] | None, base: Path | Non
         return ValueModelChoice(default_value_model())  # set but wrong: an error, not a fallback
     if not needed:
         return ValueModelChoice(None)
+    misfit = ValueModelChoice(
+        None, f"the preset's value model was trained for another tokenizer than {base.name if base else ''}'s",
+        "pass --value-model PATH.gguf trained for this base model, or --value-model none to run it "
+        "unsteered without this note",
+    )
+    if preset is None:
+        from sia_edge.presets import DEFAULT_PRESET, get_preset
+
+        preset = get_preset(DEFAULT_PRESET)
+    if base is not None and not preset.is_built() and not preset.fits(base):
+        return misfit  # known from its assets: no build (minutes) of a model that cannot be used
     try:
-        path = preset.value_model() if preset is not None else default_value_model()
+        path = preset.value_model()
     except ModelNotFoundError as exc:
         return ValueModelChoice(None, f"the value model is not available ({exc})",
                                 "pass --value-model PATH.gguf, or --value-model none")
     if base is not None and not _fits(base, path):
-        return ValueModelChoice(
-            None, f"the default value model {path.name} was trained for another tokenizer than {base.name}'s",
-            "pass --value-model PATH.gguf trained for this base model, or --value-model none to run it "
-            "unsteered without this note",
-        )
+        return replace(misfit, missing=f"the default value model {path.name} was trained for another tokenizer "
+                                       f"than {base.name}'s")
     return ValueModelChoice(path)
 
 

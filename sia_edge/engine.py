@@ -28,9 +28,17 @@ from typing_extensions import Self
 from sia_edge import kernels
 from sia_edge.chat_template import ChatTemplate
 from sia_edge.files import atomic_output, commit_output
-from sia_edge.gate import MAX_SEED, JunctionGate, SteeringConfig, steering_shift, tau_for_ratio
-from sia_edge.llama_backend import LlamaContext, LlamaModel, StreamDecoder, check_threads, default_threads
+from sia_edge.gate import JunctionGate, steering_shift, tau_for_ratio
+from sia_edge.llama_backend import (
+    LlamaContext,
+    LlamaError,
+    LlamaModel,
+    StreamDecoder,
+    check_threads,
+    default_threads,
+)
 from sia_edge.models import default_base_model, models_dir
+from sia_edge.steering import MAX_SEED, SteeringConfig
 from sia_edge.value_format import KEY_VERSION
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
@@ -600,6 +608,7 @@ class Generation:
         self._state = _RunState(prompt_tokens, max_tokens, config, seed,
                                 GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau))
         self._iter: Generator[TokenEvent, None, None] | None = None
+        self._closed_before_start = False
         self._busy = threading.Lock()  # held while a thread is inside next()
 
     # What the loop writes, readable while it runs and after it ends.
@@ -648,6 +657,8 @@ class Generation:
                                "from one thread (cancel() is the call that is safe from any thread)")
         try:
             if self._iter is None:
+                if self._closed_before_start:
+                    raise StopIteration
                 self._iter = _run(self.engine, self._state)
             return next(self._iter)
         finally:
@@ -662,7 +673,9 @@ class Generation:
     def close(self) -> None:
         """End the generation and give its contexts back (idempotent). From a thread other than
         the one iterating, it cancels: the loop ends after the current token."""
-        if self._iter is None:
+        if self._iter is None:  # never started: it never will (a worker may be about to start it)
+            self._closed_before_start = True
+            self._state.stats.stop_reason = self._state.stats.stop_reason or "cancelled"
             return
         if not self._busy.acquire(blocking=False):
             self.cancel()
@@ -748,7 +761,7 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                     logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
                 )
                 t_kernel += perf() - t0
-                # numpy on k values, about 50 us: outside kernel_ms, which times the native steps
+                # numpy on k values: outside kernel_ms, which times the native steps
                 shift = steering_shift(topk.logits, v, cfg.w, cfg.temperature)  # topk.logits: the base's
                 gate.steered(shift)
                 scorer.commit(chosen)
@@ -782,9 +795,12 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
         # GeneratorExit: closed, or dropped half-way, by its owner
         st.stop_reason = st.stop_reason or ("cancelled" if isinstance(exc, GeneratorExit) else "error")
         slot.base_cached = []
-        base.clear()
-        if scorer is not None:
-            scorer.reset()
+        # LlamaError: the contexts were freed already, when this generation was garbage-collected
+        # together with its engine (their finalisers run before a generator's cleanup)
+        with contextlib.suppress(LlamaError):
+            base.clear()
+            if scorer is not None:
+                scorer.reset()
         raise
     finally:
         st.total_ms = (perf() - t_start) * 1e3

@@ -40,7 +40,8 @@ def _header(p: Path) -> Iterator[tuple[mmap.mmap, int, int]]:
             yield buf, n_tensors, n_kv
     except GGUFError:
         raise
-    except (OSError, ValueError, KeyError, struct.error) as exc:  # the reader's body too: a header cut short
+    except (OSError, ValueError, KeyError, IndexError, OverflowError, MemoryError, struct.error) as exc:
+        # the reader's body too: a header cut short, or a corrupt length
         raise GGUFError(f"{p}: not a readable GGUF file: truncated or not a GGUF ({exc}); re-export or "
                         "re-download it") from None
 
@@ -54,8 +55,8 @@ def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> d
     """All key/value metadata of a GGUF file (no tensors), parsed directly. With ``with_types``
     each value is a tuple ``(value, GGUF value type, array element type or None)``.
 
-    ``gguf.GGUFReader`` builds a numpy view per array element, which takes 10+ s for a 49k-token
-    vocabulary; this walks the header with ``struct`` in well under a second."""
+    ``gguf.GGUFReader`` builds a numpy view per array element, slow for a vocabulary of tens of
+    thousands of tokens; this walks the header with ``struct`` instead."""
     p = Path(path)
     with _header(p) as (buf, _n_tensors, n_kv):
         off = 24

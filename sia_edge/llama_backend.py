@@ -89,16 +89,17 @@ class LlamaModel:
         self.path = resolve_gguf(path, what)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
-        self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self.ptr:
+        ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
             raise LlamaError(
                 f"{what}: llama.cpp could not load {self.path} (unsupported architecture, truncated "
                 "file or wrong tensor count; run with SIA_EDGE_VERBOSE=1 to see its log)"
             )
-        self._vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self._handle = _Handle(ptr)
+        self._vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.n_embd = int(llama_cpp.llama_model_n_embd(self.ptr))
-        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(ptr))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(ptr))
         self.name = self.meta("general.name") or self.path.stem
         self._fingerprint: str | None = None
         self._special_tokens: list[SpecialToken] | None = None
@@ -113,8 +114,13 @@ class LlamaModel:
         self._lock = threading.RLock()
         self._holders = 0  # open contexts and hold() blocks: close() waits for them to end
         self._close_requested = False
-        self._free = weakref.finalize(self, llama_cpp.llama_model_free, self.ptr)
+        self._free = weakref.finalize(self, _free_handle, self._handle, llama_cpp.llama_model_free)
         self._free.atexit = False
+
+    @property
+    def ptr(self) -> Any:
+        """llama.cpp's model, or None once freed."""
+        return self._handle.ptr
 
     @property
     def closed(self) -> bool:
@@ -129,7 +135,6 @@ class LlamaModel:
 
     def _free_if_unused(self) -> None:  # with self._lock held
         if self._close_requested and self._holders == 0 and self.ptr is not None:
-            self.ptr = None
             self._free()
 
     def _acquire(self) -> None:
@@ -329,7 +334,7 @@ class LlamaContext:
         if not ptr:
             model._release()
             raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name} (out of memory?)")
-        self.ptr: Any = ptr
+        self._handle = _Handle(ptr)
         self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
         self.n_seq_max = n_seq_max
         self.memory = llama_cpp.llama_get_memory(ptr)
@@ -338,8 +343,10 @@ class LlamaContext:
         self.n_batch = n_batch
         # Freed exactly once, by close() or when this object is collected, whatever the order in
         # which a garbage cycle's objects are finalised: the callback holds the model, so the
-        # weights cannot go first. Not at interpreter exit (a daemon thread may be decoding).
-        self._free = weakref.finalize(self, _free_context, ptr, self._batch.raw, model)
+        # weights cannot go first, and it voids the handle, so a cycle member finalised after it
+        # (a generator's cleanup) gets LlamaError instead of freed memory. Not at interpreter exit
+        # (a daemon thread may be decoding).
+        self._free = weakref.finalize(self, _free_context, self._handle, self._batch.raw, model)
         self._free.atexit = False
 
     def _make_batch(self, capacity: int, n_seq_max: int) -> _Batch:
@@ -354,13 +361,18 @@ class LlamaContext:
         )
 
     @property
+    def ptr(self) -> Any:
+        """llama.cpp's context, or None once freed."""
+        handle = getattr(self, "_handle", None)
+        return handle.ptr if handle is not None else None
+
+    @property
     def closed(self) -> bool:
         return self.ptr is None
 
     def close(self) -> None:
         """Free the context now (idempotent). Any later call on it raises ``LlamaError``."""
-        if getattr(self, "ptr", None) is not None:
-            self.ptr = None
+        if self.ptr is not None:
             self._free()
 
     def _live(self) -> Any:
@@ -470,9 +482,27 @@ class LlamaContext:
         llama_cpp.llama_memory_clear(self.memory, True)
 
 
-def _free_context(ptr: Any, batch: llama_cpp.llama_batch, model: LlamaModel) -> None:
+class _Handle:
+    """A llama.cpp pointer that its finaliser voids: whoever still holds the Python object after
+    the finaliser ran (another member of the same garbage cycle) sees None, not freed memory."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: Any) -> None:
+        self.ptr = ptr
+
+
+def _free_handle(handle: _Handle, free: Any) -> None:
+    ptr, handle.ptr = handle.ptr, None
+    if ptr is not None:
+        free(ptr)
+
+
+def _free_context(handle: _Handle, batch: llama_cpp.llama_batch, model: LlamaModel) -> None:
     """A context's finaliser: its batch and context first, then its hold on the weights."""
+    ptr, handle.ptr = handle.ptr, None
     llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ptr)
+    if ptr is not None:
+        llama_cpp.llama_free(ptr)
     model._release()
 

@@ -19,6 +19,7 @@ and docs/results/gemma3-detox.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -52,6 +53,20 @@ class Preset:
         stamp = stamp_path(self.value_path)
         return (self.value_path.is_file() and stamp.is_file()
                 and stamp.read_text().strip() == assets_digest(self.assets_dir))
+
+    def fits(self, base: Path) -> bool:
+        """Whether the value model (built or not) was trained on ``base``'s tokenizer, from the
+        fingerprint its assets record; True when they record none or are missing."""
+        meta = self.assets_dir / "value_meta.json"
+        try:
+            recorded = json.loads(meta.read_text(encoding="utf-8")).get("tokenizer_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return True  # value_model() will say what is wrong with the assets
+        if not recorded:
+            return True
+        from sia_edge.value_format import fingerprint_from_gguf
+
+        return bool(recorded == fingerprint_from_gguf(base))
 
     def value_model(self, *, build: bool = True) -> Path:
         """The value GGUF, built from the preset's assets first if it is missing or older than them."""

@@ -34,7 +34,8 @@ import numpy.typing as npt
 
 from sia_edge import kernels
 from sia_edge.engine import TokenizerMismatchError
-from sia_edge.gate import JunctionGate, SteeringConfig
+from sia_edge.gate import JunctionGate
+from sia_edge.steering import SteeringConfig
 from sia_edge.value_scorer import ValueModel
 
 __all__ = ["SIALogitsProcessor"]

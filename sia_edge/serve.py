@@ -2,8 +2,9 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
 server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
-fields (``sia_mode`` or ``gate``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``, ``head``, ``follow``, ``horizon``; ``seed``
-and ``temperature`` as usual), and every response carries the generation's stats under ``"sia"``.
+fields, one per setting of sia_edge/steering.py (``sia_mode``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``,
+``head``, ``follow``, ``horizon``; ``seed`` and ``temperature`` as usual; ``gate``, the former name of
+``sia_mode``, is refused), and every response carries the generation's stats under ``"sia"``.
 Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
 
 Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
@@ -666,7 +667,9 @@ def create_app(
     bodies (the app enforces it); ``read_timeout`` and ``idle_timeout`` are the connection's,
     applied by the server that ``server_config(app)`` configures."""
     if config is None:
-        config = SteeringConfig() if engine.value is not None else SteeringConfig(gate="off")
+        config = engine.recommended()  # what the value model was evaluated with, as generate() does
+        if config.target_ratio is not None:
+            config = config.with_tau(engine.calibrate_tau(config))
     if config.target_ratio is not None:
         raise ValueError("resolve the default config's target_ratio to a tau first (engine.calibrate_tau)")
     state = ServerState(engine, config, max_tokens=max_tokens, seed=seed, parallel=parallel,
@@ -772,11 +775,18 @@ def create_app(
             if getattr(req, field_name) is not None:
                 changes[setting] = getattr(req, field_name)
         ratio = changes.get("target_ratio")
-        if isinstance(ratio, (int, float)) and 0 < ratio < 1 and abs(ratio * 100 - round(ratio * 100)) > 1e-9:
-            # Each new ratio measures tau on unsteered runs (seconds, one at a time) and is cached
-            # for good: whole percentages bound what clients can make the server calibrate.
-            raise ApiError(400, f"target_ratio: this server calibrates whole percentages (0.01 to 0.99), got {ratio}",
-                           param="target_ratio", code="invalid_value")
+        if ratio is not None:
+            # Each new (ratio, k, temperature, head) measures tau on unsteered runs (seconds, one
+            # at a time) and is cached for good: whole percentages at the server's own k,
+            # temperature and head bound what clients can make the server calibrate.
+            if isinstance(ratio, (int, float)) and 0 < ratio < 1 and abs(ratio * 100 - round(ratio * 100)) > 1e-9:
+                raise ApiError(400, f"target_ratio: this server calibrates whole percentages (0.01 to 0.99), "
+                                    f"got {ratio}", param="target_ratio", code="invalid_value")
+            for name in ("k", "temperature", "head"):
+                if name in changes and changes[name] != getattr(state.config, name):
+                    raise ApiError(400, f"target_ratio: a request that sets a target ratio keeps the server's {name} "
+                                        f"({getattr(state.config, name)}); send tau instead to change {name}",
+                                   param="target_ratio", code="invalid_value")
         if state.recommended_horizon is not None and "horizon" not in changes:
             changes["horizon"] = gate_horizon(changes.get("gate", state.config.gate), state.recommended_horizon,
                                               state.config.horizon, head=changes.get("head", state.config.head))

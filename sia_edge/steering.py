@@ -32,7 +32,9 @@ The string form
   most once, in any order. ``bon@N`` alone means Best-of-N over unsteered samples (``off+bon@N``).
 
 ``format_spec`` writes a config in this form and ``parse_spec`` reads it back to an equal one
-(``k``, ``w`` and ``temperature`` are not part of it: they are set beside it). Eval adds one form of
+(``k``, ``w`` and ``temperature`` are not part of it: they are set beside it). Settings that do
+not apply to the mode (a tau on ``dense``, a head on ``off``, follow on ``dense``) are not part of
+it either: their string is the mode's, and it reads back with them at their defaults. Eval adds one form of
 its own, ``random@MODE``: the probability that another listed mode measured.
 """
 
@@ -480,11 +482,12 @@ def format_spec(config: SteeringConfig) -> str:
         text += f"@{_number_text(config.p)}"
     elif kind.gate == "off" and config.bon > 1:
         return f"bon@{config.bon}"
-    if config.head:
+    # settings that do not apply to the mode (a head on off, follow on dense) are not written
+    if config.head and kind.steers:
         text += f"+head@{config.head}"
-    if config.follow is not None:
+    if config.follow is not None and kind.level is not None:
         text += f"+follow@{_number_text(config.follow)}"
-    if config.horizon is not None:
+    if config.horizon is not None and kind.steers:
         text += f"+horizon@{config.horizon}"
     if config.bon > 1:
         text += f"+bon@{config.bon}"

@@ -134,3 +134,10 @@ def test_best_of_n_picks_the_sample_with_the_highest_mean_value(engine: Steering
     assert result.ranking_value_tokens == sum(len(s.prompt_tokens) + len(s.tokens) for s in result.samples if s.tokens)
     text, all_samples = engine.best_of_n(PROMPT, 4, max_tokens=8, config=SteeringConfig(gate="off"), seed=3)
     assert text == result.best.text and [t for t, _, _ in all_samples] == [s.text for s in result.samples]
+
+
+def test_a_generation_closed_before_it_starts_never_starts(engine: SteeringEngine) -> None:
+    gen = engine.generate(PROMPT, max_tokens=20, config=SteeringConfig(gate="off"), seed=1)
+    gen.close()  # the UI stopped it before the worker thread began iterating
+    assert list(gen) == [] and gen.stats.stop_reason == "cancelled" and gen.stats.tokens == 0
+    assert not engine._slots  # no context was even taken

@@ -143,3 +143,13 @@ def test_the_gemma3_detox_preset_through_the_chat_and_eval(tmp_path: Path) -> No
     written = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines()]
     assert len(written) == 6 and all(not r["text"].startswith(r["prompt"]) for r in written)
     assert {r["run"]["prompt_style"] for r in written} == {"text"}
+
+
+def test_a_preset_that_does_not_fit_the_base_is_not_built_first(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its assets record their tokenizer: a misfit is a note at once, not minutes of export first."""
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    detox = get_preset("gemma3-detox")
+    choice = choose_value_model(None, default_base_model(), preset=detox)
+    assert choice.path is None and choice.notice is not None and "another tokenizer" in choice.notice
+    assert not detox.value_path.exists()  # nothing was built

@@ -63,6 +63,17 @@ def test_the_string_form_reads_back_to_the_same_config(config: SteeringConfig) -
     assert config.spec == text
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(GATE_KINDS)), st.floats(-10, 10), st.floats(0, 1), st.integers(0, 8),
+       st.none() | st.floats(0, 1, exclude_min=True), st.none() | st.integers(8, 16))
+def test_every_config_has_a_string_form_that_parses(gate: str, tau: float, p: float, head: int,
+                                                   follow: float | None, horizon: int | None) -> None:
+    """Also configs with settings that do not apply to their mode: those are left out."""
+    config = SteeringConfig(gate=gate, tau=tau, p=p, head=head, follow=follow, horizon=horizon)
+    back = parse_spec(format_spec(config))
+    assert back.gate == config.gate and back.spec == config.spec
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("sparse@25%+horizon@16", SteeringConfig(target_ratio=0.25, horizon=16)),
     ("sparse", SteeringConfig()),

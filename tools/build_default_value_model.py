@@ -2,11 +2,11 @@
 """The default safety value model for SmolLM2-135M-Instruct: build its GGUF, or rebuild it all.
 
     python tools/build_default_value_model.py --if-missing   # what ./dev.sh setup runs
-    python tools/build_default_value_model.py --rebuild      # data, training, export: about 45 minutes on 2 EPYC cores
+    python tools/build_default_value_model.py --rebuild      # data, training, export (docs/TRAINING.md section 5)
     python tools/build_default_value_model.py --rebuild --restart   # ... training from scratch (after a
                                                                     # recipe change: other --layers, say)
 
-The trained artefacts (LoRA adapter, head, reward normalisation: 19.6 MB, the adapter in fp32) ship in
+The trained artefacts (LoRA adapter in fp32, head, reward normalisation) ship in
 assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
 models/value-smollm2-safety-q8_0.gguf once, through tools/export_value_gguf.py, and again
 whenever the assets change (a digest of them is kept beside the GGUF).

@@ -3,7 +3,7 @@
     python tools/rescore_answers.py runs/heldout/answers.jsonl runs/heldout/answers_rest.jsonl
     python tools/rescore_answers.py runs/*/answers.jsonl --json --out runs/rescored.jsonl
     python tools/rescore_answers.py runs/heldout/answers*.jsonl runs/wsweep/w3_answers.jsonl \
-        --rename sparse@1.696=sparse@30% --gain off,dense
+        --rename sparse@1.7=sparse@30% --gain off,dense
 
 Reads the JSONL that ``python -m sia_edge.eval --outputs`` writes, recomputes each answer's
 ``refused`` (``sia_edge.rewards.is_refusal``) and, for answers scored by the built-in safety
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.rename:
         old, eq, new = item.partition("=")
         if not eq or not old.strip() or not new.strip():
-            raise CliError(f"--rename takes OLD=NEW (for example sparse@1.696=sparse@30%), got {item!r}")
+            raise CliError(f"--rename takes OLD=NEW (for example sparse@1.7=sparse@30%), got {item!r}")
         renames[old.strip().lower()] = new.strip().lower()
     if args.out is not None and args.out.is_dir():
         raise CliError(f"--out: {args.out} is a directory; give a file name")
