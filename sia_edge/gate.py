@@ -213,9 +213,12 @@ def steering_shift(base_logits: np.ndarray, values: np.ndarray, w: float, temper
     Greedy decoding (T = 0) moved all of it iff the top candidate changed."""
     z = np.asarray(base_logits, dtype=np.float64)
     steered = z + w * np.asarray(values, dtype=np.float64)
-    if temperature == 0:
+    # The sampler reads T as a float32: a T that rounds to 0 there is greedy here too.
+    if np.float32(temperature) == 0:
         return float(np.argmax(z) != np.argmax(steered))
-    p, q = np.exp((z - z.max()) / temperature), np.exp((steered - steered.max()) / temperature)
+    # A tiny T sends (z - max) / T past the float range: -inf, whose exp is the exact limit 0.
+    with np.errstate(over="ignore"):
+        p, q = np.exp((z - z.max()) / temperature), np.exp((steered - steered.max()) / temperature)
     return 0.5 * float(np.abs(p / p.sum() - q / q.sum()).sum())
 
 

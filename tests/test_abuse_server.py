@@ -239,6 +239,19 @@ def test_fuzzed_completion_requests(server: Server, body: dict[str, Any]) -> Non
         fuzz(server, COMPLETIONS, body, client)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_a_vanishing_temperature_is_sampled_greedily_not_a_500(server: Server, temperature: float) -> None:
+    """Found by the fuzzer: a temperature so small that dividing by it overflows was a 500."""
+    answers = []
+    for t in (temperature, 0.0):
+        body = {"prompt": "How do I pick a lock?", "max_tokens": 4, "seed": 3, "temperature": t,
+                "sia_mode": "entropy", "tau": 0.0}  # tau 0: every step is a junction, so every step measures its shift
+        r = httpx.post(f"{server.url}{COMPLETIONS}", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("field_name", ["content", "system", "assistant", "stop", "prompt", "name"])
 def test_special_token_text_in_every_text_field(server: Server, field_name: str) -> None:
     """Text that spells a control token is text: it cannot end a turn or forge the assistant's."""
@@ -410,13 +423,10 @@ def test_huge_bodies_are_refused_at_once_and_cost_no_memory(served: Process) -> 
     before = served.memory_kb()
     big = b'{"prompt": "' + b"a" * (50 * 1024 * 1024) + b'"}'
     url = f"{served.url}{COMPLETIONS}"
-    # with Content-Length: refused before a byte of it is read
-    r = httpx.post(url, content=big, headers=JSON_TYPE, timeout=30)
-    assert r.status_code == 413 and check_error(r)["code"] == "request_too_large"
-    # chunked: refused once the bytes read pass the limit
-    r = httpx.post(url, content=(big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)), headers=JSON_TYPE,
-                   timeout=30)
-    assert r.status_code == 413 and check_error(r)["code"] == "request_too_large"
+    # with Content-Length: refused before a byte of it is read; chunked: refused once the bytes
+    # read pass the limit (httpx writes the whole body first, so it may see the reset, not the 413)
+    assert _oversized(url, big) == 413
+    assert _oversized(url, (big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20))) == 413
     # by hand: the answer comes while most of the declared body is still unsent
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
@@ -424,8 +434,7 @@ def test_huge_bodies_are_refused_at_once_and_cost_no_memory(served: Process) -> 
         assert s.recv(65536).startswith(b"HTTP/1.1 413 ")
     # three at once
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        codes = list(pool.map(lambda _: httpx.post(url, content=big, headers=JSON_TYPE, timeout=30).status_code,
-                              range(3)))
+        codes = list(pool.map(lambda _: _oversized(url, big), range(3)))
     assert codes == [413] * 3
     after = served.memory_kb()
     # The peak resident size grew by far less than one such body (a read body was gigabytes).
@@ -507,14 +516,18 @@ def test_a_disconnect_storm_leaves_nothing_behind(served: Process) -> None:
 
 
 # --------------------------------------------------------------------------- soak
-def _oversized(url: str) -> int:
+def _oversized(url: str, content: bytes | Iterator[bytes] = b"x" * (3 << 20)) -> int:
     """A body over the limit, sent whole before reading: the server answers 413 and closes without
     reading the rest, so depending on timing the client reads the 413 or sees the connection reset
-    (TCP resets a connection closed with unread data); either way nothing was kept."""
+    (TCP resets a connection closed with unread data). A 413 read must be the documented error;
+    the raw-socket check in test_huge_bodies_... reads it every time."""
     try:
-        return httpx.post(url, timeout=60, content=b"x" * (3 << 20), headers=JSON_TYPE).status_code
+        r = httpx.post(url, timeout=60, content=content, headers=JSON_TYPE)
     except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
         return 413
+    if r.status_code == 413:
+        assert check_error(r)["code"] == "request_too_large"
+    return r.status_code
 
 
 def test_a_soak_keeps_memory_flat(served: Process) -> None:

@@ -352,6 +352,17 @@ def test_steering_shift_is_the_probability_mass_steering_moved() -> None:
     assert steering_shift(z, v, 3.0, 0.0) == 1.0  # greedy: the third candidate (0 + 3) now wins
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300, 5e-324])
+def test_steering_shift_at_a_vanishing_temperature_is_the_greedy_limit(temperature: float) -> None:
+    """A temperature the server accepts (> 0, finite) but so small that (z - max) / T leaves the
+    float range: the answer is greedy's, with no overflow warning (pyproject makes warnings errors;
+    the server answered such a request with a 500 before)."""
+    z = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
+    v = np.array([0.0, -1.0, 1.0, 0.5], dtype=np.float32)
+    assert steering_shift(z, v, 3.0, temperature) == steering_shift(z, v, 3.0, 0.0) == 1.0
+    assert steering_shift(z, v, 0.5, temperature) == steering_shift(z, v, 0.5, 0.0) == 0.0
+
+
 def test_follow_steers_the_token_after_an_overruled_step(engine: SteeringEngine) -> None:
     tau, follow = 1.2, 0.3
     _, ev = run(engine, HARMFUL, max_tokens=24, config=SteeringConfig(tau=tau, follow=follow), seed=5)
