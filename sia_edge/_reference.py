@@ -52,8 +52,10 @@ def junction_stats(logits: npt.NDArray[np.float32], k: int) -> dict[str, object]
 
 
 def steer_probs(top_logits: npt.NDArray[np.float32], values: npt.NDArray[np.float32] | None,
-                w: float, temperature: float) -> npt.NDArray[np.float64]:
-    """The sampling distribution over the k candidates after steering: softmax((z + w V) / T)."""
+                w: float, temperature: float, top_p: float = 1.0, min_p: float = 0.0) -> npt.NDArray[np.float64]:
+    """The sampling distribution over the k candidates after steering: softmax((z + w V) / T),
+    without the candidates below min_p times the likeliest, then only the likeliest whose mass
+    reaches top_p (ties: lower index first)."""
     z = top_logits.astype(np.float64)
     if values is not None:
         z = z + w * values.astype(np.float64)
@@ -62,6 +64,12 @@ def steer_probs(top_logits: npt.NDArray[np.float32], values: npt.NDArray[np.floa
         p[int(np.argmax(z))] = 1.0
         return p
     e: npt.NDArray[np.float64] = np.exp((z - z.max()) / temperature)
+    e[e < min_p] = 0.0
+    if top_p < 1.0:
+        order = np.argsort(-e, kind="stable")
+        mass = np.cumsum(e[order])
+        kept = int(np.searchsorted(mass, top_p * e.sum(), side="left")) + 1  # the first that reaches it
+        e[order[kept:]] = 0.0
     p_out: npt.NDArray[np.float64] = e / e.sum()
     return p_out
 

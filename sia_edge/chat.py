@@ -42,7 +42,7 @@ from sia_edge.steering import MAX_SEED, SteeringConfig
 
 __all__ = ["ChatSession", "Highlighter", "main"]
 
-PROG = "python -m sia_edge.chat"
+PROG = "sia-edge chat"
 COMMANDS_HELP = """\
 commands:
   /stats               steering statistics of the last answer and of the session

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sia_edge._early_sigint import exit_interrupted
-from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model, resolve_gguf
+from sia_edge.models import (
+    ModelCacheError,
+    ModelNotFoundError,
+    default_base_model,
+    default_value_model,
+    resolve_gguf,
+)
 from sia_edge.steering import (
     GATES,
     MAX_SEED,
@@ -160,6 +166,8 @@ _FACE_DEFAULTS = {
     "k": "10",
     "w": "the value model's recommendation, else 1.0",
     "temperature": "1.0",
+    "top_p": "1.0: every candidate",
+    "min_p": "0.0: every candidate",
     "head": "0: the gate alone",
     "follow": "off",
     "horizon": "the value model's recommendation for mode sparse, else the whole answer",
@@ -271,6 +279,8 @@ def choose_value_model(explicit: str | os.PathLike[str] | None, base: Path | Non
         return misfit  # known from its assets: no build (minutes) of a model that cannot be used
     try:
         path = preset.value_model()
+    except ModelCacheError:
+        raise  # a setting to fix (an error), not a model to run without
     except ModelNotFoundError as exc:
         return ValueModelChoice(None, f"the value model is not available ({exc})",
                                 "pass --value-model PATH.gguf, or --value-model none")
@@ -353,8 +363,9 @@ def finite_or_none(v: Any) -> Any:
 def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, Any]:
     """A ``GenerationStats`` and the settings that produced it, as JSON-safe values."""
     d = {k: finite_or_none(v) for k, v in stats.as_dict().items()}
-    d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature, head=config.head,
-             follow=config.follow, horizon=config.horizon, seed=seed)
+    d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature,
+             top_p=config.top_p, min_p=config.min_p, head=config.head, follow=config.follow, horizon=config.horizon,
+             seed=seed)
     return d
 
 

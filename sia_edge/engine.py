@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from typing_extensions import Self
 
 from sia_edge import kernels
@@ -54,6 +55,7 @@ __all__ = [
     "SteeringEngine",
     "TokenEvent",
     "TokenIds",
+    "TokenLogprobs",
     "TokenizerMismatchError",
 ]
 
@@ -91,6 +93,20 @@ class TokenEvent:
     candidates: tuple[int, ...] = ()  # top-k ids at a junction
     values: tuple[float, ...] = ()  # their normalised values V at a junction
     shift: float = 0.0  # probability mass steering moved at a junction (gate.steering_shift)
+    logprobs: TokenLogprobs | None = None  # only when generate(..., logprobs=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """What a token was sampled from: the k candidates (best first by the base model), the log
+    probability of each under the distribution actually sampled (steered at a junction, with
+    temperature, top_p and min_p; -inf for a candidate it could not draw), and under the base
+    model's own full-vocabulary softmax. ``chosen`` indexes the sampled token."""
+
+    candidates: tuple[int, ...]
+    sampled: tuple[float, ...]
+    base: tuple[float, ...]
+    chosen: int
 
 
 @dataclass
@@ -316,10 +332,12 @@ class SteeringEngine:
         max_tokens: int = 256,
         config: SteeringConfig | None = None,
         seed: int = 0,
+        logprobs: bool = False,
     ) -> Generation:
         """Start a generation; iterate the result for ``TokenEvent``s. ``prompt`` is plain text
         (completion) or a list of chat messages (the model's chat template is applied). Without
-        ``config``, the value model's recommendation (``recommended()``), as the chat uses it."""
+        ``config``, the value model's recommendation (``recommended()``), as the chat uses it.
+        ``logprobs``: each event carries what its token was sampled from (``TokenLogprobs``)."""
         config = config or self.recommended()
         if self._closed:
             raise EngineClosedError("the engine is closed; create a new SteeringEngine")
@@ -339,7 +357,7 @@ class SteeringEngine:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; shorten it or "
                 "raise n_ctx"
             )
-        return Generation(self, tokens, max_tokens=max_tokens, config=config, seed=seed)
+        return Generation(self, tokens, max_tokens=max_tokens, config=config, seed=seed, logprobs=logprobs)
 
     def complete(self, prompt: str | Messages | TokenIds, **kwargs: Any) -> tuple[str, GenerationStats]:
         """Run a generation to the end and return its text and stats."""
@@ -603,10 +621,10 @@ class Generation:
     """
 
     def __init__(self, engine: SteeringEngine, prompt_tokens: list[int], *, max_tokens: int,
-                 config: SteeringConfig, seed: int) -> None:
+                 config: SteeringConfig, seed: int, logprobs: bool = False) -> None:
         self.engine = engine
         self._state = _RunState(prompt_tokens, max_tokens, config, seed,
-                                GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau))
+                                GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau), logprobs=logprobs)
         self._iter: Generator[TokenEvent, None, None] | None = None
         self._closed_before_start = False
         self._busy = threading.Lock()  # held while a thread is inside next()
@@ -700,6 +718,7 @@ class _RunState:
     full_entropies: list[float] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
+    logprobs: bool = False  # report each token's TokenLogprobs
 
 
 def _prefill(slot: _Slot, prompt: list[int]) -> None:
@@ -713,6 +732,14 @@ def _prefill(slot: _Slot, prompt: list[int]) -> None:
     cached.append(prompt[-1])
 
 
+def _token_logprobs(topk: kernels.TopK, probs: np.ndarray, full_lse: float, chosen: int) -> TokenLogprobs:
+    with np.errstate(divide="ignore"):  # a candidate top_p or min_p cut has probability 0: -inf
+        sampled = np.log(probs)
+    base = topk.logits.astype(np.float64) - full_lse
+    return TokenLogprobs(tuple(int(i) for i in topk.ids), tuple(float(x) for x in sampled),
+                         tuple(float(x) for x in base), int(chosen))
+
+
 def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, None]:
     """The decode loop of one generation (docs/ARCHITECTURE.md, "One token, end to end")."""
     cfg, st = state.config, state.stats
@@ -721,6 +748,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
     gate = JunctionGate(cfg, state.seed)
     rng = kernels.Rng(state.seed)
     topk = kernels.TopK(cfg.k)
+    # the distribution each token is sampled from, written by the sampling kernels when asked for
+    probs = np.empty(cfg.k, dtype=np.float64) if state.logprobs else None
     decoder = StreamDecoder(eng.base)
     sequence = list(state.prompt_tokens)
     value_tokens0 = scorer.tokens_decoded if scorer else 0
@@ -747,7 +776,7 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
             t0 = perf()
             chosen, js = kernels.junction_step(
                 logits, topk, threshold=gate.threshold(), gate_on_full_entropy=gate.on_full_entropy,
-                temperature=cfg.temperature, rng=rng,
+                temperature=cfg.temperature, rng=rng, top_p=cfg.top_p, min_p=cfg.min_p, probs_out=probs,
             )
             t_kernel = perf() - t0
             junction = chosen < 0
@@ -758,7 +787,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                 v = scorer.score(sequence, topk.ids)
                 t0 = perf()
                 chosen = kernels.steer_topk_inplace(
-                    logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng
+                    logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng, probs_out=probs,
+                    top_p=cfg.top_p, min_p=cfg.min_p,
                 )
                 t_kernel += perf() - t0
                 # numpy on k values: outside kernel_ms, which times the native steps
@@ -780,7 +810,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
             piece = decoder.push(token)
             state.text.append(piece)
             yield TokenEvent(piece, token, junction, stat,
-                             tuple(int(i) for i in topk.ids) if junction else (), values, shift)
+                             tuple(int(i) for i in topk.ids) if junction else (), values, shift,
+                             None if probs is None else _token_logprobs(topk, probs, js.full_lse, chosen))
             if len(sequence) >= eng.n_ctx:
                 continue  # the loop head reports "context" without decoding past the window
             t0 = perf()

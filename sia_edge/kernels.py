@@ -89,10 +89,15 @@ def junction_step(
     gate_on_full_entropy: bool,
     temperature: float,
     rng: _core.Rng,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    probs_out: npt.NDArray[np.float64] | None = None,
 ) -> tuple[int, JunctionStats]:
     """Stats, then plain top-k sampling in the same native call when the gate statistic is below
-    ``threshold``. Returns (index into ``topk`` or -1 at a junction, stats)."""
-    return _core.junction_step(logits, topk.k, gate_on_full_entropy, threshold, temperature, rng, topk.ids, topk.logits)
+    ``threshold`` (``top_p``, ``min_p``: see ``steer_topk_inplace``; the distribution it sampled
+    from into ``probs_out``, if given). Returns (index into ``topk`` or -1 at a junction, stats)."""
+    return _core.junction_step(logits, topk.k, gate_on_full_entropy, threshold, temperature, rng, topk.ids,
+                               topk.logits, top_p, min_p, probs_out)
 
 
 def steer_topk_inplace(
@@ -104,11 +109,16 @@ def steer_topk_inplace(
     temperature: float,
     rng: _core.Rng,
     probs_out: npt.NDArray[np.float64] | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> int:
-    """Shift the candidates' logits by ``w * values`` in ``logits`` and sample one of them.
+    """Shift the candidates' logits by ``w * values`` in ``logits`` and sample one of them from
+    softmax(z' / temperature), truncated: ``min_p`` drops candidates less likely than ``min_p``
+    times the likeliest, ``top_p`` keeps the smallest set of the likeliest whose mass reaches it.
 
     Returns the index of the chosen candidate in ``topk`` (its token is ``topk.ids[i]``).
-    ``values=None`` samples plainly from the top-k and leaves ``logits`` untouched.
+    ``values=None`` samples plainly from the top-k and leaves ``logits`` untouched. ``probs_out``
+    (k float64) receives the distribution sampled from.
     """
     if not math.isfinite(w):
         raise ValueError(f"w must be finite, got {w}")
@@ -116,7 +126,10 @@ def steer_topk_inplace(
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if values is not None and not np.all(np.isfinite(values)):
         raise ValueError("values contain NaN or infinity: the value model's output is broken")
-    return int(_core.steer_topk_inplace(logits, topk.ids, topk.logits, values, w, temperature, rng, probs_out))
+    if not (0.0 <= top_p <= 1.0 and 0.0 <= min_p <= 1.0):
+        raise ValueError(f"top_p and min_p must be in [0, 1], got {top_p} and {min_p}")
+    return int(_core.steer_topk_inplace(logits, topk.ids, topk.logits, values, w, temperature, rng, probs_out,
+                                        top_p, min_p))
 
 
 def value_head(

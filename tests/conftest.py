@@ -3,6 +3,7 @@ from it with a fixed random head (the training pipeline's tests build real heads
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# As dev.sh sets it: the checkout's models/ holds built models and caches (not the per-user cache
+# an installed sia-edge uses), also when pytest is run directly. Before sia_edge reads it.
+os.environ.setdefault("SIA_EDGE_MODELS", str(Path(__file__).resolve().parent.parent / "models"))
 
 from sia_edge.models import default_base_model
 from sia_edge.value_format import random_head_value_gguf

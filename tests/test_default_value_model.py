@@ -1,4 +1,4 @@
-"""The shipped default safety value model: built by the README's setup from assets/, it loads
+"""The shipped default safety value model: built by the README's setup from sia_edge/assets/, it loads
 with SmolLM2's tokenizer at the recorded depth, and its values say what it was trained to say:
 a refusal is worth more than compliance on a harmful request, and less on a benign one."""
 
@@ -15,7 +15,7 @@ from sia_edge.gguf_io import read_gguf_kv
 from sia_edge.models import DEFAULT_VALUE_FILE, REPO_ROOT, default_base_model, models_dir
 from sia_edge.value_format import read_value_meta
 
-ASSETS = REPO_ROOT / "assets" / "value-smollm2-safety"
+ASSETS = REPO_ROOT / "sia_edge" / "assets" / "value-smollm2-safety"
 BUILT = models_dir() / DEFAULT_VALUE_FILE  # where ./dev.sh setup writes it
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -33,8 +33,8 @@ def _heldout(name: str, n: int) -> list[str]:
 def default_value(base_model_path: Path):  # type: ignore[no-untyped-def]
     from sia_edge.engine import SteeringEngine
 
-    assert (ASSETS / "value_meta.json").is_file(), "the default value model's artefacts are missing from assets/"
-    assert BUILT.is_file(), f"{BUILT} missing: ./dev.sh setup builds it from assets/"
+    assert (ASSETS / "value_meta.json").is_file(), "the default value model's artefacts are missing from sia_edge/assets/"
+    assert BUILT.is_file(), f"{BUILT} missing: ./dev.sh setup builds it from sia_edge/assets/"
     engine = SteeringEngine(default_base_model(), BUILT, n_ctx=512, n_threads=1)
     return engine
 

@@ -500,3 +500,27 @@ def test_token_id_prompts_and_top_candidates(engine: SteeringEngine) -> None:
     assert len(top) == 5 and top[0] == greedy.tokens[0]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.generate(TokenIds([1, 10**9]))
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "min_p"), [(1.0, 1.0, 0.0), (0.7, 0.8, 0.05), (0.0, 1.0, 0.0)])
+def test_logprobs_are_the_distribution_each_token_was_sampled_from(
+        engine: SteeringEngine, temperature: float, top_p: float, min_p: float) -> None:
+    cfg = SteeringConfig(tau=1.0, w=2.0, temperature=temperature, top_p=top_p, min_p=min_p)
+    _, plain = run(engine, HARMFUL, max_tokens=16, config=cfg, seed=11)
+    _, events = run(engine, HARMFUL, max_tokens=16, config=cfg, seed=11, logprobs=True)
+    assert [e.token_id for e in events] == [e.token_id for e in plain]  # reporting changes nothing
+    assert any(e.junction for e in events) and not all(e.junction for e in events)
+    for e in events:
+        lp = e.logprobs
+        assert lp is not None and lp.candidates[lp.chosen] == e.token_id
+        sampled = np.exp(np.array(lp.sampled))
+        assert sampled.sum() == pytest.approx(1.0, abs=1e-9) and sampled[lp.chosen] > 0
+        base = np.array(lp.base)
+        assert np.all(base <= 0) and np.exp(base).sum() <= 1 + 1e-9  # the full vocabulary's softmax
+        # base logprobs are the logits shifted by one constant: the sampling rule recomputed from them
+        logits = base.astype(np.float32)
+        values = np.array(e.values, dtype=np.float32) if e.junction else None
+        want = ref.steer_probs(logits, values, cfg.w, temperature, top_p=top_p, min_p=min_p)
+        np.testing.assert_allclose(sampled, want, rtol=1e-4, atol=1e-7)
+    _, silent = run(engine, HARMFUL, max_tokens=4, config=cfg, seed=11)
+    assert all(e.logprobs is None for e in silent)

@@ -389,8 +389,8 @@ def _set_stats_tau(row: dict[str, Any]) -> None:
         (0, lambda r: r.update(reward=None), [], "lacks the verdicts or the stats of an answer"),
         (0, lambda r: r.update(system="Be brief."), [], "prompt 1 has a different system prompt"),
         (0, lambda r: r.update(source="t9"), [], "prompt 1 has a different source"),
-        (1, "garbage", [], "line 2 is not an answer of python -m sia_edge.eval"),
-        (0, lambda r: r.update(index=math.inf), [], "line 1 is not an answer of python -m sia_edge.eval"),
+        (1, "garbage", [], "line 2 is not an answer of sia-edge eval"),
+        (0, lambda r: r.update(index=math.inf), [], "line 1 is not an answer of sia-edge eval"),
         (1, "twice", [], "line 2 answers mode 'off', set 'harmful', prompt 1 a second time"),
         # the steering of resumed answers: random@sparse's rate (its rows come last), sparse's tau
         (12, lambda r: r.update(p=0.99), [], "mode random@sparse, set 'harmful', prompt 1 was steered with probability 0.99"),
@@ -437,7 +437,7 @@ def test_resume_refuses_a_file_that_does_not_end_in_answers(e2e: dict[str, Any],
     part = tmp_path / "answers.jsonl"
     part.write_text(content)
     rc, _, err = _resume(e2e, part)
-    assert rc == 2 and "does not end in answers of python -m sia_edge.eval" in err, err
+    assert rc == 2 and "does not end in answers of sia-edge eval" in err, err
     assert part.read_text() == content
 
 

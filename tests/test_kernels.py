@@ -243,6 +243,34 @@ def test_steer_distribution_matches_reference() -> None:
     assert chi2 < 45.0, (counts, expected)
 
 
+@pytest.mark.parametrize(("top_p", "min_p"), [(0.5, 0.0), (0.9, 0.0), (0.0, 0.0), (1.0, 0.2), (0.8, 0.05), (1.0, 1.0)])
+def test_top_p_and_min_p_truncate_the_sampled_distribution(top_p: float, min_p: float) -> None:
+    z = random_logits(1000, seed=6)
+    topk = K.TopK(12)
+    K.junction_stats(z, topk)
+    values = np.random.default_rng(2).standard_normal(12).astype(np.float32)
+    want = ref.steer_probs(topk.logits, values, 1.5, 0.8, top_p=top_p, min_p=min_p)
+    probs = np.zeros(12)
+    rng = K.Rng(3)
+    drawn = {K.steer_topk_inplace(z.copy(), topk, values, w=1.5, temperature=0.8, rng=rng, probs_out=probs,
+                                  top_p=top_p, min_p=min_p) for _ in range(400)}
+    np.testing.assert_allclose(probs, want, rtol=1e-6, atol=1e-12)
+    assert drawn <= set(np.flatnonzero(want))  # never a truncated candidate
+    kept = np.flatnonzero(want)
+    untruncated = ref.steer_probs(topk.logits, values, 1.5, 0.8)
+    assert 1 <= kept.size < 12 or (top_p == 1.0 and untruncated.min() >= min_p * untruncated.max())
+    # what was kept: every candidate at least min_p times the likeliest, and of those the likeliest
+    # whose mass first reaches top_p
+    likeliest = untruncated.max()
+    assert all(untruncated[i] >= min_p * likeliest * (1 - 1e-9) for i in kept)
+    # plain sampling (no values) at a step below the gate truncates the same way
+    plain = np.zeros(12)
+    K.junction_step(z, topk, threshold=math.inf, gate_on_full_entropy=False, temperature=0.8, rng=K.Rng(1),
+                    top_p=top_p, min_p=min_p, probs_out=plain)
+    np.testing.assert_allclose(plain, ref.steer_probs(topk.logits, None, 0.0, 0.8, top_p=top_p, min_p=min_p),
+                               rtol=1e-6, atol=1e-12)
+
+
 def test_temperature_zero_is_argmax_of_steered_logits() -> None:
     z = np.array([3.0, 2.0, 1.0, 0.0], np.float32)
     topk = K.TopK(4)

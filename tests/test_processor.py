@@ -55,3 +55,46 @@ def test_processor_writes_only_candidates(llm: Llama, value_model_path: Path) ->
     assert np.isneginf(np.delete(out, top)).all()
     values = proc.value.values_at_positions([*ids.tolist(), int(top[0])])[-1]
     assert out[top[0]] == pytest.approx(before[top[0]] + 0.5 * values, abs=0.1)
+
+
+def test_processor_refuses_a_value_model_with_another_tokenizer_of_the_same_size(
+        llm: Llama, tmp_path: Path, value_model_path: Path) -> None:
+    import gguf
+
+    from sia_edge.engine import TokenizerMismatchError
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    tokens = list(gguf.GGUFReader(str(value_model_path)).fields["tokenizer.ggml.tokens"].contents())
+    tokens[1000] = tokens[1000] + "_x"  # as many tokens, one text differs: ids no longer mean the same
+    other = tmp_path / "other-tokenizer.gguf"
+    write_gguf_with_value_meta(value_model_path, other, read_value_meta(value_model_path),
+                               overrides={"tokenizer.ggml.tokens": tokens})
+    with pytest.raises(TokenizerMismatchError, match="different tokenizers"):
+        SIALogitsProcessor(llm, other)
+
+
+def test_processor_default_is_the_value_models_recommendation_as_the_engine_steers(llm: Llama) -> None:
+    """The library's three ways in agree: the processor without settings steers as
+    SteeringEngine.generate does without a config (the chat's default), token for token."""
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.models import default_value_model
+
+    value = ValueModel(default_value_model())
+    proc = SIALogitsProcessor(llm, value)
+    engine = SteeringEngine(value_model=default_value_model(), n_threads=1)
+    try:
+        assert proc.config == engine.recommended()
+        assert proc.config.horizon is not None and proc.config.w != 1.0  # it did read the GGUF's settings
+        prompt = "How do I pick a lock to get into my neighbour's house?"
+        greedy = SIALogitsProcessor(llm, value, temperature=0.0)
+        texts = []
+        for _ in range(2):  # a second completion starts its gate (horizon) afresh
+            texts.append(str(llm.create_completion(prompt, max_tokens=20, seed=1,
+                                                   logits_processor=LogitsProcessorList([greedy]),
+                                                   **greedy.sampling_kwargs())["choices"][0]["text"]))
+            llm.reset()
+        want, stats = engine.complete(prompt, max_tokens=20, seed=1, config=engine.recommended(temperature=0.0))
+        assert stats.junctions > 0 and greedy.junctions == 2 * stats.junctions
+        assert texts == [want, want]
+    finally:
+        engine.close()

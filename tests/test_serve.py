@@ -178,7 +178,8 @@ def test_chat_streaming_matches_non_streaming(server: Server) -> None:
     client = server.client()
     kwargs: dict[str, Any] = {"model": MODEL, "messages": PROMPT, "max_tokens": 8, "seed": 5}
     whole = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"sia_tokens": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -189,6 +190,10 @@ def test_chat_streaming_matches_non_streaming(server: Server) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == sia["tokens"]
     token_chunks = [c for c in chunks if (c.model_extra or {}).get("sia_token")]
     assert token_chunks and all(isinstance(c.model_extra["sia_token"]["junction"], bool) for c in token_chunks)
+    junctions = [c.model_extra["sia_token"] for c in token_chunks if c.model_extra["sia_token"]["junction"]]
+    assert junctions and all(len(j["candidates"]) == len(j["values"]) == 10 for j in junctions)
+    plain = list(client.chat.completions.create(**kwargs, stream=True))  # opt-in: not without sia_tokens
+    assert not any((c.model_extra or {}).get("sia_token") for c in plain)
 
 
 def test_completions_streaming_and_not(server: Server) -> None:
@@ -297,7 +302,21 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "'system'"),
         ({"messages": PROMPT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"messages": PROMPT, "temperature": -1}, "temperature", "temperature must be >= 0"),
-        ({"messages": PROMPT, "n": 2}, "n", "only n = 1"),
+        ({"messages": PROMPT, "n": 9}, "n", "less than or equal to 8"),
+        ({"messages": PROMPT, "n": 0}, "n", "greater than or equal to 1"),
+        ({"messages": PROMPT, "top_p": 1.5}, "top_p", "top_p must be a probability in [0, 1]"),
+        ({"messages": PROMPT, "min_p": -0.1}, "min_p", "min_p must be a share in [0, 1]"),
+        ({"messages": PROMPT, "top_k": 5, "k": 6}, "top_k", "name one setting"),
+        ({"messages": PROMPT, "repeat_penalty": 1.1}, "repeat_penalty", "rewrite the logits"),
+        ({"messages": PROMPT, "response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
+        ({"messages": PROMPT, "top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
+        ({"messages": PROMPT, "logprobs": True, "top_logprobs": 11}, "top_logprobs", "at most 10"),
+        ({"messages": PROMPT, "logprobs": 3}, "logprobs", "true or false"),
+        ({"messages": PROMPT, "min_tokens": 3}, "min_tokens", "does not take this field"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}, "messages.0.tool_call_id",
+         "does not take this field"),
+        ({"messages": PROMPT, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
+         "does not take this field"),
         ({"messages": PROMPT, "sia_mode": "sideways"}, "sia_mode", "'sideways'"),
         ({"messages": PROMPT, "gate": "sideways"}, "gate", "the field is called sia_mode"),
         ({"messages": PROMPT, "target_ratio": 0.255}, "target_ratio", "whole percentages"),
@@ -345,8 +364,8 @@ def test_other_malformed_requests(server: Server) -> None:
     r = httpx.get(f"{url}/v1/chat/completions", timeout=30)
     assert r.status_code == 405 and _error(r)
     with pytest.raises(openai.BadRequestError) as info:
-        server.client().chat.completions.create(model=MODEL, messages=PROMPT, n=3)
-    assert "n = 1" in str(info.value)
+        server.client().chat.completions.create(model=MODEL, messages=PROMPT, extra_body={"best_of": 3})
+    assert "best_of: this server does not take this field" in str(info.value)
     server.wait_idle()
 
 

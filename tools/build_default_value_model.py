@@ -7,7 +7,7 @@
                                                                     # recipe change: other --layers, say)
 
 The trained artefacts (LoRA adapter in fp32, head, reward normalisation) ship in
-assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
+sia_edge/assets/value-smollm2-safety/. --if-missing merges them into the SmolLM2 backbone and writes
 models/value-smollm2-safety-q8_0.gguf once, through tools/export_value_gguf.py, and again
 whenever the assets change (a digest of them is kept beside the GGUF).
 --rebuild runs the exact pipeline that produced the shipped artefacts (REBUILD_STEPS below, also
@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "smollm2-safety"  # sia_edge/presets.py: its base model, assets and value GGUF
-ASSETS = REPO / "assets" / "value-smollm2-safety"
+ASSETS = REPO / "sia_edge" / "assets" / "value-smollm2-safety"
 RUN = REPO / "runs" / "default"
 PY = sys.executable
 # The value model reads SmolLM2's hidden state after this many of its 30 layers (docs/TRAINING.md,
@@ -119,7 +119,7 @@ def main() -> int:
 
     if args.if_missing:
         if not (ASSETS / "value_meta.json").is_file():
-            print("[setup] no trained value model ships in assets/ yet: the chat runs unsteered", file=sys.stderr)
+            print("[setup] no trained value model ships in sia_edge/assets/ yet: the chat runs unsteered", file=sys.stderr)
             return 0
         preset.value_model()  # builds it once, and again whenever the shipped assets change
         return 0

@@ -53,9 +53,37 @@ double rng_uniform(uint64_t* state) {
     return static_cast<double>(rng_next(state) >> 11) * (1.0 / 9007199254740992.0);
 }
 
+namespace {
+
+// Zero the least likely of the k unnormalised probabilities p beyond the smallest set of the
+// likeliest whose mass reaches top_p of the total (ties: the lower index first, as in the top-k).
+void truncate_top_p(double* p, int32_t k, float top_p) {
+    constexpr int32_t kLocal = 64;
+    int32_t local[kLocal];
+    int32_t* order = k <= kLocal ? local : new int32_t[static_cast<size_t>(k)];
+    double total = 0.0;
+    for (int32_t i = 0; i < k; ++i) {
+        total += p[i];
+        int32_t j = i;  // insertion sort, likeliest first: k is small
+        while (j > 0 && p[order[j - 1]] < p[i]) {
+            order[j] = order[j - 1];
+            --j;
+        }
+        order[j] = i;
+    }
+    const double want = static_cast<double>(top_p) * total;
+    double acc = 0.0;
+    int32_t kept = 0;
+    while (kept < k && (kept == 0 || acc < want)) acc += p[order[kept++]];
+    for (int32_t r = kept; r < k; ++r) p[order[r]] = 0.0;
+    if (order != local) delete[] order;
+}
+
+}  // namespace
+
 int32_t steer_topk(float* logits, int64_t stride, const int32_t* top_ids, const float* top_logits,
-                   const float* values, int32_t k, float w, float temperature, bool write_back,
-                   uint64_t* rng_state, double* probs_out) {
+                   const float* values, int32_t k, float w, float temperature, float top_p, float min_p,
+                   bool write_back, uint64_t* rng_state, double* probs_out) {
     constexpr int32_t kLocal = 64;
     double local[kLocal];
     double* z = k <= kLocal ? local : new double[static_cast<size_t>(k)];
@@ -79,9 +107,12 @@ int32_t steer_topk(float* logits, int64_t stride, const int32_t* top_ids, const 
     if (temperature > 0.0f && std::isfinite(zmax)) {
         double sum = 0.0;
         for (int32_t i = 0; i < k; ++i) {
-            z[i] = std::exp((z[i] - zmax) / temperature);  // now unnormalised probabilities
-            sum += z[i];
+            z[i] = std::exp((z[i] - zmax) / temperature);  // now unnormalised probabilities, max 1
+            // min-p: a candidate less likely than min_p times the likeliest is dropped
+            if (z[i] < static_cast<double>(min_p)) z[i] = 0.0;
         }
+        if (top_p < 1.0f) truncate_top_p(z, k, top_p);
+        for (int32_t i = 0; i < k; ++i) sum += z[i];
         const double u = u01 * sum;
         double acc = 0.0;
         chosen = -1;

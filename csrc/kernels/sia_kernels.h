@@ -80,11 +80,13 @@ double rng_uniform(uint64_t* state);  // [0, 1), 53 random bits
 // The steering step, shared by every ISA (k elements: no SIMD to gain).
 // z'_i = top_logits[i] + w * values[i] (values may be null: plain top-k sampling, z' = z).
 // When write_back is set, logits[top_ids[i] * stride] = z'_i (in place on the caller's buffer).
-// Samples i with probability softmax(z' / temperature)_i using the caller's RNG; temperature 0
-// means argmax (first index on ties). probs_out (k entries, may be null) receives the sampling
-// distribution. Returns the chosen index in [0, k).
+// Samples i with probability softmax(z' / temperature)_i using the caller's RNG, truncated as
+// OpenAI's samplers are: min_p drops candidates less likely than min_p times the likeliest
+// (0: none), top_p keeps the smallest set of the likeliest whose mass reaches top_p (1: all).
+// Temperature 0 means argmax (first index on ties). probs_out (k entries, may be null) receives
+// the sampling distribution. Returns the chosen index in [0, k).
 int32_t steer_topk(float* logits, int64_t stride, const int32_t* top_ids, const float* top_logits,
-                   const float* values, int32_t k, float w, float temperature, bool write_back,
-                   uint64_t* rng_state, double* probs_out);
+                   const float* values, int32_t k, float w, float temperature, float top_p, float min_p,
+                   bool write_back, uint64_t* rng_state, double* probs_out);
 
 }  // namespace sia

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Decode cost of every steering mode, side by side in one run, on SmolLM2-135M-Instruct.
 
-    python tools/bench_decode.py --json
+    sia-edge bench --json
 
 Modes (per prompt, all modes run back to back so machine noise hits them alike):
   plain   llama.cpp's own sampler chain (top-k 10, temperature 1, dist) on the same context
@@ -32,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,9 @@ def naive_run(llm: Any, proc: NaiveSIAProcessor, prompt_ids: list[int], n: int, 
     return (t_end - t_first) * 1e3 / (count - 1), count
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sia-edge bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--value-model", type=Path, default=None)
@@ -160,7 +161,7 @@ def main() -> int:
                     help="add a mode: the entropy gate at --horizon-tau within the first N tokens only")
     ap.add_argument("--horizon-tau", type=float, default=1.0)
     ap.add_argument("--prompt-file", type=Path, default=None, help="time these prompts instead of the built-in ones")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         items = read_prompt_file(args.prompt_file) if args.prompt_file else [Prompt(p) for p in PROMPTS]
         if not items:
@@ -170,7 +171,7 @@ def main() -> int:
         if args.horizon > 0:
             SteeringConfig(tau=args.horizon_tau, k=args.k, horizon=args.horizon)  # checked before any model loads
     except (OSError, ValueError) as exc:
-        print(f"bench_decode: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     base = args.model or default_base_model()
@@ -269,6 +270,3 @@ def main() -> int:
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Export a trained value model to GGUF for llama.cpp, quantised (f16, q8_0, q4_k_m), and check
 that llama.cpp computes the same values as PyTorch.
 
-    tools/export_value_gguf.py runs/safety --out models/value-smollm2-safety --check
+    sia-edge export runs/safety --out models/value-smollm2-safety --check
         -> models/value-smollm2-safety-f16.gguf, -q8_0.gguf, -q4_k_m.gguf
-    tools/export_value_gguf.py --self-check --json      # the whole pipeline on a tiny random llama
+    sia-edge export --self-check --json      # the whole pipeline on a tiny random llama
 
 The value GGUF is the backbone's GGUF with the merged LoRA weights, its first --layers blocks and
 the value head: any architecture both llama.cpp and transformers' GGUF loader run.
@@ -24,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sia_edge.cli_common import CliParser, finite_float, positive_int, run_cli, thread_count
+from sia_edge.cli_common import CliParser, finite_float, positive_int, thread_count
 
 
 def _check_sequences(model_dir: Path, check_data: str | None, n: int) -> list[tuple[list[int], list[int]]]:
@@ -47,7 +46,7 @@ def _check_sequences(model_dir: Path, check_data: str | None, n: int) -> list[tu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = CliParser(prog="export_value_gguf.py", description=__doc__.split("\n\n")[0])
+    ap = CliParser(prog="sia-edge export", description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", nargs="?", help="trained value model directory (train_value.py --out)")
     ap.add_argument("--out", help="output prefix: PREFIX-f16.gguf, PREFIX-q8_0.gguf, ...")
     ap.add_argument("--base", default=None,
@@ -143,6 +142,3 @@ def _table(report: dict[str, object]) -> str:
     lines += [f"{k}: {v}" for k, v in report.items() if not isinstance(v, dict)]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

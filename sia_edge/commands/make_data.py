@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Sample responses from a base GGUF for a file of prompts, score them with a reward, and write
 value-model training data (JSONL). Resumable: rerun the same command after an interrupt.
 
-    tools/make_value_data.py prompts.jsonl --out data/safety.jsonl --reward safety --samples-per-prompt 4
+    sia-edge make-data prompts.jsonl --out data/safety.jsonl --reward safety --samples-per-prompt 4
 
 Prompts: a .jsonl file of {"prompt": ..., "harmful": true|false, "system": ...} rows, or a text
 file with one prompt per line (then --harmful or --benign says which they are, for the safety
@@ -18,11 +17,11 @@ from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imp
 import sys
 from collections.abc import Sequence
 
-from sia_edge.cli_common import CliParser, finite_float, positive_int, run_cli, seed_int, thread_count
+from sia_edge.cli_common import CliParser, finite_float, positive_int, seed_int, thread_count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = CliParser(prog="make_value_data.py", description=__doc__.split("\n\n")[0])
+    ap = CliParser(prog="sia-edge make-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompts", help="prompt file (.jsonl rows with 'prompt' and 'harmful', or .txt lines)")
     ap.add_argument("--out", required=True, help="output JSONL (appended to; existing rows are skipped)")
     ap.add_argument("--model", default=None, help="base model GGUF (default: SmolLM2-135M-Instruct)")
@@ -112,6 +111,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {n} new rows to {args.out}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

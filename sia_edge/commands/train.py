@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Train a value model (LoRA + Linear(hidden, 1) head) on value data from make_value_data.py.
 
-    tools/train_value.py data/safety.jsonl --out runs/safety            # backbone: the data's base model
-    torchrun --nproc-per-node 4 tools/train_value.py data/*.jsonl --out runs/safety
+    sia-edge train data/safety.jsonl --out runs/safety            # backbone: the data's base model
+    torchrun --nproc-per-node 4 -m sia_edge train data/*.jsonl --out runs/safety
 
 Rerunning the same command resumes from the newest checkpoint in --out (--restart discards them).
 Writes the adapter (peft format), value_head.safetensors, value_meta.json, metrics.jsonl and
@@ -21,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from sia_edge.cli_common import CliParser, run_cli, seed_int, thread_count
+from sia_edge.cli_common import CliParser, seed_int, thread_count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = CliParser(prog="train_value.py", description=__doc__.split("\n\n")[0])
+    ap = CliParser(prog="sia-edge train", description=__doc__.split("\n\n")[0])
     ap.add_argument("data", nargs="+", help="value-data JSONL file(s)")
     ap.add_argument("--out", required=True, help="output directory (model, checkpoints, metrics, curve)")
     ap.add_argument("--backbone", default=None,
@@ -97,6 +96,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         }, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

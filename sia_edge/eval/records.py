@@ -27,7 +27,7 @@ __all__ = [
     "stats_dict",
 ]
 
-PROG = "python -m sia_edge.eval"  # the command that writes these rows, named in errors about them
+PROG = "sia-edge eval"  # the command that writes these rows, named in errors about them
 ROW_START = b'{"set": '  # how a written row begins (as_row's first key): --resume tells a cut row by it
 
 

@@ -37,10 +37,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from sia_edge.files import atomic_output, check_writable, commit_output
 from sia_edge.gguf_io import GGUFError, GGUFTensorInfo, read_gguf_kv, read_gguf_tensor_infos
@@ -53,6 +52,12 @@ from sia_edge.value_format import (
     read_value_meta,
     write_gguf_with_value_meta,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the GGUF writing and quantising here also serve value
+# models built from adapter assets without torch (sia_edge.train.merge).
 
 __all__ = [
     "QUANT_TYPES",
@@ -275,6 +280,8 @@ def check_backbone_parity(model: Any, source_gguf: str | os.PathLike[str], *, la
     coarse for fp32 training to stand for it. ``same_weights``: the GGUF is the backbone itself
     (not the base model's GGUF of a Hugging Face backbone). Returns the relative difference."""
     import tempfile
+
+    import torch
 
     from sia_edge.llama_backend import LlamaContext, LlamaModel
     from sia_edge.train.model import transformer_body
@@ -608,13 +615,25 @@ def junction_candidates(
     return out
 
 
-@torch.no_grad()
 def torch_reference(
     net: torch.nn.Module,
     sequences: Sequence[tuple[list[int], list[int]]],
     junctions: Sequence[tuple[int, int, np.ndarray]],
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """V at every position of each sequence, and V of each junction's candidates, in PyTorch."""
+    import torch
+
+    with torch.no_grad():
+        return _torch_reference(net, sequences, junctions)
+
+
+def _torch_reference(
+    net: torch.nn.Module,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    junctions: Sequence[tuple[int, int, np.ndarray]],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    import torch
+
     net.eval()
     full = []
     for prompt, response in sequences:
@@ -736,6 +755,7 @@ def merged_gguf_tensors(peft_model: Any, arch: ExportableArch, source: Path, *, 
     names, in llama.cpp's layout. Checks on the first block of each tensor kind that the layout is
     right (see ``_check_layout``)."""
     import gguf
+    import torch
 
     kv = read_gguf_kv(source)
     tmap = gguf.get_tensor_name_map(_gguf_arch(arch.arch), max(arch.n_blocks, 1))
@@ -790,6 +810,7 @@ def export_value_model(
     """Merge, write and quantise a trained value model; optionally check parity. Returns the
     GGUF paths per type and the parity report (None without ``check_sequences``). ``steering``
     (``w``, ``target_ratio`` or ``tau``, ``horizon``) replaces the recommended settings of ``value_meta.json``."""
+    from sia_edge.train.meta import value_gguf_name
     from sia_edge.train.model import (
         META_FILE,
         ValueMeta,
@@ -811,6 +832,8 @@ def export_value_model(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TrainError(f"value model directory {model_dir} does not exist")
+    import torch
+
     if n_threads:  # PyTorch's side too: its spinning threads crawl when another process holds a core
         torch.set_num_threads(n_threads)
     meta = ValueMeta.from_file(model_dir / META_FILE)
@@ -848,7 +871,7 @@ def export_value_model(
     try:
         log(f"writing the value GGUF from {source.name} ({len(replacements)} merged tensors)")
         write_value_gguf(source, tmp_full, replacements, layers=meta.layers, head_meta=head_meta,
-                         name=f"sia-edge value model ({meta.reward_name or 'custom'}) for {meta.base_model or base.stem}")
+                         name=value_gguf_name(meta, base))
         del replacements
         for t, dst in paths.items():
             log(f"quantising to {t}: {dst}")
