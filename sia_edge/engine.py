@@ -30,6 +30,7 @@ from sia_edge import kernels
 from sia_edge.chat_template import ChatTemplate
 from sia_edge.files import atomic_output, commit_output
 from sia_edge.gate import JunctionGate, steering_shift, tau_for_ratio
+from sia_edge.grammar import Grammar, GrammarState
 from sia_edge.llama_backend import (
     LlamaContext,
     LlamaError,
@@ -119,6 +120,7 @@ class GenerationStats:
     base_decode_ms: float = 0.0
     value_decode_ms: float = 0.0
     kernel_ms: float = 0.0
+    grammar_ms: float = 0.0  # masking the logits to what a grammar allows (0 without one)
     total_ms: float = 0.0
     stop_reason: str = ""  # eos | length | context | cancelled | error
     tau: float = math.nan  # the threshold used (after target_ratio calibration)
@@ -333,11 +335,15 @@ class SteeringEngine:
         config: SteeringConfig | None = None,
         seed: int = 0,
         logprobs: bool = False,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Start a generation; iterate the result for ``TokenEvent``s. ``prompt`` is plain text
         (completion) or a list of chat messages (the model's chat template is applied). Without
         ``config``, the value model's recommendation (``recommended()``), as the chat uses it.
-        ``logprobs``: each event carries what its token was sampled from (``TokenLogprobs``)."""
+        ``logprobs``: each event carries what its token was sampled from (``TokenLogprobs``).
+        ``grammar``: only text it allows is generated (``sia_edge.grammar``: the tokens it forbids
+        are masked before the gate and the value model see the step); ValueError if it does not
+        parse."""
         config = config or self.recommended()
         if self._closed:
             raise EngineClosedError("the engine is closed; create a new SteeringEngine")
@@ -357,7 +363,9 @@ class SteeringEngine:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; shorten it or "
                 "raise n_ctx"
             )
-        return Generation(self, tokens, max_tokens=max_tokens, config=config, seed=seed, logprobs=logprobs)
+        constraint = grammar.start(self.base, config.k) if grammar is not None else None
+        return Generation(self, tokens, max_tokens=max_tokens, config=config, seed=seed, logprobs=logprobs,
+                          grammar=constraint)
 
     def complete(self, prompt: str | Messages | TokenIds, **kwargs: Any) -> tuple[str, GenerationStats]:
         """Run a generation to the end and return its text and stats."""
@@ -621,10 +629,12 @@ class Generation:
     """
 
     def __init__(self, engine: SteeringEngine, prompt_tokens: list[int], *, max_tokens: int,
-                 config: SteeringConfig, seed: int, logprobs: bool = False) -> None:
+                 config: SteeringConfig, seed: int, logprobs: bool = False,
+                 grammar: GrammarState | None = None) -> None:
         self.engine = engine
         self._state = _RunState(prompt_tokens, max_tokens, config, seed,
-                                GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau), logprobs=logprobs)
+                                GenerationStats(prompt_tokens=len(prompt_tokens), tau=config.tau), logprobs=logprobs,
+                                grammar=grammar)
         self._iter: Generator[TokenEvent, None, None] | None = None
         self._closed_before_start = False
         self._busy = threading.Lock()  # held while a thread is inside next()
@@ -694,6 +704,8 @@ class Generation:
         if self._iter is None:  # never started: it never will (a worker may be about to start it)
             self._closed_before_start = True
             self._state.stats.stop_reason = self._state.stats.stop_reason or "cancelled"
+            if self._state.grammar is not None:
+                self._state.grammar.close()
             return
         if not self._busy.acquire(blocking=False):
             self.cancel()
@@ -719,6 +731,7 @@ class _RunState:
     text: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     logprobs: bool = False  # report each token's TokenLogprobs
+    grammar: GrammarState | None = None  # masks each step's logits to what the grammar allows (owned)
 
 
 def _prefill(slot: _Slot, prompt: list[int]) -> None:
@@ -743,6 +756,7 @@ def _token_logprobs(topk: kernels.TopK, probs: np.ndarray, full_lse: float, chos
 def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, None]:
     """The decode loop of one generation (docs/ARCHITECTURE.md, "One token, end to end")."""
     cfg, st = state.config, state.stats
+    grammar = state.grammar
     slot = eng._acquire()
     base, scorer = slot.base, slot.scorer
     gate = JunctionGate(cfg, state.seed)
@@ -773,6 +787,10 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                 st.stop_reason = "context"
                 break
             logits = base.logits(-1)
+            if grammar is not None:
+                t0 = perf()
+                grammar.mask(logits)
+                st.grammar_ms += (perf() - t0) * 1e3
             t0 = perf()
             chosen, js = kernels.junction_step(
                 logits, topk, threshold=gate.threshold(), gate_on_full_entropy=gate.on_full_entropy,
@@ -804,6 +822,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
             if eng.base.is_eog(token):
                 st.stop_reason = "eos"
                 break
+            if grammar is not None:
+                grammar.accept(token)
             sequence.append(token)
             state.tokens.append(token)
             st.tokens += 1
@@ -834,6 +854,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                 scorer.reset()
         raise
     finally:
+        if grammar is not None:
+            grammar.close()
         st.total_ms = (perf() - t_start) * 1e3
         if scorer is not None:
             st.value_tokens = scorer.tokens_decoded - value_tokens0

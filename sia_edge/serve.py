@@ -1,20 +1,26 @@
 """``python -m sia_edge.serve``: an OpenAI-compatible HTTP server over the steering engine.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``:
-server-sent events), ``GET /v1/models``, ``GET /health``. Steering settings are extra request
+server-sent events), ``GET /v1/models``, ``GET /health``, and a chat page at ``GET /`` that shows
+where steering acted (sia_edge/web/chat.html). Steering settings are extra request
 fields, one per setting of sia_edge/steering.py (``sia_mode``, ``tau``, ``k``, ``w``, ``target_ratio``, ``p``,
 ``head``, ``follow``, ``horizon``; ``seed`` and ``temperature`` as usual; ``gate``, the former name of
 ``sia_mode``, is refused), and every response carries the generation's stats under ``"sia"``.
-Streamed token chunks carry ``"sia_token": {"junction", "entropy", "token_id"}``.
+With ``"sia_tokens": true``, streamed token chunks carry ``"sia_token": {"junction", "entropy",
+"token_id"}`` (and the candidates and their values at a junction).
 
 Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
 requests wait their turn (up to ``--max-queue``, then 429 with ``Retry-After``). A client that
 disconnects, streaming or not, running or still queued, cancels its generation, and its slot goes to
 the next request once the engine has let go of it.
 
-Fields that would change the distribution after the steering step (penalties, logit_bias) are
-refused, as are ``n`` > 1, ``logprobs``, ``echo`` and tools; ``top_p`` and unknown fields are ignored.
-A ``model`` other than the one served is 404 (``model_not_found``); leaving it out is fine.
+Every field is honoured or refused (docs/EMBEDDING.md, "Every request field"): ``top_p``, ``min_p``
+and ``top_k`` over the candidates, ``n`` choices, ``logprobs`` of the distribution each token was
+sampled from, ``response_format`` JSON modes and a GBNF ``grammar`` through llama.cpp's grammar
+sampler (``sia_edge.grammar``); fields that would change the distribution after the steering step
+(penalties, logit_bias), ``echo`` and tools are refused, and so is any field the server does not
+know. A ``model`` other than the one served is 404 (``model_not_found``); leaving it out is fine.
+``--api-key`` requires a bearer key on /v1; ``--cors-origin`` lets named web origins call it.
 
 Limits (docs/EMBEDDING.md, "Limits and promises"): a request body of at most ``--max-request-bytes``
 (default 2 MiB; larger is 413 before it is read), sent as ``Content-Type: application/json`` (else
@@ -30,6 +36,8 @@ from sia_edge import _early_sigint  # noqa: F401  (first: a Ctrl-C while the imp
 
 # isort: split
 import asyncio
+import functools
+import importlib.resources
 import ipaddress
 import json
 import math
@@ -54,7 +62,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
@@ -81,6 +89,7 @@ from sia_edge.cli_common import (
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
+from sia_edge.grammar import Grammar, json_object, json_schema
 from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
 
 __all__ = [
@@ -190,7 +199,8 @@ class _GenerationRequest(_SteeringFields):  # type: ignore[misc,valid-type]
     stop: str | list[str] | None = None
     top_k: int | None = Field(default=None, ge=1)  # llama.cpp's name for k, the candidates per step
     user: str | None = None  # accepted, recorded nowhere
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = None  # json_object / json_schema: decoding constrained by a grammar
+    grammar: str | None = None  # extension, as llama.cpp's server: GBNF the answer must match
     sia_tokens: bool = False  # streamed chunks carry each token's steering (junction, entropy, values)
     gate: Any = None  # the former name of sia_mode: refused with a pointer to it
     # OpenAI and llama.cpp fields sia-edge refuses when they would change anything
@@ -244,10 +254,6 @@ def _refuse_unsupported(req: _GenerationRequest) -> None:
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported: nothing may rewrite the logits after the "
                             "steering step", param="logit_bias")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(400, f"response_format: {req.response_format.type} is not supported yet (structured output "
-                            "under steering is planned); send type text, or leave it out",
-                       param="response_format", code="unsupported_value")
     if isinstance(req, ChatCompletionRequest) and req.tools:
         raise ApiError(400, "tools are not supported", param="tools")
     if isinstance(req, CompletionRequest):
@@ -274,6 +280,31 @@ def _stops(req: _GenerationRequest) -> list[str]:
     if len(stops) > 4:
         raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
     return [s for s in stops if s]
+
+
+def _grammar(req: _GenerationRequest) -> tuple[Grammar | None, str | None]:
+    """The grammar the answer must match (``response_format`` JSON modes, or GBNF ``grammar``),
+    and the field that asked for it."""
+    rf = req.response_format
+    structured = rf is not None and rf.type != "text"
+    if req.grammar is not None and structured:
+        raise ApiError(400, "grammar and a JSON response_format both constrain the answer: send one",
+                       param="grammar", code="invalid_value")
+    if req.grammar is not None:
+        return Grammar(req.grammar, "grammar"), "grammar"
+    if rf is None or rf.type == "text":
+        return None, None
+    if rf.type == "json_object":
+        return json_object(), "response_format"
+    schema = (rf.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise ApiError(400, "response_format.json_schema.schema: a JSON schema object is required "
+                            "({\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}})",
+                       param="response_format.json_schema.schema", code="invalid_value")
+    try:
+        return json_schema(schema), "response_format"
+    except ValueError as exc:
+        raise ApiError(400, f"response_format: {exc}", param="response_format", code="invalid_value") from None
 
 
 def _top_logprobs(req: _GenerationRequest) -> int | None:
@@ -555,13 +586,25 @@ def _usage(jobs: list[_Job]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _sia_token(ev: TokenEvent) -> dict[str, Any]:
+def _sia_token(ev: TokenEvent, engine: SteeringEngine) -> dict[str, Any]:
     """A streamed token's steering (``sia_tokens``): whether it was a junction, the gate's
-    entropy, and at a junction the candidates and their values."""
+    entropy, and at a junction the candidates (ids and texts) and their values."""
     d: dict[str, Any] = {"junction": ev.junction, "entropy": finite_or_none(ev.entropy), "token_id": ev.token_id}
     if ev.junction:
         d["candidates"], d["values"] = list(ev.candidates), [finite_or_none(v) for v in ev.values]
+        d["candidate_texts"] = [engine.base.piece(c).decode("utf-8", "replace") for c in ev.candidates]
     return d
+
+
+@functools.cache
+def chat_page() -> str:
+    """The chat page served at / (sia_edge/web/chat.html: static HTML and JavaScript)."""
+    return (importlib.resources.files("sia_edge") / "web" / "chat.html").read_text(encoding="utf-8")
+
+
+# The page's own script and styles are inline; it talks to this server only.
+_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 # JSON has no -inf: a candidate that top_p or min_p cut (probability 0) is given OpenAI's own
@@ -864,6 +907,10 @@ def create_app(
     async def health() -> dict[str, Any]:
         return state.health()
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(chat_page(), headers={"Content-Security-Policy": _PAGE_POLICY})
+
     def model_card() -> dict[str, Any]:
         return {
             "id": state.model_id, "object": "model", "created": state.created, "owned_by": "sia-edge",
@@ -965,11 +1012,17 @@ def create_app(
                            else "logprobs", code="invalid_value")
         seed = req.seed if req.seed is not None else state.seed if state.seed is not None else new_seed()
         n_tokens = req.max_completion_tokens or req.max_tokens or state.max_tokens
+        grammar, grammar_field = _grammar(req)
+        if grammar is not None:  # a grammar that does not parse is the request's fault: say which field
+            try:
+                grammar.start(engine.base, cfg.k).close()
+            except ValueError as exc:
+                raise ApiError(400, f"{grammar_field}: {exc}", param=grammar_field, code="invalid_value") from None
 
         def generations() -> list[Generation]:
             # choice i samples with seed + i: independent draws, each reproducible on its own
             return [engine.generate(prompt, max_tokens=n_tokens, config=cfg, seed=(seed + i) % (MAX_SEED + 1),
-                                    logprobs=top is not None) for i in range(req.n)]
+                                    logprobs=top is not None, grammar=grammar) for i in range(req.n)]
 
         try:
             # Tokenising is quick, but a target_ratio may first measure tau (slow, then cached).
@@ -1001,7 +1054,7 @@ def create_app(
                         if text or first or token_logprobs is not None:
                             chunk = make_chunk(job.index, text, None, first, token_logprobs)
                             if sia_tokens:
-                                chunk["sia_token"] = _sia_token(ev)
+                                chunk["sia_token"] = _sia_token(ev, engine)
                             yield {"data": json.dumps(chunk)}
                             first = False
                         if matcher.hit:

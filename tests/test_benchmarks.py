@@ -83,3 +83,13 @@ def test_bench_decode_times_every_mode_and_the_head(value_model_path: Path) -> N
     assert all(m["ms_per_token"] > 0 for m in modes.values())
     assert out["ratios"]["head_over_dense"] == pytest.approx(
         modes["head"]["ms_per_token"] / modes["dense"]["ms_per_token"], abs=1e-3)
+
+
+def test_bench_grammar_times_constrained_against_unconstrained_answers() -> None:
+    out = run_tool("tools/bench_grammar.py", "--json", "--prompts", "2", "--tokens", "40", "--threads", "1")
+    modes = out["modes"]
+    assert set(modes) == {"off", "off+json_schema", "recommended", "recommended+json_schema"}
+    assert modes["off"]["grammar_ms_per_token"] == 0 < modes["off+json_schema"]["grammar_ms_per_token"]
+    assert out["ratios"]["off+json_schema_over_off"] == pytest.approx(
+        modes["off+json_schema"]["ms_per_token"] / modes["off"]["ms_per_token"], abs=1e-3)
+    assert out["constrained_answers_finished_and_valid"] >= 1  # the script checked each against the schema

@@ -524,3 +524,27 @@ def test_logprobs_are_the_distribution_each_token_was_sampled_from(
         np.testing.assert_allclose(sampled, want, rtol=1e-4, atol=1e-7)
     _, silent = run(engine, HARMFUL, max_tokens=4, config=cfg, seed=11)
     assert all(e.logprobs is None for e in silent)
+
+
+def test_a_grammar_masks_every_step_and_a_junction_never_picks_a_forbidden_token(engine: SteeringEngine) -> None:
+    from sia_edge.grammar import Grammar
+
+    g = Grammar('root ::= ("yes" | "no" | "maybe") "."')
+    for gate in ("off", "dense"):
+        for seed in range(3):
+            _, events = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(gate=gate, w=3.0), seed=seed,
+                            logprobs=True, grammar=g)
+            text = "".join(e.text for e in events)
+            assert text in ("yes.", "no.", "maybe."), (gate, text)
+            for e in events:
+                assert e.logprobs is not None
+                # whatever the value model says, a forbidden candidate had no probability
+                allowed = [i for i, lp in enumerate(e.logprobs.base) if math.isfinite(lp)]
+                assert e.logprobs.chosen in allowed
+                assert all(math.isinf(e.logprobs.sampled[i]) for i in range(len(e.logprobs.base)) if i not in allowed)
+                assert e.junction == (gate == "dense")
+    with pytest.raises(ValueError, match="could not parse the grammar"):
+        engine.generate(HARMFUL, grammar=Grammar("root ::= ("))
+    # without a grammar the same seed answers freely: the grammar is what constrained it
+    _, free = run(engine, HARMFUL, max_tokens=12, config=SteeringConfig(gate="off"), seed=0)
+    assert "".join(e.text for e in free) not in ("yes.", "no.", "maybe.")

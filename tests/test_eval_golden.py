@@ -17,7 +17,7 @@ from sia_edge.value_format import random_head_value_gguf
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 MODES = "off,sparse@0.5,dense,random@sparse@0.5,sparse@0.5+horizon@4+head@1,bon@2"
-TIMING = {"prefill_ms", "base_decode_ms", "value_decode_ms", "kernel_ms", "total_ms", "ms_per_token"}
+TIMING = {"prefill_ms", "base_decode_ms", "value_decode_ms", "kernel_ms", "grammar_ms", "total_ms", "ms_per_token"}
 
 
 def _same(a: object, b: object, where: str) -> None:

@@ -184,3 +184,49 @@ def test_the_command_gives_each_parallel_generation_its_share_of_the_cores(tmp_p
             proc.terminate()
             proc.communicate(timeout=60)
     assert f"parallel 2, threads {threads_per_generation(2)} each" in line, line
+
+
+SCHEMA = {"type": "object", "properties": {"fruit": {"type": "string", "enum": ["apple", "pear", "plum"]},
+                                           "count": {"type": "integer"}},
+          "required": ["fruit", "count"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("mode", ["off", "sparse", "dense"])
+def test_json_schema_answers_parse_and_validate_under_steering(server: Server, mode: str) -> None:
+    import json
+
+    client = server.client()
+    for seed in (1, 2):
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Pick a fruit and how many, as JSON."}],
+            max_tokens=40, seed=seed, extra_body={"sia_mode": mode, "tau": 0.5},
+            response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA}})
+        answer = json.loads(r.choices[0].message.content or "")
+        assert set(answer) == {"fruit", "count"} and answer["fruit"] in ("apple", "pear", "plum")
+        assert isinstance(answer["count"], int) and r.choices[0].finish_reason == "stop"
+        sia = r.model_extra or {}
+        assert (sia["sia"]["junctions"] > 0) == (mode != "off")
+        assert sia["sia"]["grammar_ms"] > 0
+    obj = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=60, seed=4,
+                                         response_format={"type": "json_object"}, extra_body={"sia_mode": mode})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert (obj.choices[0].message.content or "").startswith("{")
+    server.wait_idle()
+
+
+def test_a_gbnf_grammar_and_bad_constraints(server: Server) -> None:
+    client = server.client()
+    r = client.completions.create(model=MODEL, prompt="Is the sky blue? Answer:", max_tokens=6, seed=1,
+                                  extra_body={"grammar": 'root ::= " yes" | " no"'})
+    assert r.choices[0].text in (" yes", " no")
+    for body, param in (
+        ({"grammar": "root ::= ("}, "grammar"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar"),
+    ):
+        bad = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": "Bearer sekret"},
+                         json={"prompt": "x", "max_tokens": 2, **body})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
