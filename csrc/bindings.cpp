@@ -306,7 +306,8 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("logits"), py::arg("top_ids"), py::arg("top_logits"), py::arg("values"), py::arg("w"),
         py::arg("temperature"), py::arg("rng"), py::arg("probs_out") = py::none(), py::arg("top_p") = 1.0f,
-        py::arg("min_p") = 0.0f, "Write z + w*V into logits at top_ids, sample one candidate; returns its index.");
+        py::arg("min_p") = 0.0f,
+        "Write z + w*V into logits at top_ids, sample one candidate; returns its index.");
 
     m.def(
         "value_head",
