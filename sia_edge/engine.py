@@ -102,7 +102,8 @@ class TokenLogprobs:
     """What a token was sampled from: the k candidates (best first by the base model), the log
     probability of each under the distribution actually sampled (steered at a junction, with
     temperature, top_p and min_p; -inf for a candidate it could not draw), and under the base
-    model's own full-vocabulary softmax. ``chosen`` indexes the sampled token."""
+    model's own full-vocabulary softmax (unconstrained: a grammar's masking is not in it; a
+    candidate the grammar forbade has -inf). ``chosen`` indexes the sampled token."""
 
     candidates: tuple[int, ...]
     sampled: tuple[float, ...]
@@ -787,8 +788,12 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                 st.stop_reason = "context"
                 break
             logits = base.logits(-1)
+            base_lse = None
             if grammar is not None:
                 t0 = perf()
+                if probs is not None:  # the base model's own normaliser, before the grammar masks
+                    top = float(logits.max())
+                    base_lse = top + math.log(float(np.exp(logits - top).sum()))
                 grammar.mask(logits)
                 st.grammar_ms += (perf() - t0) * 1e3
             t0 = perf()
@@ -831,7 +836,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
             state.text.append(piece)
             yield TokenEvent(piece, token, junction, stat,
                              tuple(int(i) for i in topk.ids) if junction else (), values, shift,
-                             None if probs is None else _token_logprobs(topk, probs, js.full_lse, chosen))
+                             None if probs is None else _token_logprobs(
+                                 topk, probs, js.full_lse if base_lse is None else base_lse, chosen))
             if len(sequence) >= eng.n_ctx:
                 continue  # the loop head reports "context" without decoding past the window
             t0 = perf()

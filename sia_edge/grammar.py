@@ -31,7 +31,42 @@ import numpy.typing as npt
 
 from sia_edge.llama_backend import LlamaModel
 
-__all__ = ["Grammar", "GrammarState", "json_object", "json_schema"]
+__all__ = ["MAX_GRAMMAR_BYTES", "MAX_NESTING", "Grammar", "GrammarDeadEnd", "GrammarState", "check_gbnf",
+           "json_object", "json_schema"]
+
+# llama.cpp's GBNF parser recurses once per nested group and crashes the process (a stack
+# overflow, not an error) some ten thousand levels deep: text is checked before it gets there.
+MAX_NESTING = 256
+MAX_GRAMMAR_BYTES = 256 * 1024
+
+
+class GrammarDeadEnd(ValueError):
+    """The grammar allows no token at this step (it cannot be continued with this vocabulary)."""
+
+
+def check_gbnf(text: str, what: str = "grammar") -> None:
+    """ValueError unless ``text`` is small enough and nests groups at most MAX_NESTING deep
+    (outside quoted literals, character classes and comments, as GBNF reads it)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+        raise ValueError(f"{what}: longer than {MAX_GRAMMAR_BYTES // 1024} KiB")
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"[":  # a literal or a character class: skip to its end, escapes included
+            end = "\"" if c == "\"" else "]"
+            i += 1
+            while i < n and text[i] != end:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ValueError(f"{what}: groups nested more than {MAX_NESTING} deep")
+        elif c == ")":
+            depth -= 1
+        i += 1
 
 # llama_token_data {int32 id; float logit; float p} as a numpy record
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -76,6 +111,7 @@ class GrammarState:
 
     def __init__(self, model: LlamaModel, grammar: Grammar, k: int) -> None:
         self.model, self.grammar, self.k = model, grammar, k
+        check_gbnf(grammar.text, grammar.what)
         with model.hold():
             ptr = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.text.encode("utf-8"), b"root")
         if not ptr:
@@ -86,10 +122,12 @@ class GrammarState:
         self._finalizer = weakref.finalize(self, _free, ptr, model)
         self._data = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
         self._data["id"] = np.arange(model.n_vocab, dtype=np.int32)
-        self._heads = (max(4 * k, 64), 1024)  # how many of the likeliest tokens are parsed first
+        first = max(4 * k, 64)
+        self._heads = (first, max(1024, 4 * first))  # how many of the likeliest tokens are parsed first
 
     def close(self) -> None:
-        self._finalizer()
+        with self._lock:  # not while another thread is inside llama.cpp with the handle
+            self._finalizer()
 
     def _apply(self, data: npt.NDArray[Any]) -> None:
         array = llama_cpp.llama_token_data_array(
@@ -104,7 +142,9 @@ class GrammarState:
         """Set the logits of the tokens the grammar forbids now to -inf, in place. Returns how
         many tokens were parsed: the likeliest few first, then more, then the whole vocabulary,
         until at least k are allowed (no token outside a parsed head can then be among the k
-        likeliest allowed, so the rest is masked unparsed)."""
+        likeliest allowed, so the rest is masked unparsed: the k candidates are exact, while
+        statistics over the whole vocabulary then cover the allowed tokens of the head).
+        GrammarDeadEnd if the grammar allows no token."""
         n = logits.shape[0]
         want = min(self.k, n)
         for head in self._heads:
@@ -124,6 +164,9 @@ class GrammarState:
         data["logit"] = logits
         self._apply(data)
         logits[:] = data["logit"]
+        if not np.isfinite(logits).any():
+            raise GrammarDeadEnd(f"{self.grammar.what}: no token of this model can continue the answer here; "
+                                 "check the grammar (a literal the vocabulary cannot spell?)")
         return int(n)
 
     def accept(self, token: int) -> None:

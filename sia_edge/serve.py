@@ -89,7 +89,7 @@ from sia_edge.cli_common import (
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.grammar import Grammar, json_object, json_schema
+from sia_edge.grammar import Grammar, GrammarDeadEnd, json_object, json_schema
 from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
 
 __all__ = [
@@ -566,6 +566,16 @@ class _StreamResponse(EventSourceResponse):
                 job.abandon(self.sia_state)
 
 
+def _generation_error(exc: BaseException) -> ApiError:
+    """An error a running generation raised, in OpenAI's format: a grammar that cannot be
+    continued is the request's (400), anything else the server's."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, GrammarDeadEnd):
+        return ApiError(400, str(exc), param="grammar", code="invalid_value")
+    return ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error")
+
+
 def _finish_reason(gen: Generation, stopped: bool) -> str:
     if stopped:
         return "stop"
@@ -700,7 +710,7 @@ class _RequestBody:
                 return
             if not message.get("more_body", False):
                 break
-        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+        if scope["method"] == "POST" and _route_path(scope) in GENERATION_PATHS:
             problem = _content_type_problem(headers.get("content-type"))
             if problem:
                 await ApiError(415, problem, code="unsupported_media_type").response()(scope, receive, send)
@@ -717,6 +727,13 @@ class _RequestBody:
         await self.app(scope, replay, send)
 
 
+def _route_path(scope: Scope) -> str:
+    """The request's path within this app: without the ``root_path`` a mount or a proxy prefix
+    adds (Starlette keeps it in ``path``), so that checks by path hold wherever the app is mounted."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class _ApiKey:
     """Raw ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (401 in OpenAI's
     format without it); /health stays open for monitors."""
@@ -725,7 +742,8 @@ class _ApiKey:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        route = _route_path(scope) if scope["type"] == "http" else ""
+        if route == "/v1" or route.startswith("/v1/"):
             given = Headers(scope=scope).get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
@@ -943,6 +961,9 @@ def create_app(
                                 f"{state.model_id!r} (GET /v1/models), or leave model out",
                            type="not_found_error", param="model", code="model_not_found")
         _refuse_unsupported(req)
+        if req.n > state.parallel + state.max_queue:
+            raise ApiError(400, f"n: {req.n} choices can never fit this server's {state.parallel} slots and queue of "
+                                f"{state.max_queue}; ask for fewer", param="n", code="invalid_value")
         # Checked and counted with no await in between, so a burst of requests cannot all pass
         # the check before any of them is counted: room is --parallel slots plus --max-queue.
         if state.active + state.waiting + state.starting + req.n - 1 >= state.parallel + state.max_queue:
@@ -1014,10 +1035,12 @@ def create_app(
         n_tokens = req.max_completion_tokens or req.max_tokens or state.max_tokens
         grammar, grammar_field = _grammar(req)
         if grammar is not None:  # a grammar that does not parse is the request's fault: say which field
-            try:
-                grammar.start(engine.base, cfg.k).close()
+            try:  # parsed off the event loop: a large grammar takes a while
+                await anyio.to_thread.run_sync(lambda: grammar.start(engine.base, cfg.k).close())
             except ValueError as exc:
-                raise ApiError(400, f"{grammar_field}: {exc}", param=grammar_field, code="invalid_value") from None
+                field_name = grammar_field or "grammar"
+                raise ApiError(400, str(exc) if str(exc).startswith(field_name) else f"{field_name}: {exc}",
+                               param=field_name, code="invalid_value") from None
 
         def generations() -> list[Generation]:
             # choice i samples with seed + i: independent draws, each reproducible on its own
@@ -1074,9 +1097,7 @@ def create_app(
                 yield {"data": json.dumps(usage)}
             yield {"data": "[DONE]"}
         except Exception as exc:  # noqa: BLE001 -- after the headers, errors go in the stream, as OpenAI's do
-            err = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}",
-                                                                 type="server_error")
-            yield {"data": json.dumps(err.body())}
+            yield {"data": json.dumps(_generation_error(exc).body())}
 
     async def collect(job: _Job, request: Request, chat: bool) -> tuple[str, bool, dict[str, Any] | None, bool]:
         """Run to the end; a client that hangs up cancels the generation. Returns the text,
@@ -1131,7 +1152,10 @@ def create_app(
         choices = []
         try:
             for job in jobs:
-                text, stopped, logprobs, left = await collect(job, request, kind == "chat")
+                try:
+                    text, stopped, logprobs, left = await collect(job, request, kind == "chat")
+                except GrammarDeadEnd as exc:
+                    raise _generation_error(exc) from None
                 if left:
                     break
                 finish = _finish_reason(job.generation, stopped)

@@ -230,3 +230,40 @@ def test_a_gbnf_grammar_and_bad_constraints(server: Server) -> None:
         bad = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": "Bearer sekret"},
                          json={"prompt": "x", "max_tokens": 2, **body})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+
+
+def test_grammars_that_would_crash_or_cannot_continue_are_400s(server: Server) -> None:
+    headers = {"Authorization": "Bearer sekret"}
+    deep = "root ::= " + "(" * 30000 + '"a"' + ")" * 30000  # llama.cpp's parser overflowed its stack on this
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, json={"prompt": "x", "grammar": deep}, timeout=60)
+    assert r.status_code == 400 and "nested more than 256 deep" in r.json()["error"]["message"]
+    dead = 'root ::= "\\x00"'  # no token of the vocabulary spells it
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, json={"prompt": "x", "grammar": dead}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar", r.text
+    assert "no token of this model can continue" in r.json()["error"]["message"]
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=headers, timeout=60,
+                      json={"prompt": "x", "grammar": dead, "stream": True}) as s:
+        body = "".join(s.iter_text())
+    assert '"code": "invalid_value"' in body and "no token of this model can continue" in body
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # the process is alive
+    server.wait_idle()
+
+
+def test_the_api_key_holds_where_the_app_is_mounted(engine: SteeringEngine) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    outer = Starlette(routes=[Mount("/sia", app=create_app(engine, max_tokens=2, api_key="k"))])
+    with TestClient(outer) as client:
+        assert client.get("/sia/v1/models").status_code == 401
+        assert client.get("/sia/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert client.get("/sia/health").status_code == 200
+        r = client.post("/sia/v1/completions", headers={"Authorization": "Bearer k", "Content-Type": "text/plain"},
+                        content=b'{"prompt": "x"}')
+        assert r.status_code == 415  # the Content-Type guard holds there too
+    small = create_app(engine, max_tokens=2, parallel=1, max_queue=1)
+    with TestClient(small) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "n": 3})
+        assert r.status_code == 400 and "can never fit" in r.json()["error"]["message"]  # not a 429 forever
+        assert client.post("/v1/completions", json={"prompt": "x", "n": 2}).status_code == 200
