@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from sia_edge.llama_backend import LlamaModel
 
-__all__ = ["MAX_GRAMMAR_BYTES", "MAX_NESTING", "Grammar", "GrammarDeadEnd", "GrammarState", "check_gbnf",
+__all__ = ["MAX_GRAMMAR_BYTES", "MAX_NESTING", "Grammar", "GrammarDeadEnd", "GrammarError", "GrammarState", "check_gbnf",
            "json_object", "json_schema"]
 
 # llama.cpp's GBNF parser recurses once per nested group and crashes the process (a stack
@@ -40,15 +40,19 @@ MAX_NESTING = 256
 MAX_GRAMMAR_BYTES = 256 * 1024
 
 
+class GrammarError(ValueError):
+    """A grammar that cannot be used: too large, too deeply nested, or not GBNF llama.cpp parses."""
+
+
 class GrammarDeadEnd(ValueError):
     """The grammar allows no token at this step (it cannot be continued with this vocabulary)."""
 
 
 def check_gbnf(text: str, what: str = "grammar") -> None:
-    """ValueError unless ``text`` is small enough and nests groups at most MAX_NESTING deep
+    """GrammarError unless ``text`` is small enough and nests groups at most MAX_NESTING deep
     (outside quoted literals, character classes and comments, as GBNF reads it)."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
-        raise ValueError(f"{what}: longer than {MAX_GRAMMAR_BYTES // 1024} KiB")
+        raise GrammarError(f"{what}: longer than {MAX_GRAMMAR_BYTES // 1024} KiB")
     depth, i, n = 0, 0, len(text)
     while i < n:
         c = text[i]
@@ -63,7 +67,7 @@ def check_gbnf(text: str, what: str = "grammar") -> None:
         elif c == "(":
             depth += 1
             if depth > MAX_NESTING:
-                raise ValueError(f"{what}: groups nested more than {MAX_NESTING} deep")
+                raise GrammarError(f"{what}: groups nested more than {MAX_NESTING} deep")
         elif c == ")":
             depth -= 1
         i += 1
@@ -81,7 +85,7 @@ class Grammar:
     what: str = "grammar"
 
     def start(self, model: LlamaModel, k: int) -> GrammarState:
-        """The grammar's state for one generation on ``model``; ValueError if it does not parse."""
+        """The grammar's state for one generation on ``model``; GrammarError if it cannot be used."""
         return GrammarState(model, self, k)
 
 
@@ -115,7 +119,7 @@ class GrammarState:
         with model.hold():
             ptr = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.text.encode("utf-8"), b"root")
         if not ptr:
-            raise ValueError(f"{grammar.what}: llama.cpp could not parse the grammar (GBNF; see llama.cpp's "
+            raise GrammarError(f"{grammar.what}: llama.cpp could not parse the grammar (GBNF; see llama.cpp's "
                              "grammars/README.md)")
         self._ptr = ptr
         self._lock = threading.Lock()

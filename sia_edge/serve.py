@@ -89,7 +89,7 @@ from sia_edge.cli_common import (
     undecodable_text,
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
-from sia_edge.grammar import Grammar, GrammarDeadEnd, json_object, json_schema
+from sia_edge.grammar import Grammar, GrammarDeadEnd, GrammarError, json_object, json_schema
 from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
 
 __all__ = [
@@ -1034,13 +1034,6 @@ def create_app(
         seed = req.seed if req.seed is not None else state.seed if state.seed is not None else new_seed()
         n_tokens = req.max_completion_tokens or req.max_tokens or state.max_tokens
         grammar, grammar_field = _grammar(req)
-        if grammar is not None:  # a grammar that does not parse is the request's fault: say which field
-            try:  # parsed off the event loop: a large grammar takes a while
-                await anyio.to_thread.run_sync(lambda: grammar.start(engine.base, cfg.k).close())
-            except ValueError as exc:
-                field_name = grammar_field or "grammar"
-                raise ApiError(400, str(exc) if str(exc).startswith(field_name) else f"{field_name}: {exc}",
-                               param=field_name, code="invalid_value") from None
 
         def generations() -> list[Generation]:
             # choice i samples with seed + i: independent draws, each reproducible on its own
@@ -1053,6 +1046,10 @@ def create_app(
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), param="messages" if isinstance(prompt, list) else "prompt",
                            code="context_length_exceeded") from None
+        except GrammarError as exc:  # the request's grammar (parsed off the event loop, with the prompt)
+            field_name = grammar_field or "grammar"
+            raise ApiError(400, str(exc) if str(exc).startswith(field_name) else f"{field_name}: {exc}",
+                           param=field_name, code="invalid_value") from None
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
         return [_Job(gen, cfg.with_tau(gen.config.tau) if cfg.target_ratio is not None else cfg,

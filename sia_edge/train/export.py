@@ -173,6 +173,14 @@ def _target_kinds(arch: str, n_blocks: int, target: str) -> set[str]:
     return kinds
 
 
+def gguf_header(path: Path, *, with_types: bool = False) -> tuple[dict[str, object], dict[str, GGUFTensorInfo]]:
+    """A GGUF's metadata and tensor positions, or a TrainError that says what is wrong with the file."""
+    try:
+        return read_gguf_kv(path, with_types=with_types), read_gguf_tensor_infos(path)
+    except GGUFError as exc:
+        raise TrainError(str(exc)) from None
+
+
 def check_exportable(backbone_gguf: str | os.PathLike[str], targets: Sequence[str] | None = None,
                      ) -> ExportableArch:
     """Refuse, naming the reason, a backbone GGUF whose value model the exporter could not write
@@ -180,11 +188,7 @@ def check_exportable(backbone_gguf: str | os.PathLike[str], targets: Sequence[st
     any training. ``targets``: LoRA target module names, each of which must be a tensor of the
     GGUF's blocks."""
     path = Path(backbone_gguf)
-    try:
-        kv = read_gguf_kv(path)
-        tensors = read_gguf_tensor_infos(path)
-    except GGUFError as exc:
-        raise TrainError(str(exc)) from None
+    kv, tensors = gguf_header(path)
     arch = str(kv.get("general.architecture", ""))
     supported = exportable_architectures()
     if not arch:
@@ -380,11 +384,7 @@ def copy_gguf(
 
     src = Path(source)
     replacements = replacements or {}
-    try:
-        kv = read_gguf_kv(src, with_types=True)
-        infos = read_gguf_tensor_infos(src)
-    except GGUFError as exc:
-        raise TrainError(str(exc)) from None
+    kv, infos = gguf_header(src, with_types=True)
     arch_entry = kv.get("general.architecture")
     if arch_entry is None:
         raise TrainError(f"{src.name} has no general.architecture: not a model GGUF")

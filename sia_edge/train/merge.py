@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sia_edge.gguf_io import GGUFError, read_gguf_kv, read_gguf_tensor_infos
+from sia_edge.gguf_io import GGUFError
 from sia_edge.train import TrainError
 from sia_edge.train.meta import ADAPTER_FILES, HEAD_FILE, META_FILE, ValueMeta, value_gguf_name
 from sia_edge.value_format import ValueFormatError, fingerprint_from_gguf
@@ -87,7 +87,7 @@ def merged_tensors(model_dir: str | os.PathLike[str], source: str | os.PathLike[
     GGUF tensor name -> merged weight in llama.cpp's layout, float32."""
     import gguf
 
-    from sia_edge.train.export import _gguf_arch, _llama_permute, _per_layer, read_gguf_tensor
+    from sia_edge.train.export import _gguf_arch, _llama_permute, _per_layer, gguf_header, read_gguf_tensor
 
     model_dir, source = Path(model_dir), Path(source)
     config_path = model_dir / ADAPTER_FILES[0]
@@ -97,11 +97,7 @@ def merged_tensors(model_dir: str | os.PathLike[str], source: str | os.PathLike[
         raise TrainError(f"{config_path}: unreadable ({exc})") from None
     scale = _lora_scale(config, config_path)
     pairs = _lora_pairs(_load_safetensors(model_dir / ADAPTER_FILES[1]), model_dir / ADAPTER_FILES[1])
-    try:
-        kv = read_gguf_kv(source)
-        infos = read_gguf_tensor_infos(source)
-    except GGUFError as exc:
-        raise TrainError(str(exc)) from None
+    kv, infos = gguf_header(source)
     arch = str(kv.get("general.architecture", ""))
     arch_id = _gguf_arch(arch)
     if arch_id is None:
