@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -331,4 +332,54 @@ PYBIND11_MODULE(_core, m) {
             }
         },
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("out"));
+
+    m.def(
+        "candidate_head",
+        [](const py::object& hidden, const py::object& weight, float bias, const py::object& proj,
+           const py::object& proj_bias, const py::object& table, const py::object& token_bias,
+           const py::object& candidates, const py::object& out) {
+            Buffer hb(hidden, "hidden"), wb(weight, "weight"), pb(proj, "proj"), pbb(proj_bias, "proj_bias"),
+                tb(table, "table"), tbb(token_bias, "token_bias"), cb(candidates, "candidates"),
+                ob(out, "out");
+            auto h = view_1d<float>(hb, "hidden", false, true);
+            auto w = view_1d<float>(wb, "weight", false, true);
+            auto a = view_1d<float>(pbb, "proj_bias", false, true);
+            auto b = view_1d<float>(tbb, "token_bias", false, true);
+            auto c = view_1d<int32_t>(cb, "candidates", false, true);
+            auto o = view_1d<float>(ob, "out", true, true);
+            auto matrix = [](const Buffer& m, const char* what, int64_t rows, int64_t cols) {
+                if (!is_float32(m) || m.ndim != 2 || m.strides[1] != 4 || m.strides[0] != cols * 4 ||
+                    m.shape[0] != rows || m.shape[1] != cols)
+                    throw py::value_error(std::string(what) + ": expected a contiguous float32 matrix of " +
+                                          std::to_string(rows) + " x " + std::to_string(cols));
+                return static_cast<const float*>(m.buf);
+            };
+            const int64_t d = h.n, r = a.n, n_vocab = b.n;
+            if (w.n != d)
+                throw py::value_error("weight has " + std::to_string(w.n) + " entries but hidden has " +
+                                      std::to_string(d));
+            if (r > sia::kMaxCandidateRank)
+                throw py::value_error("candidate head rank " + std::to_string(r) + " exceeds " +
+                                      std::to_string(sia::kMaxCandidateRank));
+            const float* pm = matrix(pb, "proj", r, d);
+            const float* tm = matrix(tb, "table", n_vocab, r);
+            if (o.n != c.n) throw py::value_error("out must have one entry per candidate");
+            for (int64_t i = 0; i < d; ++i)
+                if (!std::isfinite(h.data[i]))
+                    throw py::value_error(
+                        "hidden state contains NaN or infinity: the value model's output is broken");
+            for (int64_t j = 0; j < c.n; ++j)
+                if (c.data[j] < 0 || c.data[j] >= n_vocab)
+                    throw py::value_error("candidate id " + std::to_string(c.data[j]) + " is outside the " +
+                                          std::to_string(n_vocab) +
+                                          "-token vocabulary of the candidate head");
+            {
+                py::gil_scoped_release release;
+                sia::candidate_head(sia::active_kernels().value_head, h.data, d, w.data, bias, pm, a.data, r,
+                                    tm, b.data, c.data, static_cast<int32_t>(c.n), o.data);
+            }
+        },
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("proj"), py::arg("proj_bias"),
+        py::arg("table"), py::arg("token_bias"), py::arg("candidates"), py::arg("out"),
+        "Candidate-head values Q(s, c_j) for k candidate ids from the prefix's hidden state.");
 }

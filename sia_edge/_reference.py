@@ -77,3 +77,14 @@ def steer_probs(top_logits: npt.NDArray[np.float32], values: npt.NDArray[np.floa
 def value_head(hidden: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: float) -> npt.NDArray[np.float64]:
     out: npt.NDArray[np.float64] = hidden.astype(np.float64) @ weight.astype(np.float64) + bias
     return out
+
+
+def candidate_head(hidden: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: float,
+                   proj: npt.NDArray[np.float32], proj_bias: npt.NDArray[np.float32], table: npt.NDArray[np.float32],
+                   token_bias: npt.NDArray[np.float32], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float64]:
+    """Q(s, c) = bias + weight . h + token_bias[c] + table[c] . (proj h + proj_bias), in float64."""
+    h = np.asarray(hidden, dtype=np.float64)
+    g = np.asarray(proj, dtype=np.float64) @ h + proj_bias
+    state = float(np.asarray(weight, dtype=np.float64) @ h) + bias
+    c = np.asarray(candidates)
+    return state + np.asarray(token_bias, dtype=np.float64)[c] + np.asarray(table, dtype=np.float64)[c] @ g

@@ -171,6 +171,7 @@ _FACE_DEFAULTS = {
     "head": "0: the gate alone",
     "follow": "off",
     "horizon": "the value model's recommendation for mode sparse, else the whole answer",
+    "value_head": "scalar",
 }
 
 

@@ -41,7 +41,7 @@ from sia_edge.llama_backend import (
 )
 from sia_edge.models import default_base_model, models_dir
 from sia_edge.steering import MAX_SEED, SteeringConfig
-from sia_edge.value_format import KEY_VERSION
+from sia_edge.value_format import HEAD_CANDIDATE, KEY_VERSION
 from sia_edge.value_scorer import ValueModel, ValueScorer
 
 __all__ = [
@@ -356,6 +356,11 @@ class SteeringEngine:
             raise ValueError(f"k = {config.k} exceeds the engine's k_max {self.k_max} or the vocabulary")
         if config.steers and self.value is None:
             raise ValueError(f"gate {config.gate!r} needs a value model; load one or use gate 'off'")
+        if config.steers and config.value_head == HEAD_CANDIDATE:
+            assert self.value is not None
+            if self.value.candidate is None:
+                raise ValueError(f"value_head 'candidate' needs a value model with a candidate head; "
+                                 f"{self.value.name} has only the scalar head (use value_head 'scalar')")
         if config.target_ratio is not None:
             config = config.with_tau(self.calibrate_tau(config))
         tokens = self.encode_prompt(prompt)
@@ -760,6 +765,8 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
     grammar = state.grammar
     slot = eng._acquire()
     base, scorer = slot.base, slot.scorer
+    if scorer is not None:
+        scorer.use_head(cfg.value_head)
     gate = JunctionGate(cfg, state.seed)
     rng = kernels.Rng(state.seed)
     topk = kernels.TopK(cfg.k)

@@ -13,11 +13,15 @@ probability, and logits that are all -inf raise the same error.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from sia_edge import _core
+
+if TYPE_CHECKING:
+    from sia_edge.value_format import CandidateHeadMeta
 
 __all__ = [
     "JunctionStats",
@@ -26,6 +30,7 @@ __all__ = [
     "TopK",
     "active_isa",
     "available_isas",
+    "candidate_head",
     "force_isa",
     "junction_stats",
     "junction_step",
@@ -140,4 +145,18 @@ def value_head(
     if out is None:
         out = np.empty(hidden.shape[0], dtype=np.float32)
     _core.value_head(hidden, weight, float(bias), out)
+    return out
+
+
+def candidate_head(
+    hidden: npt.NDArray[np.float32], head: CandidateHeadMeta, candidates: npt.NDArray[np.int32],
+    weight: npt.NDArray[np.float32], bias: float, out: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Q(s, c) for each candidate id from the prefix's hidden state (width d): the scalar head
+    ``weight``/``bias`` on it plus the candidate head's term (sia_edge/value_format.py).
+    A non-finite hidden state or an id outside the head's vocabulary raises ``ValueError``."""
+    if out is None:
+        out = np.empty(len(candidates), dtype=np.float32)
+    _core.candidate_head(hidden, weight, float(bias), head.proj, head.proj_bias, head.table, head.token_bias,
+                         candidates, out)
     return out

@@ -424,19 +424,38 @@ class LlamaContext:
             elif output_last and off + m == n:
                 b.logits[m - 1] = 1
             b.raw.n_tokens = m
-            rc = llama_cpp.llama_decode(ctx, b.raw)
-            if rc != 0:
-                raise LlamaError(
-                    f"llama_decode failed with code {rc} "
-                    + ("(no free KV-cache slot: the context is full)" if rc == 1 else "(see SIA_EDGE_VERBOSE=1)")
-                )
+            _check_decode(llama_cpp.llama_decode(ctx, b.raw))
 
-    def decode_from_prefix(self, cached: list[int], tokens: Sequence[int], *, min_new: int = 0,
-                           output_last: bool = True) -> int:
-        """Make sequence 0, which holds ``cached``, hold ``tokens``: keep the longest common
-        prefix (leaving at least ``min_new`` tokens to decode: 1 when the last row's logits are
-        needed), drop what diverged, decode the rest. ``cached`` is updated in place (emptied
-        first, so a failed decode never leaves it claiming cells it lost). Returns the tokens kept."""
+    def decode_rows(
+        self,
+        tokens: Sequence[int] | npt.NDArray[np.int32],
+        positions: Sequence[int] | npt.NDArray[np.int32],
+        seq_ids: Sequence[Sequence[int]],
+    ) -> None:
+        """Decode one batch of rows, row i at ``positions[i]`` in every sequence of ``seq_ids[i]``
+        (a row shared by several sequences is one KV cell they all see). In embeddings mode every
+        row is an output; otherwise only the last."""
+        n = len(tokens)
+        ctx = self._live()
+        b = self._batch
+        if not 0 < n <= b.capacity:
+            raise LlamaError(f"{n} rows do not fit one batch of {b.capacity}")
+        b.token[:n] = tokens
+        b.pos[:n] = positions
+        for i, sids in enumerate(seq_ids):
+            if not 0 < len(sids) <= b.n_seq_max:
+                raise LlamaError(f"row {i} names {len(sids)} sequences; a row holds 1 to {b.n_seq_max}")
+            b.n_seq_id[i] = len(sids)
+            for j, s in enumerate(sids):
+                b.raw.seq_id[i][j] = s
+        b.logits[:n] = 1 if self._embeddings else 0
+        b.logits[n - 1] = 1
+        b.raw.n_tokens = n
+        _check_decode(llama_cpp.llama_decode(ctx, b.raw))
+
+    def keep_common_prefix(self, cached: list[int], tokens: Sequence[int], *, min_new: int = 0) -> int:
+        """Drop from sequence 0 (which holds ``cached``, updated in place) what differs from
+        ``tokens``, keeping at least ``min_new`` tokens of ``tokens`` to decode. Returns the kept length."""
         n = min(len(cached), len(tokens) - min_new)
         common = 0
         if n > 0 and cached[:n] == list(tokens[:n]):
@@ -446,6 +465,15 @@ class LlamaContext:
                 common += 1
         self.seq_rm(0, common, -1)
         del cached[common:]
+        return common
+
+    def decode_from_prefix(self, cached: list[int], tokens: Sequence[int], *, min_new: int = 0,
+                           output_last: bool = True) -> int:
+        """Make sequence 0, which holds ``cached``, hold ``tokens``: keep the longest common
+        prefix (leaving at least ``min_new`` tokens to decode: 1 when the last row's logits are
+        needed), drop what diverged, decode the rest. ``cached`` is updated in place (emptied
+        first, so a failed decode never leaves it claiming cells it lost). Returns the tokens kept."""
+        common = self.keep_common_prefix(cached, tokens, min_new=min_new)
         kept = list(cached)
         cached.clear()
         self.decode(list(tokens[common:]), common, output_last=output_last)
@@ -480,6 +508,14 @@ class LlamaContext:
     def clear(self) -> None:
         self._live()
         llama_cpp.llama_memory_clear(self.memory, True)
+
+
+def _check_decode(rc: int) -> None:
+    if rc != 0:
+        raise LlamaError(
+            f"llama_decode failed with code {rc} "
+            + ("(no free KV-cache slot: the context is full)" if rc == 1 else "(see SIA_EDGE_VERBOSE=1)")
+        )
 
 
 class _Handle:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from typing import Any
 
+from sia_edge.value_format import HEADS
+
 __all__ = [
     "ENTROPY_GATES",
     "GATES",
@@ -73,6 +75,7 @@ __all__ = [
 
 MAX_SEED = 2**64 - 1  # a generation's seed feeds the native sampler's unsigned 64-bit generator
 MAX_W = 1e4  # |w| beyond this turns w * V into inf for any value worth steering with
+VALUE_HEADS = HEADS  # the value model's two ways of scoring candidates (value_format.py)
 MAX_BON = 256  # samples per prompt: a typo like bon@100000000 would otherwise run for ever
 
 
@@ -218,6 +221,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the base model's speed (0: the whole answer)", "N",
             lambda v: None if _whole(v) and v >= 0 else "a whole number of tokens (0: none)",
             optional=True, recommend=True, in_spec=True),
+    Setting("value_head", str, "how the value model scores candidates: scalar (one value-model row per "
+            "candidate, SIA's head) or candidate (all candidates from the prefix's one row; the value GGUF must "
+            "carry a candidate head)", "HEAD",
+            lambda v: None if v in VALUE_HEADS else f"one of {', '.join(VALUE_HEADS)}", in_spec=True),
     Setting("bon", int, "Best-of-N: N samples, the one with the highest mean value wins", "N",
             lambda v: None if _whole(v) and 1 <= v <= MAX_BON else f"a whole number from 1 to {MAX_BON}",
             in_spec=True, faces=()),
@@ -244,6 +251,7 @@ class SteeringConfig:
     bon: int = 1  # Best-of-N samples (SteeringEngine.best_of_n, eval's +bon@N); 1 = one sample
     top_p: float = 1.0  # sampling: the likeliest candidates whose mass reaches top_p (after steering)
     min_p: float = 0.0  # sampling: no candidate below min_p times the likeliest
+    value_head: str = "scalar"  # scalar: a branch row per candidate; candidate: the prefix's row only
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -282,6 +290,7 @@ class SteeringConfig:
         extra = f", head {self.head}" if self.head else ""
         extra += f", follow {self.follow:g}" if self.follow is not None else ""
         extra += f", horizon {self.horizon}" if self.horizon is not None else ""
+        extra += ", candidate head" if self.value_head != "scalar" and self.steers else ""
         sampling = f", top-p {self.top_p:g}" if self.top_p < 1 else ""
         sampling += f", min-p {self.min_p:g}" if self.min_p > 0 else ""
         return (f"mode {self.mode}, tau {self.tau:g}{extra}, k {self.k}, w {self.w:g}, "
@@ -348,13 +357,14 @@ class SpecParts:
     follow: float | None = None
     horizon: int | None = None
     bon: int = 1
+    value_head: str | None = None  # "+candidate"
 
     def config(self, **settings: Any) -> SteeringConfig:
         """The config it stands for, with ``settings`` (k, w, temperature, ...) beside it."""
         if self.match is not None and "p" not in settings:
             raise SpecError(f"random@{self.match} takes its probability from another mode's measured rate")
-        given = {k: v for k, v in (("tau", self.tau), ("target_ratio", self.target_ratio), ("p", self.p))
-                 if v is not None}
+        given = {k: v for k, v in (("tau", self.tau), ("target_ratio", self.target_ratio), ("p", self.p),
+                                   ("value_head", self.value_head)) if v is not None}
         return SteeringConfig(gate=self.gate, head=self.head, follow=self.follow, horizon=self.horizon, bon=self.bon,
                               **{**given, **settings})
 
@@ -380,13 +390,15 @@ def parse_spec_parts(text: str, *, allow_match: bool = False) -> SpecParts:
     suffixes: dict[str, str] = {}
     while "+" in base:  # each suffix at most once, in any order
         rest, _, suffix = base.rpartition("+")
-        m = re.fullmatch(r"(bon|head|horizon)@(\d+)|(follow)@(" + _NUMBER + ")", suffix)
+        m = re.fullmatch(r"(bon|head|horizon)@(\d+)|(follow)@(" + _NUMBER + ")|(candidate)", suffix)
         if not m or not rest:
             raise SpecError(
-                f"mode {label!r}: only '+bon@N', '+head@N', '+horizon@N' and '+follow@F' can follow a mode "
-                "(for example sparse+bon@4, sparse@30%+head@3, sparse@1.2+horizon@16, sparse@20%+follow@0.5)"
+                f"mode {label!r}: only '+bon@N', '+head@N', '+horizon@N', '+follow@F' and '+candidate' can follow "
+                "a mode (for example sparse+bon@4, sparse@30%+head@3, sparse@1.2+horizon@16, sparse@20%+follow@0.5, "
+                "sparse@1+candidate)"
             )
-        key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        key, value = ((m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4)) if m.group(3)
+                      else ("candidate", ""))
         if key in suffixes:
             raise SpecError(f"mode {label!r}: '+{key}@{'F' if key == 'follow' else 'N'}' is given twice")
         suffixes[key] = value
@@ -424,7 +436,11 @@ def parse_spec_parts(text: str, *, allow_match: bool = False) -> SpecParts:
     if follow is not None and kind.level is None:
         raise SpecError(f"mode {label!r}: '+follow@F' steers after a junction, but '{name}' "
                         + ("never steers" if not kind.steers else "steers every token already"))
-    parts = SpecParts(gate, head=head, follow=follow, horizon=horizon, bon=bon)
+    value_head = "candidate" if "candidate" in suffixes else None
+    if value_head is not None and not kind.steers:
+        raise SpecError(f"mode {label!r}: '+candidate' chooses how steering scores candidates, but '{name}' "
+                        "never steers")
+    parts = SpecParts(gate, head=head, follow=follow, horizon=horizon, bon=bon, value_head=value_head)
     if kind.level is None:
         if arg:
             raise SpecError(f"mode {label!r}: {name} takes no '@' setting")
@@ -498,6 +514,8 @@ def format_spec(config: SteeringConfig) -> str:
         text += f"+follow@{_number_text(config.follow)}"
     if config.horizon is not None and kind.steers:
         text += f"+horizon@{config.horizon}"
+    if config.value_head != "scalar" and kind.steers:
+        text += f"+{config.value_head}"
     if config.bon > 1:
         text += f"+bon@{config.bon}"
     return text

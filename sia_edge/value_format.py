@@ -28,7 +28,17 @@ sia.steering.tau            float32      optional, instead of target_ratio: like
                                          entropy threshold itself
 sia.steering.horizon        uint32       optional: likewise steer only within the first N
                                          tokens of an answer (entropy gates, no ``--horizon``)
+sia.candidate.rank          uint32       optional candidate head (below): its rank r
+sia.candidate.proj          float32[r*d] A, row-major (r rows of width d)
+sia.candidate.proj_bias     float32[r]   a
+sia.candidate.table         float32[n*r] U, one row of r per token of the n-token vocabulary
+sia.candidate.token_bias    float32[n]   b
 ==========================  ===========  =====================================================
+
+The candidate head scores every candidate c after a prefix s from the one hidden state h_s of
+the prefix's last token: Q(s, c) = V(s) + b[c] + U[c] . (A h_s + a), with V(s) the scalar head
+on h_s. It estimates what the scalar head computes on s + c without decoding a row for c
+(docs/ARCHITECTURE.md, "Two heads").
 
 The engine steers with the normalised value V (so ``w`` is in units of reward standard
 deviations). Both the export tool and the engine use this module and nothing else.
@@ -51,7 +61,11 @@ from sia_edge.gguf_io import GGUFError, read_gguf_kv
 
 __all__ = [
     "FORMAT_VERSION",
+    "HEADS",
+    "HEAD_CANDIDATE",
+    "HEAD_SCALAR",
     "HIDDEN_STATE_FINAL_NORM",
+    "CandidateHeadMeta",
     "ValueFormatError",
     "ValueHeadMeta",
     "add_value_meta",
@@ -79,10 +93,52 @@ KEY_STEERING_W = "sia.steering.w"
 KEY_STEERING_TARGET_RATIO = "sia.steering.target_ratio"
 KEY_STEERING_TAU = "sia.steering.tau"
 KEY_STEERING_HORIZON = "sia.steering.horizon"
+KEY_CAND_RANK = "sia.candidate.rank"
+KEY_CAND_PROJ = "sia.candidate.proj"
+KEY_CAND_PROJ_BIAS = "sia.candidate.proj_bias"
+KEY_CAND_TABLE = "sia.candidate.table"
+KEY_CAND_TOKEN_BIAS = "sia.candidate.token_bias"
+
+HEAD_SCALAR = "scalar"
+HEAD_CANDIDATE = "candidate"
+HEADS = (HEAD_SCALAR, HEAD_CANDIDATE)
 
 
 class ValueFormatError(GGUFError):
     """A file is not a usable value-model GGUF; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateHeadMeta:
+    """Q(s, c) = V(s) + token_bias[c] + table[c] . (proj h_s + proj_bias): see the module docstring."""
+
+    proj: npt.NDArray[np.float32]  # (r, d)
+    proj_bias: npt.NDArray[np.float32]  # (r,)
+    table: npt.NDArray[np.float32]  # (n_vocab, r)
+    token_bias: npt.NDArray[np.float32]  # (n_vocab,)
+
+    def __post_init__(self) -> None:
+        for name in ("proj", "proj_bias", "table", "token_bias"):
+            a = np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+            if not np.all(np.isfinite(a)):
+                raise ValueFormatError(f"candidate head {name} contains NaN/inf: the training run diverged")
+            object.__setattr__(self, name, a)
+        r = self.proj.shape[0] if self.proj.ndim == 2 else -1
+        if (r < 1 or self.proj_bias.shape != (r,) or self.table.ndim != 2 or self.table.shape[1] != r
+                or self.token_bias.shape != (self.table.shape[0],)):
+            raise ValueFormatError(
+                f"candidate head shapes do not fit together: proj {self.proj.shape}, proj_bias "
+                f"{self.proj_bias.shape}, table {self.table.shape}, token_bias {self.token_bias.shape}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.proj.shape[0])
+
+    def check_shapes(self, n_embd: int, n_vocab: int, path: object) -> None:
+        if self.proj.shape[1] != n_embd or self.table.shape[0] != n_vocab:
+            raise ValueFormatError(
+                f"{path}: the candidate head was made for width {self.proj.shape[1]} and {self.table.shape[0]} "
+                f"tokens, the backbone has {n_embd} and {n_vocab}; it was exported for another backbone")
 
 
 @dataclass(frozen=True)
@@ -101,6 +157,7 @@ class ValueHeadMeta:
     steering_target_ratio: float | None = None
     steering_tau: float | None = None
     steering_horizon: int | None = None
+    candidate: CandidateHeadMeta | None = None
 
     def __post_init__(self) -> None:
         w = np.ascontiguousarray(self.weight, dtype=np.float32)
@@ -227,7 +284,25 @@ def _head_meta(reader: dict[str, object], weight: object, bias: object) -> Value
         steering_target_ratio=_optional_float(_field_value(reader, KEY_STEERING_TARGET_RATIO)),
         steering_tau=_optional_float(_field_value(reader, KEY_STEERING_TAU)),
         steering_horizon=_optional_int(_field_value(reader, KEY_STEERING_HORIZON), KEY_STEERING_HORIZON),
+        candidate=_candidate_meta(reader, len(np.asarray(weight))),
     )
+
+
+def _candidate_meta(reader: dict[str, object], d: int) -> CandidateHeadMeta | None:
+    rank = _optional_int(_field_value(reader, KEY_CAND_RANK), KEY_CAND_RANK)
+    if rank is None:
+        return None
+    parts = {k: _field_value(reader, k) for k in (KEY_CAND_PROJ, KEY_CAND_PROJ_BIAS, KEY_CAND_TABLE,
+                                                   KEY_CAND_TOKEN_BIAS)}
+    missing = [k for k, v in parts.items() if v is None]
+    if missing or rank < 1:
+        raise ValueFormatError(f"candidate head incomplete ({', '.join(missing) or 'rank 0'}); re-export it")
+    proj = np.asarray(parts[KEY_CAND_PROJ], dtype=np.float32)
+    table = np.asarray(parts[KEY_CAND_TABLE], dtype=np.float32)
+    if proj.size != rank * d or table.size % rank:
+        raise ValueFormatError(f"candidate head arrays do not match rank {rank} and width {d}; re-export it")
+    return CandidateHeadMeta(proj=proj.reshape(rank, d), proj_bias=np.asarray(parts[KEY_CAND_PROJ_BIAS]),
+                             table=table.reshape(-1, rank), token_bias=np.asarray(parts[KEY_CAND_TOKEN_BIAS]))
 
 
 def _optional_float(v: object) -> float | None:
@@ -262,6 +337,12 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_float32(KEY_STEERING_TAU, float(meta.steering_tau))
     if meta.steering_horizon is not None:
         writer.add_uint32(KEY_STEERING_HORIZON, int(meta.steering_horizon))
+    if meta.candidate is not None:
+        c = meta.candidate
+        writer.add_uint32(KEY_CAND_RANK, c.rank)
+        for key, arr in ((KEY_CAND_PROJ, c.proj), (KEY_CAND_PROJ_BIAS, c.proj_bias), (KEY_CAND_TABLE, c.table),
+                         (KEY_CAND_TOKEN_BIAS, c.token_bias)):
+            writer.add_array(key, arr.ravel().tolist())
 
 
 def write_gguf_with_value_meta(
@@ -310,10 +391,12 @@ def write_gguf_with_value_meta(
             tmp.unlink()
 
 
-def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[str], *, seed: int = 1234) -> Path:
+def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[str], *, seed: int = 1234,
+                           candidate_rank: int = 0) -> Path:
     """A value GGUF made of ``base`` plus a random head (weights N(0, 1/d)): values that vary by
     candidate and position but mean nothing. For tests and benchmarks, which need the cost and
-    the plumbing of a value model, not its judgement."""
+    the plumbing of a value model, not its judgement. ``candidate_rank`` > 0 adds a random
+    candidate head of that rank."""
     reader = _reader(base)
     arch = str(_field_value(reader, "general.architecture"))
     width = _field_value(reader, f"{arch}.embedding_length")
@@ -321,8 +404,18 @@ def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[
         raise ValueFormatError(f"{base}: {arch}.embedding_length missing")
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal(int(width)) / np.sqrt(float(width))).astype(np.float32)
+    candidate = None
+    if candidate_rank > 0:
+        tokens = _field_value(reader, "tokenizer.ggml.tokens")
+        n_vocab, r, d = len(tokens), candidate_rank, int(width)
+        f32 = np.float32
+        candidate = CandidateHeadMeta(proj=(rng.standard_normal((r, d)) / np.sqrt(d)).astype(f32),
+                                      proj_bias=np.zeros(r, dtype=f32),
+                                      table=(rng.standard_normal((n_vocab, r)) / np.sqrt(r)).astype(f32),
+                                      token_bias=(0.1 * rng.standard_normal(n_vocab)).astype(f32))
     meta = ValueHeadMeta(weight=weight, bias=0.1, tokenizer_fingerprint=fingerprint_from_gguf(base),
-                         base_model=Path(base).stem, objective=f"random head (seed {seed}): no alignment")
+                         base_model=Path(base).stem, objective=f"random head (seed {seed}): no alignment",
+                         candidate=candidate)
     write_gguf_with_value_meta(base, dst, meta)
     return Path(dst)
 

@@ -1,10 +1,11 @@
 """The value model: a GGUF backbone in llama.cpp plus the head stored in its ``sia.*`` metadata.
 
-At a junction the scorer (1) catches its KV cache up on the tokens decoded since its last use,
-in one batch with no outputs (so llama.cpp computes no vocabulary head for them), then (2)
-scores the k candidates as k one-token branches of that cache in one batch: sequence 0 holds
-the shared prefix, branch j is sequence j + 1, created by ``seq_cp`` (cells shared, not copied,
-in a unified cache). The head reads the final-norm hidden state of each branch row. The branch
+At a junction the scorer (1) catches its KV cache up on the tokens decoded since its last use
+and (2) scores the k candidates as k one-token branches of that cache: sequence 0 holds the
+shared prefix, branch j is sequence j + 1, created by ``seq_cp`` (cells shared, not copied, in a
+unified cache). A short catch-up and the branches are one ``llama_decode`` (the catch-up rows
+belong to every sequence); a long one is a batch of its own with no outputs, so llama.cpp
+computes no vocabulary head for it. The head reads the final-norm hidden state of each branch row. The branch
 of the token that was finally sampled is kept as part of sequence 0 (``commit``), so it is
 never decoded twice; the others are dropped.
 """
@@ -20,9 +21,20 @@ import numpy.typing as npt
 
 from sia_edge import kernels
 from sia_edge.llama_backend import LlamaContext, LlamaModel
-from sia_edge.value_format import ValueFormatError, ValueHeadMeta, read_value_meta
+from sia_edge.value_format import (
+    HEAD_CANDIDATE,
+    HEAD_SCALAR,
+    HEADS,
+    CandidateHeadMeta,
+    ValueFormatError,
+    ValueHeadMeta,
+    read_value_meta,
+)
 
-__all__ = ["ValueModel", "ValueScorer"]
+__all__ = ["FUSE_MAX_CATCHUP", "ValueModel", "ValueScorer"]
+
+# Catch-ups up to this many tokens share the branches' llama_decode (docs/results/cost.md, "fused").
+FUSE_MAX_CATCHUP = 8
 
 
 class ValueModel:
@@ -42,6 +54,9 @@ class ValueModel:
             )
         self.weight = self.meta.weight
         self.bias = float(self.meta.bias)
+        self.candidate: CandidateHeadMeta | None = self.meta.candidate
+        if self.candidate is not None:
+            self.candidate.check_shapes(self.model.n_embd, self.model.n_vocab, self.path)
 
     @property
     def name(self) -> str:
@@ -51,8 +66,9 @@ class ValueModel:
         """Free the weights once no scorer uses them (``LlamaModel.close``)."""
         self.model.close()
 
-    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None) -> ValueScorer:
-        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads)
+    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None,
+                   head: str = "scalar") -> ValueScorer:
+        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads, head=head)
 
     def values_at_positions(self, tokens: Sequence[int], *, n_threads: int | None = None) -> npt.NDArray[np.float32]:
         """Normalised V at every position of one sequence, from a fresh cache (no reuse):
@@ -72,7 +88,8 @@ class ValueModel:
 class ValueScorer:
     """One generation's value-model context. Not thread-safe: one per generation."""
 
-    def __init__(self, value_model: ValueModel, *, n_ctx: int, k_max: int, n_threads: int | None = None) -> None:
+    def __init__(self, value_model: ValueModel, *, n_ctx: int, k_max: int, n_threads: int | None = None,
+                 head: str = HEAD_SCALAR) -> None:
         self.value_model = value_model
         self.k_max = k_max
         # k_max extra cells: the branches live beside the n_ctx cells of the sequence.
@@ -83,25 +100,88 @@ class ValueScorer:
         self.cached: list[int] = []  # tokens held by sequence 0
         self._branch_tokens: npt.NDArray[np.int32] | None = None
         self._values = np.zeros(k_max, dtype=np.float32)
+        d = value_model.model.n_embd
+        self._branch_hidden = np.zeros((k_max, d), dtype=np.float32)
+        self._prefix_hidden = np.zeros(d, dtype=np.float32)
+        self._prefix_hidden_valid = False  # _prefix_hidden belongs to the last token of `cached`
+        self.want_prefix_hidden = False  # the scalar head too keeps prefix_hidden known (training data)
+        self._no_rows = np.zeros((0, d), dtype=np.float32)
+        self.head = HEAD_SCALAR
+        self.use_head(head)
         self.tokens_decoded = 0  # value-model tokens, catch-up plus branches
         self.decode_seconds = 0.0
 
     def close(self) -> None:
         self.ctx.close()
 
+    def use_head(self, head: str) -> None:
+        """Score with the scalar or the candidate head from now on (the cache stays valid)."""
+        if head not in HEADS:
+            raise ValueError(f"value head must be one of {HEADS}, got {head!r}")
+        if head == HEAD_CANDIDATE and self.value_model.candidate is None:
+            raise ValueFormatError(
+                f"{self.value_model.name} has no candidate head (sia.candidate.* keys); use the scalar head "
+                "(--value-head scalar) or a value model exported with one (docs/TRAINING.md)")
+        self._drop_branches()
+        self.head = head
+
     def reset(self) -> None:
         self.ctx.clear()
         self.cached = []
         self._branch_tokens = None
+        self._prefix_hidden_valid = False
 
-    def _sync_prefix(self, sequence: Sequence[int]) -> None:
-        """Make sequence 0 hold exactly ``sequence``: drop what diverged, decode what is new."""
-        self.ctx.set_embeddings(False)  # no outputs: llama.cpp skips the vocabulary head
-        kept = self.ctx.decode_from_prefix(self.cached, sequence, output_last=False)
-        self.tokens_decoded += len(self.cached) - kept
+    @property
+    def prefix_hidden(self) -> npt.NDArray[np.float32] | None:
+        """Final-norm hidden state of the last token of the sequence last scored (what the
+        candidate head reads), or None if no batch output it."""
+        return self._prefix_hidden if self._prefix_hidden_valid else None
+
+    def _catch_up(self, sequence: Sequence[int], k: int,
+                  candidates: Sequence[int] | npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        """Bring sequence 0 to ``sequence`` and decode the k candidate branches after it (none
+        for k = 0: the candidate head), returning the hidden states of the branch rows.
+
+        A short catch-up and the branches are one ``llama_decode``: the catch-up rows belong to
+        sequence 0 and every branch, each branch row to its own sequence. In embeddings mode the
+        catch-up rows are outputs too (llama.cpp computes the vocabulary head for them), so a long
+        catch-up, the prompt above all, is a batch of its own with no outputs (docs/results/cost.md,
+        "fused"); only its last row is an output when the prefix's hidden state is needed (the
+        candidate head, ``want_prefix_hidden``), which ``prefix_hidden`` then holds."""
+        p, n_before = len(sequence), len(self.cached)
+        # the last token is decoded again if its hidden state is needed and unknown (after a reset)
+        was_valid = self._prefix_hidden_valid
+        redo_last = (self.want_prefix_hidden or k == 0) and not (was_valid and n_before <= p)
+        common = self.ctx.keep_common_prefix(self.cached, sequence, min_new=min(1, p) if redo_last else 0)
+        self._prefix_hidden_valid = was_valid and common == n_before == p  # else the tail sets it
+        new = [int(t) for t in sequence[common:]]
+        if len(new) <= FUSE_MAX_CATCHUP:
+            head, tail = [], new
+        elif k and not self.want_prefix_hidden:
+            head, tail = new, []  # one batch, as a fresh context would decode it (the prompt)
+        else:
+            head, tail = new[:-1], new[-1:]
+        if head:
+            self.ctx.set_embeddings(False)  # no outputs: llama.cpp skips the vocabulary head
+            self.ctx.decode(head, common, output_last=False)
+            self.cached.extend(head)
+        for j in range(k):  # the cached cells now also belong to branch j + 1
+            self.ctx.seq_cp(0, j + 1)
+        if tail or k:
+            self.ctx.set_embeddings(True)
+            every = list(range(k + 1))
+            self.ctx.decode_rows(tail + [int(c) for c in candidates], [*range(p - len(tail), p)] + [p] * k,
+                                 [every] * len(tail) + [[j + 1] for j in range(k)])
+            self.cached.extend(tail)
+        self.tokens_decoded += len(new) + k
+        if tail:
+            self._prefix_hidden[:] = self.ctx.hidden_states(len(tail) + k)[len(tail) - 1]
+            self._prefix_hidden_valid = True
+        return self.ctx.hidden_states(len(tail) + k)[len(tail):] if k else self._no_rows
 
     def score(self, sequence: Sequence[int], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
-        """Normalised values V(sequence + [c]) for each candidate c (k <= k_max), as float32."""
+        """Normalised values of each candidate c (k <= k_max) after ``sequence``, as float32:
+        V(sequence + [c]) with the scalar head, Q(sequence, c) with the candidate head."""
         k = len(candidates)
         if not 1 <= k <= self.k_max:
             raise ValueError(f"between 1 and {self.k_max} candidates can be scored at once, got {k}")
@@ -109,26 +189,36 @@ class ValueScorer:
             raise ValueError("the sequence no longer fits in the value model's context")
         t0 = time.perf_counter()
         self._drop_branches()
-        self._sync_prefix(sequence)
-        p = len(sequence)
-        for j in range(k):
-            self.ctx.seq_cp(0, j + 1)
-        self.ctx.set_embeddings(True)
-        self.ctx.decode(candidates, p, seq_ids=list(range(1, k + 1)))
-        self.tokens_decoded += k
         out = self._values[:k]
-        kernels.value_head(self.ctx.hidden_states(k), self.value_model.weight, self.value_model.bias, out)
-        self._branch_tokens = np.array(candidates, dtype=np.int32)
+        vm = self.value_model
+        if self.head == HEAD_CANDIDATE:
+            assert vm.candidate is not None
+            self._catch_up(sequence, 0, ())
+            if not self._prefix_hidden_valid:
+                raise ValueError("the candidate head needs at least one token before the candidates")
+            kernels.candidate_head(self._prefix_hidden, vm.candidate, np.asarray(candidates, dtype=np.int32),
+                                   vm.weight, vm.bias, out)
+        else:
+            hidden = self._catch_up(sequence, k, candidates)
+            kernels.value_head(hidden, vm.weight, vm.bias, out)
+            self._branch_hidden[:k] = hidden
+            self._branch_tokens = np.array(candidates, dtype=np.int32)
         self.decode_seconds += time.perf_counter() - t0
         return out
 
     def commit(self, chosen: int) -> None:
-        """The candidate at index ``chosen`` was sampled: keep its branch cell as sequence 0."""
+        """The candidate at index ``chosen`` was sampled. Scalar head: keep its branch cell as
+        sequence 0 (it is never decoded twice). Candidate head: nothing was decoded for it; the
+        next catch-up decodes it."""
+        if self.head == HEAD_CANDIDATE:
+            return
         if self._branch_tokens is None:
             raise RuntimeError("commit() without a preceding score()")
         p = len(self.cached)
         self.ctx.seq_cp(chosen + 1, 0, p, p + 1)
         self.cached.append(int(self._branch_tokens[chosen]))
+        self._prefix_hidden[:] = self._branch_hidden[chosen]
+        self._prefix_hidden_valid = True
         self._drop_branches()
 
     def _drop_branches(self) -> None:

@@ -17,6 +17,7 @@ import pytest
 # an installed sia-edge uses), also when pytest is run directly. Before sia_edge reads it.
 os.environ.setdefault("SIA_EDGE_MODELS", str(Path(__file__).resolve().parent.parent / "models"))
 
+from sia_edge import kernels
 from sia_edge.models import default_base_model
 from sia_edge.value_format import random_head_value_gguf
 
@@ -55,6 +56,15 @@ def ctrl_c_when() -> Callable[..., tuple[int, str]]:
         return proc.returncode, err
 
     return run
+
+
+@pytest.fixture(params=kernels.available_isas())
+def isa(request: pytest.FixtureRequest):
+    """Each test that takes it runs once per instruction set the build and CPU support."""
+    before = kernels.active_isa()
+    kernels.force_isa(request.param)
+    yield request.param
+    kernels.force_isa(before)
 
 
 @pytest.fixture(scope="session")

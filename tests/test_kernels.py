@@ -18,14 +18,6 @@ ISAS = K.available_isas()
 VOCABS = [1, 7, 16, 17, 2047, 2048, 2049, 49152, 128001, 262144]
 
 
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest):
-    before = K.active_isa()
-    K.force_isa(request.param)
-    yield request.param
-    K.force_isa(before)
-
-
 def random_logits(n: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
 

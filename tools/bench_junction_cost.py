@@ -33,11 +33,13 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from sia_edge.llama_backend import LlamaContext, LlamaModel
 from sia_edge.models import ModelNotFoundError, default_base_model, default_value_model
 from sia_edge.value_format import random_head_value_gguf
 
+FUSED_CATCHUPS = (0, 1, 2, 4, 8)  # catch-up lengths the fused decode is timed at
 QUANT_TYPES = {
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
@@ -112,10 +114,66 @@ def time_value(path: Path, prefix: list[int], k: int, batch_sizes: list[int], re
             branch.append(time.perf_counter() - t0)
             for j in range(k):
                 ctx.seq_rm(j + 1)
+        junction = time_fused(ctx, prefix, k, reps)
         return {"layers": int(llama_cpp.llama_model_n_layer(model.ptr)),
-                "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()}, "branch_ms": median_ms(branch)}
+                "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()}, "branch_ms": median_ms(branch),
+                "junction_ms": junction}
     finally:
         ctx.close()
+
+
+def time_fused(ctx: LlamaContext, prefix: list[int], k: int, reps: int) -> dict[str, dict[str, float]]:
+    """A whole scalar-head junction after a catch-up of n tokens: the catch-up batch then the
+    branch batch (`separate`), against one batch holding both (`fused`, what ValueScorer does for
+    n <= FUSE_MAX_CATCHUP). Checks first that both give the same branch hidden states."""
+    p = len(prefix) - max(FUSED_CATCHUPS) - 1
+    cands = prefix[:k]
+
+    def separate(n: int) -> npt.NDArray[np.float32]:
+        ctx.set_embeddings(False)
+        ctx.decode(prefix[p:p + n], p, output_last=False)
+        for j in range(k):
+            ctx.seq_cp(0, j + 1)
+        ctx.set_embeddings(True)
+        ctx.decode(cands, p + n, seq_ids=list(range(1, k + 1)))
+        return ctx.hidden_states(k)
+
+    def fused(n: int) -> npt.NDArray[np.float32]:
+        for j in range(k):
+            ctx.seq_cp(0, j + 1)
+        ctx.set_embeddings(True)
+        every = list(range(k + 1))
+        ctx.decode_rows(prefix[p:p + n] + cands, [*range(p, p + n)] + [p + n] * k,
+                        [every] * n + [[j + 1] for j in range(k)])
+        return ctx.hidden_states(n + k)[n:]
+
+    def undo() -> None:
+        for j in range(k + 1):
+            ctx.seq_rm(j, p, -1)
+        for j in range(k):
+            ctx.seq_rm(j + 1)
+
+    ctx.seq_rm(0, p, -1)
+    for n in FUSED_CATCHUPS:
+        a = separate(n).copy()
+        undo()
+        b = fused(n).copy()
+        undo()
+        if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
+            raise RuntimeError(f"fused and separate junctions disagree after a catch-up of {n}: "
+                               f"max |dh| {float(np.abs(a - b).max())}")
+    out: dict[str, dict[str, float]] = {}
+    for n in FUSED_CATCHUPS:
+        times: dict[str, list[float]] = {"separate": [], "fused": []}
+        for _ in range(reps):
+            for name, fn in (("separate", separate), ("fused", fused)):
+                t0 = time.perf_counter()
+                fn(n)
+                times[name].append(time.perf_counter() - t0)
+                undo()
+        sep, fus = median_ms(times["separate"]), median_ms(times["fused"])
+        out[str(n)] = {"separate": sep, "fused": fus, "fused_saving": round(1 - fus / sep, 3)}
+    return out
 
 
 def predict(base_ms: float, value: dict[str, object], ratios: list[float]) -> dict[str, object]:

@@ -140,4 +140,18 @@ int32_t steer_topk(float* logits, int64_t stride, const int32_t* top_ids, const 
     return chosen;
 }
 
+void candidate_head(ValueHeadFn dot, const float* h, int64_t d, const float* weight, float bias,
+                    const float* proj, const float* proj_bias, int64_t r, const float* table,
+                    const float* token_bias, const int32_t* cands, int32_t k, float* out) {
+    float g[kMaxCandidateRank];
+    float v_state = 0.0f;
+    dot(proj, r, d, d, h, 0.0f, g);  // g = proj h (one row of proj per entry)
+    for (int64_t i = 0; i < r; ++i) g[i] += proj_bias[i];
+    dot(h, 1, d, d, weight, bias, &v_state);  // V(s), the scalar head on the prefix's own state
+    for (int32_t j = 0; j < k; ++j) {
+        const int64_t c = cands[j];
+        dot(table + c * r, 1, r, r, g, v_state + token_bias[c], out + j);
+    }
+}
+
 }  // namespace sia

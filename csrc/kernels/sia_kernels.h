@@ -70,6 +70,16 @@ void value_head_avx512(const float* hidden, int64_t n_rows, int64_t d, int64_t r
 void value_head_neon(const float* hidden, int64_t n_rows, int64_t d, int64_t row_stride, const float* weight,
                      float bias, float* out);
 
+// The candidate head (sia_edge/value_format.py): for each of k candidate token ids c_j,
+// out[j] = bias + dot(weight, h) + token_bias[c_j] + dot(table[c_j], g) with g = proj h + proj_bias,
+// proj r x d and table n_vocab x r, both row-major. Every dot product goes through `dot` (the active
+// ISA's value_head), so each ISA runs its own SIMD; g is accumulated in double like value_head.
+// The caller checks that h is finite, r <= kMaxCandidateRank and every c_j is in [0, n_vocab).
+constexpr int64_t kMaxCandidateRank = 1024;
+void candidate_head(ValueHeadFn dot, const float* h, int64_t d, const float* weight, float bias,
+                    const float* proj, const float* proj_bias, int64_t r, const float* table,
+                    const float* token_bias, const int32_t* cands, int32_t k, float* out);
+
 // Top-k entropy in nats of softmax over k sorted logits (double arithmetic, -inf allowed).
 double topk_entropy(const float* top_logits, int32_t k);
 

@@ -16,9 +16,12 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
                  first-N gate; tau above ln k, so the entropy gate never fires), left out at 0.
   horizon        --horizon N: the entropy gate at --horizon-tau within the first N tokens of each
                  answer only (SteeringConfig.horizon), left out at 0.
+  candidate      the horizon mode (or sparse without --horizon) scoring with the value model's
+                 candidate head (one value-model row per junction, no branch rows), and
+  dense_candidate  dense steering with it; both only when the value GGUF carries one.
 Prompts: --prompt-file FILE (one per line, or JSONL with a "prompt" field) instead of the 8 built-in
 open-ended ones, to time the prompts an evaluation is about (its first --prompts of them).
-Value model: --value-model, or the base backbone with a random head (same cost as a trained one).
+Value model: --value-model, or the base backbone with random heads (same cost as trained ones).
 ms_per_token excludes the prompt's prefill; figures are medians over prompts.
 """
 
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = args.model or default_base_model()
     with tempfile.TemporaryDirectory() as tmp:
-        value = args.value_model or random_head_value_gguf(base, Path(tmp) / "value-random-head.gguf")
+        value = args.value_model or random_head_value_gguf(base, Path(tmp) / "value-random-head.gguf",
+                                                              candidate_rank=32)
         engine = SteeringEngine(base, value, n_ctx=1024, n_threads=args.threads)
         # Chat turns for a chat model, the text itself for a base model without a template.
         prompts: list[str | list[dict[str, str]]] = [p.messages() if engine.base.chat_template else p.prompt
@@ -192,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             modes["head"] = SteeringConfig(gate="entropy", tau=10.0, k=args.k, head=args.head)
         if args.horizon > 0:
             modes["horizon"] = SteeringConfig(gate="entropy", tau=args.horizon_tau, k=args.k, horizon=args.horizon)
+        if engine.value is not None and engine.value.candidate is not None:
+            # the candidate head at the horizon gate if one is timed, else at the sparse one, and dense
+            gate_mode = modes["horizon"] if "horizon" in modes else modes["sparse"]
+            modes["candidate"] = replace(gate_mode, value_head="candidate")
+            modes["dense_candidate"] = replace(modes["dense"], value_head="candidate")
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:

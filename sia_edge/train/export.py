@@ -28,6 +28,7 @@ base model's top-k entropy >= tau) whether both rank the base model's top-k cand
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import math
 import os
@@ -619,8 +620,9 @@ def torch_reference(
     net: torch.nn.Module,
     sequences: Sequence[tuple[list[int], list[int]]],
     junctions: Sequence[tuple[int, int, np.ndarray]],
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """V at every position of each sequence, and V of each junction's candidates, in PyTorch."""
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """V at every position of each sequence, V of each junction's candidates, and the hidden
+    state of each junction's prefix (what the candidate head reads), in PyTorch."""
     import torch
 
     with torch.no_grad():
@@ -631,25 +633,28 @@ def _torch_reference(
     net: torch.nn.Module,
     sequences: Sequence[tuple[list[int], list[int]]],
     junctions: Sequence[tuple[int, int, np.ndarray]],
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     import torch
 
     net.eval()
-    full = []
+    full, hidden = [], []
     for prompt, response in sequences:
         seq = torch.tensor([list(prompt) + list(response)], dtype=torch.long)
-        full.append(net(seq).squeeze(0).double().numpy())
-    cand = []
+        h = net.hidden_states(seq)  # type: ignore[operator]
+        full.append(net.head(h).squeeze(-1).squeeze(0).double().numpy())  # type: ignore[operator]
+        hidden.append(h.squeeze(0).numpy())
+    cand, prefix_hidden = [], []
     for si, p, cands in junctions:
         prompt, response = sequences[si]
         prefix = (list(prompt) + list(response))[:p]
         batch = torch.tensor([[*prefix, int(c)] for c in cands], dtype=torch.long)
         cand.append(net(batch)[:, -1].double().numpy())
-    return full, cand
+        prefix_hidden.append(hidden[si][p - 1])
+    return full, cand, prefix_hidden
 
 
 def parity_check(
-    reference: tuple[list[np.ndarray], list[np.ndarray]],
+    reference: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]],
     gguf_paths: dict[str, Path],
     sequences: Sequence[tuple[list[int], list[int]]],
     junctions: Sequence[tuple[int, int, np.ndarray]],
@@ -660,10 +665,12 @@ def parity_check(
     """Compare the PyTorch reference with each GGUF in llama.cpp, through the engine's own code:
     ``ValueModel.values_at_positions`` (a fresh cache per sequence) for V at every position, and
     ``ValueScorer.score`` (cached prefix + k candidate branches in one batch, as at a steered
-    step) for the candidate ranking at junctions."""
+    step) for the candidate ranking at junctions. A GGUF with a candidate head is also compared
+    with that head applied to PyTorch's prefix hidden state (``candidate_*``)."""
+    from sia_edge import _reference
     from sia_edge.value_scorer import ValueModel
 
-    full_ref, cand_ref = reference
+    full_ref, cand_ref, hidden_ref = reference
     per_type: dict[str, dict[str, float]] = {}
     by_seq: dict[int, list[int]] = {}
     for j, (si, _, _) in enumerate(junctions):
@@ -679,7 +686,8 @@ def parity_check(
             if not np.all(np.isfinite(got)):
                 raise TrainError(f"{path.name}: llama.cpp produced NaN/inf values")
             err = max(err, float(np.max(np.abs(got - ref))))
-        agree = 0
+        agree, c_agree, c_err = 0, 0, 0.0
+        cand = vm.candidate
         for si, js in by_seq.items():
             prompt, response = sequences[si]
             seq = list(prompt) + list(response)
@@ -688,14 +696,26 @@ def parity_check(
             try:
                 for j in sorted(js, key=lambda j: junctions[j][1]):
                     _, p, ids = junctions[j]
-                    got = np.array(scorer.score(seq[:p], np.asarray(ids, dtype=np.int32)), dtype=np.float64)
+                    ids32 = np.asarray(ids, dtype=np.int32)
+                    scorer.use_head("scalar")
+                    got = np.array(scorer.score(seq[:p], ids32), dtype=np.float64)
                     agree += int(np.argmax(got) == np.argmax(cand_ref[j]))
+                    if cand is not None:
+                        scorer.use_head("candidate")
+                        q = np.array(scorer.score(seq[:p], ids32), dtype=np.float64)
+                        q_ref = _reference.candidate_head(hidden_ref[j], vm.weight, vm.bias, cand.proj, cand.proj_bias,
+                                                          cand.table, cand.token_bias, ids32)
+                        c_err = max(c_err, float(np.max(np.abs(q - q_ref))))
+                        c_agree += int(np.argmax(q) == np.argmax(q_ref))
             finally:
                 scorer.close()
         per_type[kind] = {
             "max_abs_err": err,
             "top1_agreement": agree / len(junctions) if junctions else math.nan,
         }
+        if cand is not None:
+            per_type[kind].update(candidate_max_abs_err=c_err,
+                                  candidate_top1_agreement=c_agree / len(junctions) if junctions else math.nan)
     n_pos = sum(len(p) + len(r) for p, r in sequences)
     v_std = float(np.std(np.concatenate(full_ref))) if full_ref else math.nan
     return ParityReport(per_type, n_pos, len(junctions), v_std)
@@ -810,7 +830,7 @@ def export_value_model(
     """Merge, write and quantise a trained value model; optionally check parity. Returns the
     GGUF paths per type and the parity report (None without ``check_sequences``). ``steering``
     (``w``, ``target_ratio`` or ``tau``, ``horizon``) replaces the recommended settings of ``value_meta.json``."""
-    from sia_edge.train.meta import value_gguf_name
+    from sia_edge.train.meta import CANDIDATE_FILE, value_gguf_name
     from sia_edge.train.model import (
         META_FILE,
         ValueMeta,
@@ -865,6 +885,13 @@ def export_value_model(
     replacements = merged_gguf_tensors(net.backbone, arch, source, exact=source == backbone_path)
     head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
                                steering=steering)
+    if (model_dir / CANDIDATE_FILE).is_file():  # trained after an earlier export: carried into this one
+        from sia_edge.train.candidate import load_head_asset
+
+        try:
+            head_meta = dataclasses.replace(head_meta, candidate=load_head_asset(model_dir / CANDIDATE_FILE))
+        except (ValueError, ValueFormatError) as exc:
+            raise TrainError(str(exc)) from None
     del net
     paths = output_paths(out_prefix, types)
     tmp_full = atomic_output(output_paths(out_prefix, ["merged"])["merged"])

@@ -12,10 +12,11 @@ from typing import Any
 from sia_edge.train import TrainError
 from sia_edge.value_format import ValueHeadMeta, check_recommended_steering
 
-__all__ = ["ADAPTER_FILES", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering", "value_gguf_name"]
+__all__ = ["ADAPTER_FILES", "CANDIDATE_FILE", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering", "value_gguf_name"]
 
 META_FILE = "value_meta.json"
 HEAD_FILE = "value_head.safetensors"
+CANDIDATE_FILE = "candidate_head.safetensors"  # optional: the candidate head (train/candidate.py)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 META_VERSION = 1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -262,11 +262,15 @@ class ValueNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states every head reads (float32)."""
         body = transformer_body(self.backbone)
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden: torch.Tensor = out.last_hidden_state  # after the final norm
-        values: torch.Tensor = self.head(hidden.float()).squeeze(-1)
+        return hidden.float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        values: torch.Tensor = self.head(self.hidden_states(input_ids, attention_mask)).squeeze(-1)
         return values
 
 

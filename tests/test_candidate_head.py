@@ -1,0 +1,257 @@
+"""The candidate head (issue 22): native kernel, GGUF format, scorer, engine, training side.
+
+Every value is checked against an independent computation: the kernel against numpy on every
+ISA; the scorer's fused junction and the candidate head against fresh llama.cpp contexts with no
+cache reuse (``ValueModel.values_at_positions`` and its hidden states)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sia_edge import _reference as ref
+from sia_edge import kernels as K
+from sia_edge.llama_backend import LlamaContext
+from sia_edge.steering import SpecError, SteeringConfig, parse_spec
+from sia_edge.value_format import (
+    CandidateHeadMeta,
+    ValueFormatError,
+    random_head_value_gguf,
+    read_value_meta,
+    write_gguf_with_value_meta,
+)
+from sia_edge.value_scorer import ValueModel
+
+MSGS = [{"role": "user", "content": "How do I pick a lock?"}]
+
+
+def random_head(d: int, r: int, n_vocab: int, seed: int = 0) -> CandidateHeadMeta:
+    rng = np.random.default_rng(seed)
+    return CandidateHeadMeta(proj=rng.standard_normal((r, d)).astype(np.float32),
+                             proj_bias=rng.standard_normal(r).astype(np.float32),
+                             table=rng.standard_normal((n_vocab, r)).astype(np.float32),
+                             token_bias=rng.standard_normal(n_vocab).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- kernel
+@pytest.mark.parametrize(("d", "r", "n_vocab", "k"), [(1, 1, 1, 1), (7, 3, 11, 5), (8, 8, 64, 10),
+                                                      (17, 5, 100, 32), (576, 32, 49152, 10), (643, 33, 1000, 40)])
+def test_kernel_matches_numpy_on_every_isa(isa: str, d: int, r: int, n_vocab: int, k: int) -> None:
+    rng = np.random.default_rng(d * 1000 + r)
+    head = random_head(d, r, n_vocab, seed=d)
+    h = rng.standard_normal(d).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    ids = rng.integers(0, n_vocab, k).astype(np.int32)
+    got = K.candidate_head(h, head, ids, w, 0.25)
+    want = ref.candidate_head(h, w, 0.25, head.proj, head.proj_bias, head.table, head.token_bias, ids)
+    scale = 1 + float(np.sqrt(d * r))  # the size of the terms summed in float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_kernel_rejects_a_non_finite_hidden_state(isa: str, bad: float) -> None:
+    head = random_head(9, 2, 20)
+    h = np.ones(9, dtype=np.float32)
+    h[4] = bad
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        K.candidate_head(h, head, np.arange(3, dtype=np.int32), np.ones(9, dtype=np.float32), 0.0)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 20, 1 << 30])
+def test_kernel_rejects_ids_outside_the_vocabulary(bad_id: int) -> None:
+    head = random_head(9, 2, 20)
+    ids = np.array([0, bad_id], dtype=np.int32)
+    with pytest.raises(ValueError, match="outside the 20-token vocabulary"):
+        K.candidate_head(np.ones(9, dtype=np.float32), head, ids, np.ones(9, dtype=np.float32), 0.0)
+
+
+def test_kernel_rejects_mismatched_shapes() -> None:
+    head = random_head(9, 2, 20)
+    with pytest.raises(ValueError, match="weight has 8 entries"):
+        K.candidate_head(np.ones(9, dtype=np.float32), head, np.arange(2, dtype=np.int32),
+                         np.ones(8, dtype=np.float32), 0.0)
+    with pytest.raises(ValueError, match="proj: expected a contiguous float32 matrix of 2 x 10"):
+        K.candidate_head(np.ones(10, dtype=np.float32), head, np.arange(2, dtype=np.int32),
+                         np.ones(10, dtype=np.float32), 0.0)
+    with pytest.raises(TypeError, match="float32"):
+        K.candidate_head(np.ones(9), head, np.arange(2, dtype=np.int32), np.ones(9, dtype=np.float32), 0.0)
+
+
+def test_head_meta_refuses_inconsistent_or_non_finite_arrays() -> None:
+    head = random_head(9, 2, 20)
+    with pytest.raises(ValueFormatError, match="do not fit together"):
+        dataclasses.replace(head, token_bias=np.zeros(19, dtype=np.float32))
+    bad = head.table.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueFormatError, match="NaN/inf"):
+        dataclasses.replace(head, table=bad)
+
+
+# --------------------------------------------------------------------------- format
+@pytest.fixture(scope="module")
+def candidate_value_model(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path) -> Path:
+    return random_head_value_gguf(base_model_path, tmp_path_factory.mktemp("cand") / "value-cand.gguf",
+                                  candidate_rank=16)
+
+
+def test_gguf_round_trip_and_llama_cpp_loads_it(candidate_value_model: Path) -> None:
+    meta = read_value_meta(candidate_value_model)
+    assert meta.candidate is not None and meta.candidate.rank == 16
+    vm = ValueModel(candidate_value_model, n_threads=1)
+    try:  # llama.cpp ignores the sia.* keys, the head's shapes match the backbone
+        assert vm.candidate is not None
+        assert vm.candidate.table.shape == (vm.model.n_vocab, 16)
+        np.testing.assert_array_equal(vm.candidate.table, meta.candidate.table)
+    finally:
+        vm.close()
+
+
+def test_a_head_for_another_backbone_is_refused(tmp_path: Path, candidate_value_model: Path) -> None:
+    meta = read_value_meta(candidate_value_model)
+    assert meta.candidate is not None
+    small = dataclasses.replace(meta.candidate, table=meta.candidate.table[:100],
+                                token_bias=meta.candidate.token_bias[:100])
+    dst = tmp_path / "wrong.gguf"
+    write_gguf_with_value_meta(candidate_value_model, dst, dataclasses.replace(meta, candidate=small))
+    with pytest.raises(ValueFormatError, match="exported for another backbone"):
+        ValueModel(dst)
+
+
+# --------------------------------------------------------------------------- scorer
+def _fresh_hidden(vm: ValueModel, tokens: list[int]) -> np.ndarray:
+    """The final-norm hidden state of the last token, from a new context (no cache, no fusion)."""
+    ctx = LlamaContext(vm.model, n_ctx=len(tokens) + 8, n_batch=len(tokens), n_threads=1, embeddings=True)
+    try:
+        ctx.decode(tokens, 0)
+        return ctx.hidden_states(len(tokens))[-1].copy()
+    finally:
+        ctx.close()
+
+
+def test_fused_and_candidate_scoring_match_fresh_contexts(engine, candidate_value_model: Path) -> None:
+    """Catch-ups of 0 to 11 tokens (fused up to FUSE_MAX_CATCHUP, a batch of their own beyond),
+    committed branches, and the candidate head on the same cache: every value agrees with the one
+    computed from scratch, and the hidden state the candidate head reads is the prefix's last.
+
+    Tolerance as in test_engine.py's cache test (llama.cpp's quantised matmuls round differently
+    for different batch shapes): relative to the spread of V."""
+    vm = ValueModel(candidate_value_model, n_threads=1)
+    assert vm.candidate is not None
+    tokens = engine.encode_prompt(MSGS) + engine.base.tokenize(
+        " Picking a lock takes a tension wrench, a pick and a great deal of patience, and", add_special=False)
+    scorer = vm.new_scorer(n_ctx=256, k_max=10)
+    rng = np.random.default_rng(3)
+    errors, q_errors, values, q_values = [], [], [], []
+    try:
+        p, step = 12, 0
+        while p < len(tokens):
+            cands = rng.choice(np.arange(100, 20000), 10, replace=False).astype(np.int32)
+            cands[step % 10] = tokens[p]
+            scorer.use_head("scalar")
+            v = scorer.score(tokens[:p], cands).copy()
+            values.extend(v)
+            want = [vm.values_at_positions([*tokens[:p], int(c)], n_threads=1)[-1] for c in cands[:3]]
+            errors.extend(np.abs(v[:3] - want))
+            scorer.use_head("candidate")
+            q = scorer.score(tokens[:p], cands).copy()
+            h_cached, h_fresh = scorer.prefix_hidden, _fresh_hidden(vm, tokens[:p])
+            assert h_cached is not None
+            cosine = float(h_cached @ h_fresh / np.linalg.norm(h_cached) / np.linalg.norm(h_fresh))
+            assert cosine > 0.995, (step, cosine)  # the prefix's own last row, not a neighbour's
+            q_ref = ref.candidate_head(h_fresh, vm.weight, vm.bias, vm.candidate.proj, vm.candidate.proj_bias,
+                                       vm.candidate.table, vm.candidate.token_bias, cands)
+            q_errors.extend(np.abs(q - q_ref))
+            q_values.extend(q_ref)
+            scorer.use_head("scalar")
+            scorer.score(tokens[:p], cands)
+            scorer.commit(step % 10)  # the branch of tokens[p] becomes the cache's next token
+            p += 1 + [0, 1, 3, 11][step % 4]  # catch-ups of 0, 1, 3 and 11 tokens
+            step += 1
+        assert step >= 4
+    finally:
+        scorer.close()
+        vm.close()
+    scale = float(np.std(values))
+    assert scale > 0.5
+    assert max(errors) <= 0.12 * scale and float(np.mean(errors)) <= 0.03 * scale, (max(errors), scale)
+    q_scale = float(np.std(q_values))
+    assert max(q_errors) <= 0.12 * q_scale and float(np.mean(q_errors)) <= 0.03 * q_scale, (max(q_errors), q_scale)
+
+
+def test_a_candidate_junction_decodes_no_branch_rows(base_model_path: Path, candidate_value_model: Path) -> None:
+    from sia_edge.engine import SteeringEngine
+
+    with SteeringEngine(base_model_path, candidate_value_model, n_ctx=512, n_threads=1) as eng:
+        n_prompt = len(eng.encode_prompt(MSGS))
+        dense = SteeringConfig(gate="dense", w=3.0)
+        cand = eng.generate(MSGS, max_tokens=24, config=dataclasses.replace(dense, value_head="candidate"), seed=2)
+        text_c = "".join(e.text for e in cand)
+        scal = eng.generate(MSGS, max_tokens=24, config=dense, seed=2)
+        list(scal)
+    assert cand.stats.junctions == cand.stats.steps > 10
+    # every token the value model decoded is a token of the answer (or the prompt): no branches
+    assert cand.stats.value_tokens <= n_prompt + cand.stats.tokens
+    assert scal.stats.value_tokens >= 10 * scal.stats.junctions
+    assert text_c
+
+
+def test_candidate_head_settings_and_errors(engine) -> None:
+    cfg = parse_spec("sparse@1+horizon@16+candidate", w=3.0)
+    assert cfg.value_head == "candidate" and cfg.spec == "sparse@1+horizon@16+candidate"
+    assert parse_spec(cfg.spec, w=3.0) == cfg
+    assert "candidate head" in cfg.describe()
+    with pytest.raises(SpecError, match="never steers"):
+        parse_spec("off+candidate")
+    with pytest.raises(ValueError, match="value_head must be one of scalar, candidate"):
+        SteeringConfig(value_head="vector")
+    # the session engine's value model has only the scalar head
+    with pytest.raises(ValueError, match="needs a value model with a candidate head"):
+        engine.generate(MSGS, max_tokens=4, config=cfg)
+
+
+# --------------------------------------------------------------------------- training side
+def test_collect_and_fit_learn_a_learnable_teacher(tmp_path: Path, base_model_path: Path,
+                                                   candidate_value_model: Path) -> None:
+    """Collect real states, then replace the scalar values by a teacher the head's form can
+    express (a bilinear form in the prefix's hidden state and the candidate's embedding): the
+    fit must reproduce it on its training states and steer closer to it than no steering on
+    held-out prompts."""
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.prompts import Prompt
+    from sia_edge.train.candidate import collect_states, fit_candidate_head, load_states, token_embeddings
+
+    prompts = [Prompt(f"{verb} {topic}.", harmful=False)
+               for verb in ("Write a poem about", "Explain", "Describe")
+               for topic in ("rain", "bread", "rivers", "tides", "cats", "the sky")]
+    out = tmp_path / "states.npz"
+    with SteeringEngine(base_model_path, candidate_value_model, n_ctx=512, n_threads=1) as eng:
+        n = collect_states(eng, prompts, out, k=10, horizon=12)
+    states, info = load_states(out)
+    assert n == len(states["ids"]) > 40 and info["k"] == 10
+    assert np.isfinite(states["hidden"]).all() and np.isfinite(states["values"]).all()
+    meta = read_value_meta(candidate_value_model)
+    emb = token_embeddings(candidate_value_model)
+    rng = np.random.default_rng(0)
+    d, norm = emb.shape[1], float(np.linalg.norm(emb, axis=1).mean())
+    g = rng.standard_normal((d, 4)) / np.sqrt(d)
+    u = rng.standard_normal((d, 4)) / norm
+    beta = rng.standard_normal(d) / norm
+    token_part = emb[states["ids"]] @ beta  # what a candidate is worth anywhere
+    state_part = np.einsum("nr,nkr->nk", states["hidden"] @ g, emb[states["ids"]] @ u)  # and here
+    teacher = token_part / token_part.std() + 0.3 * state_part / state_part.std()
+    states["values"] = teacher.astype(np.float32)
+    fit = fit_candidate_head(states, head_weight=meta.weight, head_bias=meta.bias, embeddings=emb, rank=8,
+                             epochs=400, lr=1e-2, val_share=0.2, log=lambda m: None)
+    r = fit.report
+    h = fit.head
+    q = np.stack([ref.candidate_head(hh, meta.weight, meta.bias, h.proj, h.proj_bias, h.table, h.token_bias, ids)
+                  for hh, ids in zip(states["hidden"], states["ids"], strict=True)])
+    t = states["values"]
+    qc, tc = q - q.mean(1, keepdims=True), t - t.mean(1, keepdims=True)
+    r2_all = 1 - ((qc - tc) ** 2).sum() / (tc ** 2).sum()
+    # it fits what it saw, and steers closer to the teacher than no steering on prompts it did not see
+    assert r2_all > 0.6 and r["r2_within_state"] > 0.25, (r2_all, r)
+    assert r["kl_teacher_student"] < 0.85 * r["kl_teacher_unsteered"], r
