@@ -431,10 +431,12 @@ class LlamaContext:
         tokens: Sequence[int] | npt.NDArray[np.int32],
         positions: Sequence[int] | npt.NDArray[np.int32],
         seq_ids: Sequence[Sequence[int]],
+        *,
+        all_outputs: bool = False,
     ) -> None:
         """Decode one batch of rows, row i at ``positions[i]`` in every sequence of ``seq_ids[i]``
         (a row shared by several sequences is one KV cell they all see). In embeddings mode every
-        row is an output; otherwise only the last."""
+        row is an output; otherwise the last, or every row with ``all_outputs`` (``logits(i)``)."""
         n = len(tokens)
         ctx = self._live()
         b = self._batch
@@ -448,7 +450,7 @@ class LlamaContext:
             b.n_seq_id[i] = len(sids)
             for j, s in enumerate(sids):
                 b.raw.seq_id[i][j] = s
-        b.logits[:n] = 1 if self._embeddings else 0
+        b.logits[:n] = 1 if self._embeddings or all_outputs else 0
         b.logits[n - 1] = 1
         b.raw.n_tokens = n
         _check_decode(llama_cpp.llama_decode(ctx, b.raw))

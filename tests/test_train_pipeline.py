@@ -145,3 +145,43 @@ def test_shallow_value_model_keeps_the_first_layers_and_parity(tmp_path: Path, b
     assert report["loss_after"] < report["loss_before"]
     model = LlamaModel(Path(report["files"]["f16"]))
     assert model.meta("llama.block_count") == "1"
+
+
+def test_export_carries_the_candidate_head_and_checks_its_parity(pipeline: tuple[dict[str, Any], Path],
+                                                                  tmp_path: Path) -> None:
+    """A candidate head beside the trained model (as tools/train_candidate_head.py writes it) is
+    exported with it, and llama.cpp's candidate values (the prefix's hidden state through the
+    native kernel) agree with the head applied to PyTorch's hidden state."""
+    import shutil
+
+    from sia_edge.train.candidate import save_head_asset
+    from sia_edge.train.meta import CANDIDATE_FILE
+    from sia_edge.value_format import CandidateHeadMeta
+
+    _, work = pipeline
+    model_dir = tmp_path / "value"
+    shutil.copytree(work / "value", model_dir)
+    from sia_edge.llama_backend import LlamaModel
+
+    assert read_value_meta(next(iter(pipeline[0]["files"].values()))).candidate is None  # none of its own
+    d, r, n_vocab = 64, 8, LlamaModel(work / "tiny-base-f32.gguf").n_vocab
+    rng = np.random.default_rng(0)
+    head = CandidateHeadMeta(proj=(rng.standard_normal((r, d)) / np.sqrt(d)).astype(np.float32),
+                             proj_bias=np.zeros(r, dtype=np.float32),
+                             table=(rng.standard_normal((n_vocab, r)) / np.sqrt(r)).astype(np.float32),
+                             token_bias=rng.standard_normal(n_vocab).astype(np.float32))
+    save_head_asset(head, model_dir / CANDIDATE_FILE)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_value_gguf.py"), str(model_dir),
+         "--out", str(tmp_path / "v"), "--base", str(work / "tiny-base-f32.gguf"), "--types", "f16,q8_0",
+         "--check", "--check-rows", "4", "--junctions-per-row", "3", "--tau", "0", "--json", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["n_junctions"] >= 10
+    assert report["f16"]["candidate_max_abs_err"] <= 2e-2
+    assert report["q8_0"]["candidate_top1_agreement"] >= 0.95
+    meta = read_value_meta(tmp_path / "v-q8_0.gguf")
+    assert meta.candidate is not None
+    np.testing.assert_array_equal(meta.candidate.table, head.table)

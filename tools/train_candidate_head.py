@@ -51,7 +51,7 @@ def fit(args: argparse.Namespace) -> int:
     assert isinstance(w, (int, float))
     meta = read_value_meta(args.value_model)
     result = fit_candidate_head(states, head_weight=meta.weight, head_bias=meta.bias,
-                                embeddings=token_embeddings(args.value_model), rank=args.rank, epochs=args.epochs,
+                                embeddings=token_embeddings(args.value_model), rank=args.rank, epochs=args.epochs, lr=args.lr,
                                 w=float(w), seed=args.seed,
                                 log=lambda m: print(f"[fit] {m}", file=sys.stderr, flush=True))
     if args.asset:
@@ -84,7 +84,8 @@ def main() -> int:
     f.add_argument("--states", type=Path, required=True)
     f.add_argument("--value-model", type=Path, default=None)
     f.add_argument("--rank", type=int, default=32)
-    f.add_argument("--epochs", type=int, default=40)
+    f.add_argument("--epochs", type=int, default=12)
+    f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--asset", type=Path, default=None, help="write the head as a preset asset (.safetensors)")
     f.add_argument("--out-gguf", type=Path, default=None, help="write a copy of the value GGUF with the head")
