@@ -400,7 +400,8 @@ def parse_spec_parts(text: str, *, allow_match: bool = False) -> SpecParts:
         key, value = ((m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4)) if m.group(3)
                       else ("candidate", ""))
         if key in suffixes:
-            raise SpecError(f"mode {label!r}: '+{key}@{'F' if key == 'follow' else 'N'}' is given twice")
+            form = "+candidate" if key == "candidate" else f"+{key}@{'F' if key == 'follow' else 'N'}"
+            raise SpecError(f"mode {label!r}: '{form}' is given twice")
         suffixes[key] = value
         base = rest
     bon, head = int(suffixes.get("bon", 1)), int(suffixes.get("head", 0))

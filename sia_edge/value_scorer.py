@@ -104,7 +104,8 @@ class ValueScorer:
         self._branch_hidden = np.zeros((k_max, d), dtype=np.float32)
         self._prefix_hidden = np.zeros(d, dtype=np.float32)
         self._prefix_hidden_valid = False  # _prefix_hidden belongs to the last token of `cached`
-        self.want_prefix_hidden = False  # the scalar head too keeps prefix_hidden known (training data)
+        self.want_prefix_hidden = False  # True: the scalar head too keeps prefix_hidden known (the
+        # candidate head's training data needs it at every state)
         self._no_rows = np.zeros((0, d), dtype=np.float32)
         self.head = HEAD_SCALAR
         self.use_head(head)

@@ -68,6 +68,7 @@ class FakeContext:
     """Sequence 0 only, as the base model's contexts use it."""
 
     decode_from_prefix = LlamaContext.decode_from_prefix  # the real bookkeeping, over fake decoding
+    keep_common_prefix = LlamaContext.keep_common_prefix
 
     def __init__(self, model: FakeModel, n_ctx: int) -> None:
         self.model, self.n_ctx = model, n_ctx
@@ -114,6 +115,7 @@ class FakeValueModel:
         self.path = Path(name)
         self.name = name
         self.meta = FakeValueHead()
+        self.candidate = None  # the scalar head only
         rng = np.random.default_rng(seed)
         self.table = rng.standard_normal((base.n_vocab, base.n_vocab)).astype(np.float32)
         self.scorers: list[FakeScorer] = []
@@ -154,6 +156,9 @@ class FakeScorer:
         self.calls += 1
         self._pending = [int(c) for c in candidates]
         return np.array([self.value_model.value(sequence, int(c)) for c in candidates], dtype=np.float32)
+
+    def use_head(self, head: str) -> None:
+        assert head == "scalar", "the fake value model has only the scalar head"
 
     def commit(self, chosen: int) -> None:
         assert self._pending is not None, "commit() without a preceding score()"

@@ -39,6 +39,11 @@ def test_bench_junction_cost_predicts_from_its_measurements(value_model_path: Pa
     base = out["base_step_ms"]
     (row,) = out["value_models"]
     assert row["layers"] >= 1 and set(row["catchup_ms"]) == {"2", "5"}
+    # a junction as two decodes and as one, at each catch-up length (checked equal before timing)
+    assert set(row["junction_ms"]) == {"0", "1", "2", "4", "8"}
+    for t in row["junction_ms"].values():
+        assert t["separate"] > 0 and t["fused"] > 0
+        assert t["fused_saving"] == pytest.approx(1 - t["fused"] / t["separate"], abs=1e-3)
     # The prediction is the documented formula over the measured parts.
     r = 0.2
     sparse = (base + r * (row["catchup_ms"]["5"] + row["branch_ms"])) / base
@@ -93,3 +98,44 @@ def test_bench_grammar_times_constrained_against_unconstrained_answers() -> None
     assert out["ratios"]["off+json_schema_over_off"] == pytest.approx(
         modes["off+json_schema"]["ms_per_token"] / modes["off"]["ms_per_token"], abs=1e-3)
     assert out["constrained_answers_finished_and_valid"] >= 1  # the script checked each against the schema
+
+
+def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: Path) -> None:
+    from sia_edge.value_format import random_head_value_gguf
+
+    value = random_head_value_gguf(base_model_path, tmp_path / "value-cand.gguf", candidate_rank=8)
+    out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
+                   "--target-ratio", "0", "--threads", "1", "--value-model", str(value))
+    modes = out["modes"]
+    assert set(modes) == {"plain", "off", "sparse", "dense", "candidate", "dense_candidate"}
+    assert modes["dense_candidate"]["intervention_rate"] == 1
+    # no branch rows: the value model decodes each answer token once (plus the prompt, once)
+    assert modes["dense"]["value_tokens"] >= 10
+    assert modes["dense_candidate"]["value_tokens"] < 10
+
+
+def test_oracle_rollouts_score_each_candidate_by_its_own_continuations(base_model_path: Path) -> None:
+    """The oracle's batched rollouts: sequence i + 1 continues candidate i // samples. A judge
+    that calls an answer a refusal when it starts with one chosen candidate must give that
+    candidate 1 and every other 0."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from oracle_ceiling import rollout_scores
+    finally:
+        sys.path.pop(0)
+    from sia_edge import kernels
+    from sia_edge.llama_backend import LlamaContext, LlamaModel
+
+    model = LlamaModel(base_model_path)
+    prompt = model.tokenize("The three primary colours are")
+    cands = [model.tokenize(w, add_special=False)[0] for w in (" red", " blue", " green", " yellow")]
+    chosen = model.detokenize([cands[2]])
+    ctx = LlamaContext(model, n_ctx=256, n_seq_max=9, n_threads=1)
+    try:
+        ctx.decode(prompt, 0)
+        scores = rollout_scores(ctx, model, prompt, [], cands, samples=2, n_tokens=5, rng=kernels.Rng(1),
+                                judge=lambda text: text.startswith(chosen))
+        assert scores.tolist() == [0.0, 0.0, 1.0, 0.0]
+        ctx.decode(cands[:1], len(prompt))  # the rollouts' cells are gone: sequence 0 continues
+    finally:
+        ctx.close()

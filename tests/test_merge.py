@@ -57,6 +57,10 @@ def test_the_numpy_merge_writes_the_model_the_pytorch_export_writes(tmp_path: Pa
     assert (a.reward_mean, a.reward_std, a.tokenizer_fingerprint, a.steering_w, a.steering_tau, a.steering_horizon) \
         == (b.reward_mean, b.reward_std, b.tokenizer_fingerprint, b.steering_w, b.steering_tau, b.steering_horizon)
     assert read_gguf_kv(numpy_path)["general.name"] == read_gguf_kv(torch_paths["f32"])["general.name"]
+    # the shipped candidate head rides along in both, array for array
+    assert a.candidate is not None and b.candidate is not None
+    for name in ("proj", "proj_bias", "table", "token_bias"):
+        assert np.array_equal(getattr(a.candidate, name), getattr(b.candidate, name)), name
 
 
 def test_the_permuted_architectures_are_the_ones_transformers_unpermutes() -> None:

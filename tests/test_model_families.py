@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,12 @@ PREFIX = "The old lighthouse keeper opened the door and"
 @pytest.fixture(scope="module")
 def gemma() -> Path:
     return gemma3_base_model()
+
+
+# Whether the preset's value model is built in the per-user cache (face() runs without
+# $SIA_EDGE_MODELS) decides which of the two says it: both name the misfit.
+MISFIT = (r"needs? a value model, but the (default value model \S+|preset's value model) was trained for "
+          r"another tokenizer than gemma")
 
 
 def face(module: str, *args: str, env_extra: dict[str, str] | None = None, timeout: float = 600,
@@ -73,7 +80,7 @@ def test_asking_to_steer_with_a_value_model_that_does_not_fit_is_one_clear_error
     steer = face("sia_edge.chat", "--model", str(gemma), "--mode", "sparse", "--prompt", PREFIX, "--threads", "1")
     assert steer.returncode == 2
     assert notes(steer.stderr) == [line for line in steer.stderr.splitlines() if line.startswith("error:")]
-    assert "needs a value model, but the default value model" in steer.stderr
+    assert re.search(MISFIT, steer.stderr), steer.stderr
 
 
 def test_eval_runs_another_family_unsteered_and_refuses_steering_modes(gemma: Path, tmp_path: Path) -> None:
@@ -87,7 +94,7 @@ def test_eval_runs_another_family_unsteered_and_refuses_steering_modes(gemma: Pa
     bad = face("sia_edge.eval", "--model", str(gemma), "--prompts", str(prompts), "--reward", "nontoxicity",
                "--modes", "off,sparse", "--max-tokens", "4", "--threads", "1", "--no-progress")
     assert bad.returncode == 2
-    assert "sparse need a value model, but the default value model" in bad.stderr
+    assert "sparse need a value model" in bad.stderr and re.search(MISFIT, bad.stderr), bad.stderr
 
 
 def test_serve_runs_another_family_unsteered(gemma: Path) -> None:

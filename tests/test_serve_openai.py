@@ -249,6 +249,17 @@ def test_grammars_that_would_crash_or_cannot_continue_are_400s(server: Server) -
     server.wait_idle()
 
 
+def test_a_candidate_head_the_value_model_lacks_is_a_400(server: Server) -> None:
+    headers = {"Authorization": "Bearer sekret"}
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60,
+                   json={"prompt": "x", "max_tokens": 2, "sia_mode": "dense", "value_head": "candidate"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "value_head", r.text
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60,
+                   json={"prompt": "x", "max_tokens": 2, "value_head": "vector"})
+    assert r.status_code == 400 and "value_head must be one of scalar, candidate" in r.text, r.text
+    server.wait_idle()
+
+
 def test_the_api_key_holds_where_the_app_is_mounted(engine: SteeringEngine) -> None:
     from starlette.applications import Starlette
     from starlette.routing import Mount
