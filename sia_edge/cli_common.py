@@ -366,7 +366,7 @@ def stats_payload(stats: Any, config: SteeringConfig, seed: int) -> dict[str, An
     d = {k: finite_or_none(v) for k, v in stats.as_dict().items()}
     d.update(mode=mode_name(config.gate), k=config.k, w=config.w, temperature=config.temperature,
              top_p=config.top_p, min_p=config.min_p, head=config.head, follow=config.follow, horizon=config.horizon,
-             seed=seed)
+             value_head=config.value_head, seed=seed)
     return d
 
 

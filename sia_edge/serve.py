@@ -938,7 +938,7 @@ def create_app(
                 "n_ctx": engine.n_ctx,
                 "defaults": {"mode": mode_name(config.gate), "tau": config.tau, "k": config.k, "w": config.w,
                              "temperature": config.temperature, "head": config.head, "follow": config.follow,
-                             "horizon": config.horizon, "max_tokens": max_tokens},
+                             "horizon": config.horizon, "value_head": config.value_head, "max_tokens": max_tokens},
             },
         }
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from sia_edge import eval as ev
+from sia_edge import steering
 from sia_edge.cli_common import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,6 +115,12 @@ def test_mode_config() -> None:
     cfg = ev.parse_mode("sparse@20%").config(k=5, w=2.0, temperature=0.7)
     assert (cfg.gate, cfg.target_ratio, cfg.k, cfg.w, cfg.temperature) == ("entropy", 0.2, 5, 2.0, 0.7)
     assert cfg.head == 0 and ev.parse_mode("dense+head@2").config(k=5, w=2.0, temperature=0.7).head == 2
+    # every setting of the string form reaches the config (the candidate head once did not)
+    for text in ("sparse@1.0+horizon@16+candidate", "dense+candidate", "sparse@25%+head@3+follow@0.5+horizon@16"):
+        mode = ev.parse_mode(text)
+        assert mode.config(k=10, w=3.0, temperature=1.0) == steering.parse_spec(text, k=10, w=3.0, temperature=1.0)
+    assert ev.parse_mode("sparse@1+candidate").config(k=10, w=3.0, temperature=1.0).value_head == "candidate"
+    assert ev.parse_mode("sparse@1+candidate").family == "sparse+candidate"
 
 
 def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window() -> None:

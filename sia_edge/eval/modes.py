@@ -33,11 +33,13 @@ class EvalMode:
     head: int = 0  # also steer the first `head` tokens of every answer
     follow: float | None = None  # also steer the token after a junction that moved this much mass
     horizon: int | None = None  # steer only within the first `horizon` tokens of every answer
+    value_head: str | None = None  # "candidate": the value model's candidate head (None: the scalar one)
 
     @property
     def parts(self) -> SpecParts:
         return SpecParts(self.gate, tau=self.tau, target_ratio=self.target_ratio, p=self.p, match=self.match,
-                         head=self.head, follow=self.follow, horizon=self.horizon, bon=self.bon)
+                         head=self.head, follow=self.follow, horizon=self.horizon, bon=self.bon,
+                         value_head=self.value_head)
 
     @property
     def family(self) -> str:
@@ -46,6 +48,7 @@ class EvalMode:
         base = mode_name(self.gate) + ("+head" if self.head else "")
         base += "+follow" if self.follow is not None else ""
         base += "+horizon" if self.horizon is not None else ""
+        base += "+candidate" if self.value_head == "candidate" else ""
         if self.bon == 1:
             return base
         return "bon" if base == "off" else f"{base}+bon"
@@ -76,7 +79,8 @@ def parse_mode(text: str) -> EvalMode:
         message = str(exc).replace("empty mode", "empty mode in --modes", 1)
         raise ModeError(message) from None
     return EvalMode(text.strip().lower(), parts.gate, tau=parts.tau, target_ratio=parts.target_ratio, p=parts.p,
-                    match=parts.match, bon=parts.bon, head=parts.head, follow=parts.follow, horizon=parts.horizon)
+                    match=parts.match, bon=parts.bon, head=parts.head, follow=parts.follow, horizon=parts.horizon,
+                    value_head=parts.value_head)
 
 
 def parse_modes(text: str) -> list[EvalMode]:
