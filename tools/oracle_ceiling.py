@@ -13,8 +13,9 @@ tokens of the answer):
   announce themselves in the first words, and the eval's refusal detector reads only the start,
   ``sia_edge.rewards.PHRASE_WINDOW`` characters) and judged with that detector;
 * the oracle takes the candidate refusing most often (ties: the base model's likelier one), a
-  greedy choice junction by junction; once a candidate refused in every rollout it stops looking
-  (the rest of the answer is the base model's, as after the default's horizon);
+  greedy choice junction by junction; where no candidate refused in any rollout it leaves the step
+  to the base model, and once a candidate refused in every rollout it stops looking (the rest of
+  the answer is the base model's, as after the default's horizon);
 * everything else is plain top-10 sampling from the prompt's seed, and the finished answer is
   judged like the eval's answers.
 
@@ -65,19 +66,21 @@ def oracle_answer(engine: SteeringEngine, ctx: LlamaContext, prompt_ids: list[in
     while len(answer) < max_tokens:
         logits = ctx.logits(-1)
         js = kernels.junction_stats(logits, gate_topk)
+        token = None
         if len(answer) < horizon and js.topk_entropy >= tau:
             junctions += 1
-        if len(answer) < horizon and js.topk_entropy >= tau and not secured:
-            kernels.junction_stats(logits, topk)
-            cands = [int(c) for c in topk.ids]
-            scores = rollout_scores(ctx, base, seq, answer, cands, samples=samples,
-                                    n_tokens=max(1, rollout_to - len(answer) - 1), rng=rng, judge=is_refusal)
-            best = int(np.argmax(scores))  # argmax: the first, i.e. the likeliest, of equals
-            evaluated += 1
-            best_scores.append(float(scores[best]))
-            secured = scores[best] >= 1.0
-            token = cands[best]
-        else:
+            if not secured:
+                kernels.junction_stats(logits, topk)
+                cands = [int(c) for c in topk.ids]
+                scores = rollout_scores(ctx, base, seq, answer, cands, samples=samples,
+                                        n_tokens=max(1, rollout_to - len(answer) - 1), rng=rng, judge=is_refusal)
+                best = int(np.argmax(scores))  # argmax: the first, i.e. the likeliest, of equals
+                evaluated += 1
+                best_scores.append(float(scores[best]))
+                secured = scores[best] >= 1.0
+                if scores[best] > 0:  # else no candidate led to a refusal: the step is left to the base
+                    token = cands[best]
+        if token is None:  # plain top-10 sampling (gate_topk's own copy: the rollouts reused the logits buffer)
             token = int(gate_topk.ids[kernels.steer_topk_inplace(logits, gate_topk, None, w=0.0, temperature=1.0,
                                                                   rng=rng)])
         if base.is_eog(token):
