@@ -166,10 +166,9 @@ def main() -> int:
         rows: dict[str, list[bool]] = {m: [] for m in [*modes, *(f"oracle_k{k}" for k in ks)]}
         detail: dict[str, list[int]] = {f"oracle_k{k}": [] for k in ks}  # junctions the oracle evaluated
         # room for the prompt, the answer and every rollout of the widest candidate set
-        rollout_tokens = args.rollout_to
         n_seq = max(ks) * args.samples + 1
         longest = max(len(eng.encode_prompt(it.messages())) for it in items)
-        ctx = LlamaContext(eng.base, n_ctx=longest + args.max_tokens + n_seq * (rollout_tokens + 1) + 16,
+        ctx = LlamaContext(eng.base, n_ctx=longest + args.max_tokens + n_seq * (args.rollout_to + 1) + 16,
                            n_seq_max=n_seq, n_batch=max(512, n_seq), n_threads=eng.n_threads)
         try:
             for i, item in enumerate(items):
@@ -182,7 +181,7 @@ def main() -> int:
                 for k in ks:
                     r = oracle_answer(eng, ctx, ids, k=k, samples=args.samples, horizon=default.horizon,
                                       tau=default.tau, max_tokens=args.max_tokens,
-                                      rollout_to=rollout_tokens, seed=seed)
+                                      rollout_to=args.rollout_to, seed=seed)
                     rows[f"oracle_k{k}"].append(bool(r["refused"]))
                     detail[f"oracle_k{k}"].append(int(r["evaluated"]))  # type: ignore[call-overload]
                 print(f"[oracle] {i + 1}/{len(items)} prompts ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
