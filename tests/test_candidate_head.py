@@ -255,3 +255,16 @@ def test_collect_and_fit_learn_a_learnable_teacher(tmp_path: Path, base_model_pa
     # it fits what it saw, and steers closer to the teacher than no steering on prompts it did not see
     assert r2_all > 0.6 and r["r2_within_state"] > 0.25, (r2_all, r)
     assert r["kl_teacher_student"] < 0.85 * r["kl_teacher_unsteered"], r
+
+
+def test_a_damaged_head_asset_is_one_clear_error(tmp_path: Path) -> None:
+    from sia_edge.train.candidate import load_head_asset, save_head_asset
+
+    bad = tmp_path / "candidate_head.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"not a candidate head .*re-run tools/train_candidate_head\.py fit"):
+        load_head_asset(bad)
+    good = tmp_path / "good.safetensors"
+    head = random_head(9, 2, 20)
+    save_head_asset(head, good)
+    np.testing.assert_array_equal(load_head_asset(good).table, head.table)
