@@ -171,7 +171,7 @@ _FACE_DEFAULTS = {
     "head": "0: the gate alone",
     "follow": "off",
     "horizon": "the value model's recommendation for mode sparse, else the whole answer",
-    "value_head": "scalar",
+    "value_head": "the value model's recommendation, else scalar",
 }
 
 
@@ -236,7 +236,7 @@ class ValueModelChoice:
     def available(self) -> bool:
         return self.path is not None
 
-    def recommended(self) -> dict[str, float]:
+    def recommended(self) -> dict[str, float | str]:
         """The steering settings the value model's GGUF recommends (``sia.steering.*``: the ones
         it was evaluated with), used where the user gives none; {} without a value model."""
         if self.path is None:

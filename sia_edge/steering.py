@@ -224,7 +224,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("value_head", str, "how the value model scores candidates: scalar (one value-model row per "
             "candidate, SIA's head) or candidate (all candidates from the prefix's one row; the value GGUF must "
             "carry a candidate head)", "HEAD",
-            lambda v: None if v in VALUE_HEADS else f"one of {', '.join(VALUE_HEADS)}", in_spec=True),
+            lambda v: None if v in VALUE_HEADS else f"one of {', '.join(VALUE_HEADS)}", recommend=True,
+            in_spec=True),
     Setting("bon", int, "Best-of-N: N samples, the one with the highest mean value wins", "N",
             lambda v: None if _whole(v) and 1 <= v <= MAX_BON else f"a whole number from 1 to {MAX_BON}",
             in_spec=True, faces=()),
@@ -315,6 +316,7 @@ class SteeringConfig:
         - ``w`` comes from the recommendation unless given;
         - for the entropy gates, unless ``tau`` or ``target_ratio`` is given: a recommended tau
           (top-k gate only: a tau is on its statistic's scale), else a recommended target ratio;
+        - ``value_head`` comes from the recommendation unless given;
         - a recommended ``horizon`` belongs to SIA's top-k entropy gate: other gates, and a
           ``head`` longer than it, steer whole answers; a horizon the user gives always stands.
         """
@@ -330,6 +332,8 @@ class SteeringConfig:
                 kwargs["target_ratio"] = rec["target_ratio"]
         if "horizon" not in given:
             kwargs["horizon"] = horizon_for_gate(g, rec.get("horizon"), None, head=given.get("head", 0))
+        if "value_head" in rec:
+            kwargs.setdefault("value_head", rec["value_head"])
         return cls(**kwargs)
 
 

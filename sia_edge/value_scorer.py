@@ -180,6 +180,20 @@ class ValueScorer:
             self._prefix_hidden_valid = True
         return self.ctx.hidden_states(len(tail) + k)[len(tail):] if k else self._no_rows
 
+    def hidden_of(self, sequence: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The final-norm hidden state of ``sequence``'s last token (the cache caught up on it,
+        no candidates scored): what a candidate head reads."""
+        if not sequence:
+            raise ValueError("hidden_of needs at least one token")
+        self._drop_branches()
+        want, self.want_prefix_hidden = self.want_prefix_hidden, True
+        try:
+            self._catch_up(sequence, 0, ())
+        finally:
+            self.want_prefix_hidden = want
+        assert self._prefix_hidden_valid
+        return self._prefix_hidden
+
     def score(self, sequence: Sequence[int], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
         """Normalised values of each candidate c (k <= k_max) after ``sequence``, as float32:
         V(sequence + [c]) with the scalar head, Q(sequence, c) with the candidate head."""

@@ -101,17 +101,30 @@ def test_bench_grammar_times_constrained_against_unconstrained_answers() -> None
 
 
 def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: Path) -> None:
-    from sia_edge.value_format import random_head_value_gguf
+    from sia_edge.train.export import copy_gguf
+    from sia_edge.value_format import random_head_value_gguf, read_value_meta
 
     value = random_head_value_gguf(base_model_path, tmp_path / "value-cand.gguf", candidate_rank=8)
+    shallow = copy_gguf(value, tmp_path / "shallow.gguf", layers=2, head_meta=read_value_meta(value))
     out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
-                   "--target-ratio", "0", "--threads", "1", "--value-model", str(value))
+                   "--target-ratio", "0", "--threads", "1", "--value-model", str(value),
+                   "--also-value-model", str(shallow))
     modes = out["modes"]
-    assert set(modes) == {"plain", "off", "sparse", "dense", "candidate", "dense_candidate"}
+    assert set(modes) == {"plain", "off", "sparse", "dense", "candidate", "dense_candidate",
+                          "candidate:shallow.gguf", "dense_candidate:shallow.gguf"}
     assert modes["dense_candidate"]["intervention_rate"] == 1
+    assert modes["dense_candidate:shallow.gguf"]["intervention_rate"] == 1
     # no branch rows: the value model decodes each answer token once (plus the prompt, once)
     assert modes["dense"]["value_tokens"] >= 10
     assert modes["dense_candidate"]["value_tokens"] < 10
+    assert modes["dense_candidate:shallow.gguf"]["value_tokens"] < 10
+    assert "dense_candidate:shallow.gguf_over_plain" in out["ratios"]
+    # a value model without a candidate head cannot be timed so
+    plain = random_head_value_gguf(base_model_path, tmp_path / "value-plain.gguf")
+    proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "4",
+                           "--naive-prompts", "0", "--threads", "1", "--also-value-model", str(plain)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "has no candidate head" in proc.stderr
 
 
 def test_oracle_rollouts_score_each_candidate_by_its_own_continuations(base_model_path: Path) -> None:

@@ -268,3 +268,106 @@ def test_a_damaged_head_asset_is_one_clear_error(tmp_path: Path) -> None:
     head = random_head(9, 2, 20)
     save_head_asset(head, good)
     np.testing.assert_array_equal(load_head_asset(good).table, head.table)
+
+
+# --------------------------------------------------------------------------- a shallower student
+def test_a_value_gguf_can_recommend_the_candidate_head(tmp_path: Path, candidate_value_model: Path,
+                                                       value_model_path: Path) -> None:
+    meta = read_value_meta(candidate_value_model)
+    rec = tmp_path / "rec.gguf"
+    write_gguf_with_value_meta(candidate_value_model, rec, dataclasses.replace(meta, steering_value_head="candidate"))
+    assert read_value_meta(rec).recommended_steering() == {"value_head": "candidate"}
+    cfg = SteeringConfig.recommended(read_value_meta(rec).recommended_steering())
+    assert cfg.value_head == "candidate"
+    # the user's choice wins
+    assert SteeringConfig.recommended({"value_head": "candidate"}, value_head="scalar").value_head == "scalar"
+    # recommending a head the file lacks is refused when it is made, and a name that is no head
+    no_head = read_value_meta(value_model_path)
+    with pytest.raises(ValueFormatError, match="recommends the candidate head but carries none"):
+        dataclasses.replace(no_head, steering_value_head="candidate")
+    with pytest.raises(ValueFormatError, match="value_head"):
+        dataclasses.replace(meta, steering_value_head="both")
+
+
+def test_a_student_cut_from_the_default_model_gets_its_own_heads(tmp_path: Path, base_model_path: Path,
+                                                                  candidate_value_model: Path) -> None:
+    """A 2-layer student of the shipped default value model: its assets keep only the adapter's
+    first 2 layers; collect records its hidden state of every prefix (the same as a fresh context
+    gives); the fit learns V(s) on them as well as the candidate head; installed, the heads make a
+    GGUF that recommends the candidate head, which the engine then uses unasked."""
+    from safetensors.numpy import load_file
+
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.presets import get_preset
+    from sia_edge.prompts import Prompt
+    from sia_edge.train import TrainError
+    from sia_edge.train.candidate import (
+        collect_states,
+        fit_candidate_head,
+        install_student_heads,
+        load_states,
+        make_student_assets,
+        token_embeddings,
+    )
+    from sia_edge.train.merge import build_value_gguf
+    from sia_edge.train.meta import ValueMeta
+
+    teacher = get_preset("smollm2-safety").assets_dir
+    with pytest.raises(TrainError, match="between 1 and 29"):
+        make_student_assets(teacher, tmp_path / "bad", 30)
+    folder = make_student_assets(teacher, tmp_path / "student", 2)
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n in load_file(str(folder / "adapter_model.safetensors"))}
+    assert layers == {0, 1}
+    assert ValueMeta.from_file(folder / "value_meta.json").layers == 2
+    gguf = build_value_gguf(folder, tmp_path / "student.gguf", backbone=base_model_path, n_threads=1)
+    student = ValueModel(gguf, n_threads=1)
+    try:
+        assert student.model.meta("llama.block_count") == "2"
+        tokens = student.model.tokenize("Hello there, how are you today?")
+        scorer = student.new_scorer(n_ctx=128, k_max=4)
+        for n in (3, 5, len(tokens)):  # incremental catch-ups against a fresh context's hidden state
+            ctx = LlamaContext(student.model, n_ctx=64, n_threads=1, embeddings=True)
+            ctx.decode(tokens[:n], 0)
+            np.testing.assert_allclose(scorer.hidden_of(tokens[:n]), ctx.hidden_states(n)[-1], atol=1e-4)
+            ctx.close()
+        scorer.close()
+    finally:
+        student.close()
+
+    prompts = [Prompt(f"Explain {t}.", harmful=False) for t in ("rain", "bread", "rivers", "tides", "cats", "snow")]
+    out = tmp_path / "states.npz"
+    with SteeringEngine(base_model_path, candidate_value_model, n_ctx=256, n_threads=1) as eng:
+        collect_states(eng, prompts, out, k=10, horizon=8, students=[gguf])
+    states, info = load_states(out)
+    assert info["students"] == ["student.gguf"]
+    hs = states["hidden_student0"]
+    assert hs.shape == states["hidden"].shape and np.isfinite(hs).all()
+    assert not np.allclose(hs, states["hidden"])  # 2 layers are not 30
+    # a teacher whose state value is linear in the student's hidden state: the fit must learn it
+    rng = np.random.default_rng(1)
+    direction = rng.standard_normal(hs.shape[1]).astype(np.float32)
+    state_value = hs @ direction
+    state_value = (state_value - state_value.mean()) / state_value.std()
+    states = {**states, "hidden": hs, "values": (states["values"] * 0.1 + state_value[:, None]).astype(np.float32)}
+    meta = read_value_meta(gguf)
+    fit = fit_candidate_head(states, head_weight=meta.weight, head_bias=meta.bias, embeddings=token_embeddings(gguf),
+                             rank=4, epochs=300, lr=1e-2, fit_state_value=True, log=lambda m: None)
+    assert fit.state_head is not None
+    v = hs @ fit.state_head[0] + fit.state_head[1]
+    target = states["values"].mean(1)
+    assert 1 - ((v - target) ** 2).sum() / ((target - target.mean()) ** 2).sum() > 0.5
+
+    install_student_heads(folder, fit)
+    rebuilt = build_value_gguf(folder, tmp_path / "student2.gguf", backbone=base_model_path, n_threads=1)
+    rmeta = read_value_meta(rebuilt)
+    assert rmeta.steering_value_head == "candidate" and rmeta.candidate is not None
+    np.testing.assert_allclose(rmeta.weight, fit.state_head[0].reshape(-1))
+    with SteeringEngine(base_model_path, rebuilt, n_ctx=256, n_threads=1) as eng:
+        cfg = eng.recommended()
+        assert cfg.value_head == "candidate"
+        n_prompt = len(eng.encode_prompt(MSGS))
+        res = eng.generate(MSGS, max_tokens=8, config=dataclasses.replace(cfg, gate="dense", horizon=None), seed=0)
+        list(res)
+    # every token a junction, scored without branch rows: one value-model row per token at most
+    assert res.stats.junctions == res.stats.steps > 3
+    assert res.stats.value_tokens <= n_prompt + res.stats.tokens

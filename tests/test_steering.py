@@ -119,10 +119,11 @@ def test_the_cli_options_are_the_settings() -> None:
 
 
 def test_recommended_settings_are_checked_as_the_engine_would() -> None:
-    assert set(RECOMMENDED) == {"tau", "target_ratio", "w", "horizon"}
+    assert set(RECOMMENDED) == {"tau", "target_ratio", "w", "horizon", "value_head"}
     assert recommended_settings({"w": 3.0, "tau": 1.0, "horizon": 16.0}) == {"w": 3.0, "tau": 1.0, "horizon": 16}
     for bad, message in (({"beta": 1}, "unknown recommended"), ({"tau": 1.0, "target_ratio": 0.2}, "not both"),
-                         ({"w": -1.0}, "must be > 0"), ({"horizon": 0}, ">= 1"), ({"tau": math.nan}, "finite")):
+                         ({"w": -1.0}, "must be > 0"), ({"horizon": 0}, ">= 1"), ({"tau": math.nan}, "finite"),
+                         ({"value_head": "both"}, "scalar, candidate")):
         with pytest.raises(ValueError, match=message):
             recommended_settings(bad)
 

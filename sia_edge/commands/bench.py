@@ -19,6 +19,8 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
   candidate      the horizon mode (or sparse without --horizon) scoring with the value model's
                  candidate head (one value-model row per junction, no branch rows), and
   dense_candidate  dense steering with it; both only when the value GGUF carries one.
+  candidate:NAME / dense_candidate:NAME   the same two with the value model NAME of
+                 --also-value-model (a shallower one, say), in the same run.
 Prompts: --prompt-file FILE (one per line, or JSONL with a "prompt" field) instead of the 8 built-in
 open-ended ones, to time the prompts an evaluation is about (its first --prompts of them).
 Value model: --value-model, or the base backbone with random heads (same cost as trained ones).
@@ -165,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="add a mode: the entropy gate at --horizon-tau within the first N tokens only")
     ap.add_argument("--horizon-tau", type=float, default=1.0)
     ap.add_argument("--prompt-file", type=Path, default=None, help="time these prompts instead of the built-in ones")
+    ap.add_argument("--also-value-model", type=Path, action="append", default=[], metavar="GGUF",
+                    help="time this value model's candidate head too, in the same run (modes candidate:NAME and "
+                         "dense_candidate:NAME, NAME its file name); repeatable")
     args = ap.parse_args(argv)
     try:
         items = read_prompt_file(args.prompt_file) if args.prompt_file else [Prompt(p) for p in PROMPTS]
@@ -202,7 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             gate_mode = modes["horizon"] if "horizon" in modes else modes["sparse"]
             modes["candidate"] = replace(gate_mode, value_head="candidate")
             modes["dense_candidate"] = replace(modes["dense"], value_head="candidate")
-        rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes]}
+        # other value models over the same base, timed prompt by prompt beside the first one
+        others: dict[str, tuple[SteeringEngine, SteeringConfig]] = {}
+        for path in args.also_value_model:
+            other = SteeringEngine(base, path, n_ctx=1024, n_threads=args.threads)
+            if other.value is None or other.value.candidate is None:
+                print(f"bench_decode: --also-value-model {path} has no candidate head", file=sys.stderr)
+                return 2
+            gate_mode = modes["horizon"] if "horizon" in modes else modes["sparse"]
+            others[f"candidate:{path.name}"] = (other, replace(gate_mode, value_head="candidate"))
+            others[f"dense_candidate:{path.name}"] = (other, replace(modes["dense"], value_head="candidate"))
+        rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes, *others]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
             from llama_cpp import Llama
@@ -228,8 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = engine.encode_prompt(msgs)
             ms, n = plain_run(engine, ids, args.tokens, args.k, seed=i)
             rows["plain"].append({"ms_per_token": ms, "tokens": n})
-            for name, cfg in modes.items():
-                gen = engine.generate(msgs, max_tokens=args.tokens, config=cfg, seed=i)
+            runs = [(name, engine, cfg) for name, cfg in modes.items()]
+            runs += [(name, eng, cfg) for name, (eng, cfg) in others.items()]
+            for name, eng, cfg in runs:
+                gen = eng.generate(msgs, max_tokens=args.tokens, config=cfg, seed=i)
                 with gen:
                     for _ in gen:
                         pass
@@ -260,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             continue
         entry: dict[str, Any] = {"ms_per_token": med(name, "ms_per_token"), "tokens": int(sum(r["tokens"] for r in runs))}
-        if name in modes:
+        if name in modes or name in others:
             entry.update(intervention_rate=med(name, "intervention_rate"),
                          value_tokens=med(name, "value_tokens_per_token"),
                          kernel_ms_per_token=med(name, "kernel_ms_per_token"))

@@ -23,15 +23,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from sia_edge.files import atomic_output, commit_output
 from sia_edge.prompts import Prompt, stable_seed
-from sia_edge.value_format import CandidateHeadMeta
+from sia_edge.value_format import CandidateHeadMeta, ValueFormatError
 
-__all__ = ["CandidateFit", "collect_states", "fit_candidate_head", "load_states"]
+__all__ = ["CandidateFit", "collect_states", "fit_candidate_head", "install_student_heads", "load_states",
+           "make_student_assets"]
 
 
 def collect_states(
@@ -43,23 +45,33 @@ def collect_states(
     horizon: int = 16,
     w: float = 3.0,
     seed: int = 0,
+    students: Sequence[str | os.PathLike[str]] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write the states of ``prompts`` (see the module docstring) to ``out`` (.npz, atomic).
-    ``engine`` is a ``SteeringEngine`` with a value model. Returns the number of states."""
+    ``engine`` is a ``SteeringEngine`` with a value model. Returns the number of states.
+
+    ``students``: value GGUFs (a shallower copy of the value model, say) whose hidden state of
+    each prefix is recorded too, as ``hidden_student{i}``: a candidate head fitted on a student's
+    states scores like the engine's value model at the cost of the student's forward pass."""
     from sia_edge import kernels
     from sia_edge.engine import SteeringEngine
     from sia_edge.llama_backend import LlamaContext
+    from sia_edge.value_scorer import ValueModel
 
     assert isinstance(engine, SteeringEngine)
     if engine.value is None:
         raise ValueError("collecting candidate-head data needs a value model (its scalar head is the teacher)")
     vm = engine.value
-    rows: dict[str, list[npt.NDArray[np.generic]]] = {n: [] for n in ("hidden", "ids", "logits", "values")}
+    student_models = [ValueModel(p, n_threads=engine.n_threads) for p in students]
+    student_keys = [f"hidden_student{i}" for i in range(len(students))]
+    rows: dict[str, list[npt.NDArray[np.generic]]] = {
+        n: [] for n in ("hidden", "ids", "logits", "values", *student_keys)}
     meta: dict[str, list[int]] = {"prompt": [], "step": [], "steered": []}
     base = LlamaContext(engine.base, n_ctx=engine.n_ctx, n_threads=engine.n_threads)
     scorer = vm.new_scorer(n_ctx=engine.n_ctx, k_max=k)
     scorer.want_prefix_hidden = True
+    student_scorers = [m.new_scorer(n_ctx=engine.n_ctx, k_max=k) for m in student_models]
     topk = kernels.TopK(k)
     try:
         for i, item in enumerate(prompts):
@@ -68,6 +80,8 @@ def collect_states(
             rng = kernels.Rng(stable_seed("candidate-head", seed, i))
             base.clear()
             scorer.reset()
+            for st in student_scorers:
+                st.reset()
             base.decode(tokens, 0)
             for step in range(horizon):
                 logits = base.logits(-1)
@@ -76,6 +90,8 @@ def collect_states(
                 hidden = scorer.prefix_hidden
                 assert hidden is not None
                 rows["hidden"].append(hidden.astype(np.float32))
+                for key, st in zip(student_keys, student_scorers, strict=True):
+                    rows[key].append(st.hidden_of(tokens).astype(np.float32))
                 rows["ids"].append(topk.ids.copy())
                 rows["logits"].append(topk.logits.copy())
                 rows["values"].append(values.copy())
@@ -93,13 +109,17 @@ def collect_states(
             if progress is not None:
                 progress(i + 1, len(prompts))
     finally:
+        for st in student_scorers:
+            st.close()
+        for m in student_models:
+            m.close()
         scorer.close()
         base.close()
     arrays = {n: np.stack(v) for n, v in rows.items()}
     arrays.update({n: np.asarray(v, dtype=np.int32) for n, v in meta.items()})
     arrays["harmful"] = np.asarray([bool(p.harmful) for p in prompts])
     info = {"value_model": vm.name, "base_model": engine.base.path.name, "k": k, "horizon": horizon, "w": w,
-            "seed": seed, "prompts": len(prompts)}
+            "seed": seed, "prompts": len(prompts), "students": [Path(p).name for p in students]}
     tmp = atomic_output(out)
     try:
         with open(tmp, "wb") as f:
@@ -111,17 +131,41 @@ def collect_states(
     return len(arrays["ids"])
 
 
-def load_states(path: str | os.PathLike[str]) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, object]]:
-    with np.load(path) as z:
-        arrays = {n: z[n] for n in z.files if n != "info"}
-        info = json.loads(str(z["info"]))
-    return arrays, info
+def load_states(*paths: str | os.PathLike[str]) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, object]]:
+    """The arrays and settings of one or more files of ``collect_states`` (parts of one
+    collection, ``--part``), joined: prompt numbers run on from one file to the next."""
+    if not paths:
+        raise ValueError("load_states needs at least one file")
+    parts: list[dict[str, npt.NDArray[np.generic]]] = []
+    info: dict[str, object] = {}
+    for path in paths:
+        try:
+            with np.load(path) as z:
+                arrays = {n: z[n] for n in z.files if n != "info"}
+                this = json.loads(str(z["info"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: not a file of collected states ({exc}); re-run "
+                             "tools/train_candidate_head.py collect") from None
+        same = ("value_model", "base_model", "k", "horizon", "w", "students")
+        if info and any(info.get(k) != this.get(k) for k in same):
+            raise ValueError(f"{path} was collected with other settings than {paths[0]} "
+                             f"({', '.join(same)} must agree)")
+        if info:
+            offset = sum(len(p["harmful"]) for p in parts)
+            arrays["prompt"] = arrays["prompt"] + offset
+            info["prompts"] = int(info["prompts"]) + int(this["prompts"])  # type: ignore[call-overload]
+        else:
+            info = this
+        parts.append(arrays)
+    joined = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+    return joined, info
 
 
 @dataclass(frozen=True)
 class CandidateFit:
     head: CandidateHeadMeta
     report: dict[str, float]
+    state_head: tuple[npt.NDArray[np.float32], float] | None = None  # V(s) (weight, bias), if fitted
 
 
 def _steered(z: npt.NDArray[np.float64], v: npt.NDArray[np.float64], w: float) -> npt.NDArray[np.float64]:
@@ -160,13 +204,18 @@ def fit_candidate_head(
     w: float = 3.0,
     val_share: float = 0.1,
     seed: int = 0,
+    fit_state_value: bool = False,
     log: Callable[[str], None] = print,
 ) -> CandidateFit:
     """Fit Q(s, c) = V(s) + b[c] + U[c] . (A h_s + a) to the scalar head's values, with
     U = E P + D and b = E beta + delta (E: the backbone's input embeddings, so tokens never seen
     as candidates still get a head from their embedding; D and delta: per-token corrections).
     The loss is the squared error of each state's values about their mean (steering is blind to
-    a shift shared by all candidates) plus a tenth of the plain squared error."""
+    a shift shared by all candidates) plus a tenth of the plain squared error.
+
+    ``fit_state_value``: the hidden states are not those the scalar head (``head_weight``,
+    ``head_bias``) reads -- a shallower student's -- so V(s) is fitted too (to the mean of each
+    state's values), and returned as the fit's ``state_head``."""
     import torch
 
     torch.manual_seed(seed)
@@ -174,8 +223,13 @@ def fit_candidate_head(
     ids = torch.from_numpy(np.asarray(states["ids"], dtype=np.int64))
     target = torch.from_numpy(np.asarray(states["values"], dtype=np.float32))
     prompt = np.asarray(states["prompt"])
-    wt = torch.from_numpy(np.asarray(head_weight, dtype=np.float32))
-    v_state = hidden @ wt + float(head_bias)
+    wt = torch.nn.Parameter(torch.from_numpy(np.array(head_weight, dtype=np.float32)),
+                            requires_grad=fit_state_value)
+    bias = torch.nn.Parameter(torch.tensor(float(head_bias)), requires_grad=fit_state_value)
+    if fit_state_value:
+        with torch.no_grad():
+            wt.zero_()
+            bias.fill_(float(target.mean()))
     emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     n_vocab, d = emb.shape
     rng = np.random.default_rng(seed)
@@ -193,7 +247,7 @@ def fit_candidate_head(
     beta = torch.nn.Parameter(torch.zeros(d))
     delta_u = torch.nn.Parameter(torch.zeros(n_vocab, rank))
     delta_b = torch.nn.Parameter(torch.zeros(n_vocab))
-    params = [proj, proj_bias, p_emb, beta, delta_u, delta_b]
+    params = [proj, proj_bias, p_emb, beta, delta_u, delta_b] + ([wt, bias] if fit_state_value else [])
     opt = torch.optim.Adam(params, lr=lr)
 
     def q(rows: torch.Tensor) -> torch.Tensor:
@@ -202,7 +256,8 @@ def fit_candidate_head(
         u = ec @ p_emb + delta_u[c]  # (n, k, r)
         b = ec @ beta + delta_b[c]
         g = hidden[rows] @ proj.T + proj_bias  # (n, r)
-        return v_state[rows, None] + b + (u * g[:, None, :]).sum(-1)
+        v_state = hidden[rows] @ wt + bias
+        return v_state[:, None] + b + (u * g[:, None, :]).sum(-1)
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         pred, t = q(rows), target[rows]
@@ -242,7 +297,8 @@ def fit_candidate_head(
     report = {"states_train": len(tr), "states_heldout": len(va), "heldout_loss": best,
               "r2_within_state": float(1 - ((tc - pc) ** 2).sum() / (tc ** 2).sum()),
               **steering_agreement(z_val, t_val, pred_val, w)}
-    return CandidateFit(head=head, report=report)
+    state_head = (wt.detach().numpy().copy(), float(bias.detach())) if fit_state_value else None
+    return CandidateFit(head=head, report=report, state_head=state_head)
 
 
 def token_embeddings(gguf_path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
@@ -264,15 +320,23 @@ def save_head_asset(head: CandidateHeadMeta, path: str | os.PathLike[str],
     """The head as a safetensors file (what a preset ships; ``load_head_asset`` reads it). Atomic."""
     from safetensors.numpy import save
 
-    blob = save({k: np.ascontiguousarray(getattr(head, k)) for k in _ASSET_KEYS},
-                metadata={"report": json.dumps(report or {})})
-    tmp = atomic_output(path)
+    _write_atomic(Path(path), save({k: np.ascontiguousarray(getattr(head, k)) for k in _ASSET_KEYS},
+                                   metadata={"report": json.dumps(report or {})}))
+
+
+def candidate_asset_of(model_dir: str | os.PathLike[str]) -> CandidateHeadMeta | None:
+    """The candidate head a trained value model's folder ships (``CANDIDATE_FILE``), or None;
+    a damaged one is a ``TrainError``. What the builds (merge, export) put into the GGUF."""
+    from sia_edge.train import TrainError
+    from sia_edge.train.meta import CANDIDATE_FILE
+
+    path = Path(model_dir) / CANDIDATE_FILE
+    if not path.is_file():
+        return None
     try:
-        tmp.write_bytes(blob)
-        commit_output(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        return load_head_asset(path)
+    except (ValueError, ValueFormatError) as exc:
+        raise TrainError(str(exc)) from None
 
 
 def load_head_asset(path: str | os.PathLike[str]) -> CandidateHeadMeta:
@@ -284,3 +348,74 @@ def load_head_asset(path: str | os.PathLike[str]) -> CandidateHeadMeta:
         return CandidateHeadMeta(**{k: t[k] for k in _ASSET_KEYS})
     except (SafetensorError, OSError, KeyError) as exc:
         raise ValueError(f"{path}: not a candidate head ({exc}); re-run tools/train_candidate_head.py fit") from None
+
+
+# --------------------------------------------------------------------------- a shallower student
+def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[str], layers: int) -> Path:
+    """A value model's assets cut to its first ``layers`` decoder layers (the adapter's later
+    layers dropped, ``layers`` recorded): the backbone of a student whose candidate head learns
+    the teacher's values (``fit_candidate_head`` with ``fit_state_value``, then
+    ``install_student_heads``). Its scalar head is the teacher's until then. Each file atomic."""
+    import re
+
+    from safetensors.numpy import load_file, save
+
+    from sia_edge.train import TrainError
+    from sia_edge.train.meta import ADAPTER_FILES, CANDIDATE_FILE, HEAD_FILE, META_FILE, ValueMeta
+
+    src, dst = Path(teacher), Path(out)
+    meta = ValueMeta.from_file(src / META_FILE)
+    total = meta.layers
+    if total is None or not 1 <= layers < total:
+        raise TrainError(f"a student keeps between 1 and {(total or 1) - 1} of the teacher's {total} layers, "
+                         f"got {layers}")
+    adapter = load_file(str(src / ADAPTER_FILES[1]))
+    kept = {}
+    for name, t in adapter.items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m is None:
+            raise TrainError(f"{src / ADAPTER_FILES[1]}: tensor {name} belongs to no decoder layer; "
+                             "a student cannot be cut from this adapter")
+        if int(m.group(1)) < layers:
+            kept[name] = t
+    meta.layers = layers
+    meta.metrics = {}
+    meta.training = {"student_of": src.name, "teacher_layers": total}
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_FILES[0], HEAD_FILE):
+        _write_atomic(dst / name, (src / name).read_bytes())
+    _write_atomic(dst / ADAPTER_FILES[1], save(kept))
+    _write_atomic(dst / META_FILE, (meta.to_json() + "\n").encode())
+    (dst / CANDIDATE_FILE).unlink(missing_ok=True)  # a head of another depth does not fit
+    return dst
+
+
+def install_student_heads(assets: str | os.PathLike[str], fit: CandidateFit) -> None:
+    """Give a student's assets (``make_student_assets``) the heads fitted on its hidden states:
+    the candidate head, V(s) as its scalar head, and the candidate head as the recommended one
+    (``value_meta.json``'s steering ``value_head``), with the fit's report as metrics."""
+    from safetensors.numpy import save
+
+    from sia_edge.train.meta import CANDIDATE_FILE, HEAD_FILE, META_FILE, ValueMeta
+
+    folder = Path(assets)
+    if fit.state_head is None:
+        raise ValueError("a student's heads come from a fit with fit_state_value=True")
+    weight, bias = fit.state_head
+    meta = ValueMeta.from_file(folder / META_FILE)
+    meta.steering = {**meta.steering, "value_head": "candidate"}
+    meta.metrics = {f"candidate_{k}": float(v) for k, v in fit.report.items()}
+    save_head_asset(fit.head, folder / CANDIDATE_FILE, report=fit.report)
+    _write_atomic(folder / HEAD_FILE, save({"weight": np.asarray(weight, dtype=np.float32).reshape(1, -1),
+                                            "bias": np.asarray([bias], dtype=np.float32)}))
+    _write_atomic(folder / META_FILE, (meta.to_json() + "\n").encode())
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    tmp = atomic_output(path)
+    try:
+        tmp.write_bytes(blob)
+        commit_output(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -28,7 +28,6 @@ base model's top-k entropy >= tau) whether both rank the base model's top-k cand
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import importlib.util
 import math
 import os
@@ -824,13 +823,13 @@ def export_value_model(
     check_tau: float = 1.0,
     check_per_sequence: int = 4,
     n_threads: int | None = None,
-    steering: dict[str, float] | None = None,
+    steering: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[dict[str, Path], ParityReport | None]:
     """Merge, write and quantise a trained value model; optionally check parity. Returns the
     GGUF paths per type and the parity report (None without ``check_sequences``). ``steering``
     (``w``, ``target_ratio`` or ``tau``, ``horizon``) replaces the recommended settings of ``value_meta.json``."""
-    from sia_edge.train.meta import CANDIDATE_FILE, value_gguf_name
+    from sia_edge.train.meta import value_gguf_name
     from sia_edge.train.model import (
         META_FILE,
         ValueMeta,
@@ -883,15 +882,13 @@ def export_value_model(
 
     log(f"merging the LoRA into the backbone ({arch.arch})")
     replacements = merged_gguf_tensors(net.backbone, arch, source, exact=source == backbone_path)
-    head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
-                               steering=steering)
-    if (model_dir / CANDIDATE_FILE).is_file():  # trained after an earlier export: carried into this one
-        from sia_edge.train.candidate import load_head_asset
+    from sia_edge.train.candidate import candidate_asset_of
 
-        try:
-            head_meta = dataclasses.replace(head_meta, candidate=load_head_asset(model_dir / CANDIDATE_FILE))
-        except (ValueError, ValueFormatError) as exc:
-            raise TrainError(str(exc)) from None
+    try:  # a candidate head trained after an earlier export is carried into this one
+        head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
+                                   steering=steering, candidate=candidate_asset_of(model_dir))
+    except ValueFormatError as exc:
+        raise TrainError(f"{model_dir}: {exc}") from None
     del net
     paths = output_paths(out_prefix, types)
     tmp_full = atomic_output(output_paths(out_prefix, ["merged"])["merged"])

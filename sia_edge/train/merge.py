@@ -11,7 +11,6 @@ which also checks parity against PyTorch; tests/test_merge.py checks that both g
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,7 +25,6 @@ from sia_edge.gguf_io import GGUFError
 from sia_edge.train import TrainError
 from sia_edge.train.meta import (
     ADAPTER_FILES,
-    CANDIDATE_FILE,
     HEAD_FILE,
     META_FILE,
     ValueMeta,
@@ -159,14 +157,13 @@ def build_value_gguf(model_dir: str | os.PathLike[str], out_path: str | os.PathL
     head = _load_safetensors(model_dir / HEAD_FILE)
     if "weight" not in head or "bias" not in head or head["weight"].size != meta.hidden_size:
         raise TrainError(f"{model_dir / HEAD_FILE}: needs a weight of {meta.hidden_size} values and a bias")
-    head_meta = meta.head_meta(head["weight"].reshape(-1), float(head["bias"].reshape(-1)[0]))
-    if (model_dir / CANDIDATE_FILE).is_file():
-        from sia_edge.train.candidate import load_head_asset
+    from sia_edge.train.candidate import candidate_asset_of
 
-        try:
-            head_meta = dataclasses.replace(head_meta, candidate=load_head_asset(model_dir / CANDIDATE_FILE))
-        except (ValueError, ValueFormatError) as exc:
-            raise TrainError(str(exc)) from None
+    try:
+        head_meta = meta.head_meta(head["weight"].reshape(-1), float(head["bias"].reshape(-1)[0]),
+                                   candidate=candidate_asset_of(model_dir))
+    except ValueFormatError as exc:
+        raise TrainError(f"{model_dir}: {exc}") from None
     log(f"merging the LoRA into {backbone.name}")
     replacements = merged_tensors(model_dir, backbone, progress)
     tmp_full = atomic_output(out.with_name(out.name + ".merged"))

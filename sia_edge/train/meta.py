@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sia_edge.train import TrainError
-from sia_edge.value_format import ValueHeadMeta, check_recommended_steering
+from sia_edge.value_format import CandidateHeadMeta, ValueHeadMeta, check_recommended_steering
 
 __all__ = ["ADAPTER_FILES", "CANDIDATE_FILE", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering", "value_gguf_name"]
 
@@ -50,7 +50,7 @@ class ValueMeta:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     # Recommended steering settings (STEERING_KEYS), written into the GGUF as sia.steering.*
-    steering: dict[str, float] = field(default_factory=dict)
+    steering: dict[str, Any] = field(default_factory=dict)
     version: int = META_VERSION
 
     def to_json(self) -> str:
@@ -73,7 +73,7 @@ class ValueMeta:
             raise TrainError(f"{path}: incomplete value-model metadata ({exc})") from None
 
     def head_meta(self, weight: Any, bias: float, objective: str | None = None,
-                  steering: dict[str, float] | None = None) -> ValueHeadMeta:
+                  steering: dict[str, Any] | None = None, candidate: CandidateHeadMeta | None = None) -> ValueHeadMeta:
         """The ``sia.*`` GGUF metadata for this model (the engine's one definition); ``steering``
         replaces the recommended settings of ``value_meta.json``."""
         chosen = check_steering(self.steering if steering is None else steering)
@@ -82,16 +82,17 @@ class ValueMeta:
             tokenizer_fingerprint=self.tokenizer_fingerprint, base_model=self.base_model,
             objective=objective if objective is not None else self.reward_name,
             steering_w=chosen.get("w"), steering_target_ratio=chosen.get("target_ratio"),
-            steering_tau=chosen.get("tau"), steering_horizon=chosen.get("horizon"),  # type: ignore[arg-type]
+            steering_tau=chosen.get("tau"), steering_horizon=chosen.get("horizon"),
+            steering_value_head=chosen.get("value_head"), candidate=candidate,
         )
 
 
-STEERING_KEYS = ("w", "target_ratio", "tau", "horizon")
+STEERING_KEYS = ("w", "target_ratio", "tau", "horizon", "value_head")
 
 
-def check_steering(steering: dict[str, float]) -> dict[str, float]:
-    """Recommended steering settings (``w``, ``target_ratio`` or ``tau``, ``horizon``) that the
-    engine accepts, or an error."""
+def check_steering(steering: dict[str, Any]) -> dict[str, Any]:
+    """Recommended steering settings (``w``, ``target_ratio`` or ``tau``, ``horizon``,
+    ``value_head``) that the engine accepts, or an error."""
     unknown = sorted(set(steering) - set(STEERING_KEYS))
     if unknown:
         raise TrainError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use {', '.join(STEERING_KEYS)}")
@@ -99,7 +100,7 @@ def check_steering(steering: dict[str, float]) -> dict[str, float]:
     if isinstance(horizon, float) and horizon.is_integer():  # JSON may spell 16 as 16.0
         steering = {**steering, "horizon": int(horizon)}
     check_recommended_steering(steering.get("w"), steering.get("target_ratio"), steering.get("tau"),
-                               steering.get("horizon"))  # type: ignore[arg-type]
+                               steering.get("horizon"), steering.get("value_head"))
     return steering
 
 
