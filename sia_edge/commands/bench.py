@@ -243,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = engine.encode_prompt(msgs)
             ms, n = plain_run(engine, ids, args.tokens, args.k, seed=i)
             rows["plain"].append({"ms_per_token": ms, "tokens": n})
-            runs = [(name, engine, cfg) for name, cfg in modes.items()]
-            runs += [(name, eng, cfg) for name, (eng, cfg) in others.items()]
-            for name, eng, cfg in runs:
+            jobs = [(name, engine, cfg) for name, cfg in modes.items()]
+            jobs += [(name, eng, cfg) for name, (eng, cfg) in others.items()]
+            for name, eng, cfg in jobs:
                 gen = eng.generate(msgs, max_tokens=args.tokens, config=cfg, seed=i)
                 with gen:
                     for _ in gen:
