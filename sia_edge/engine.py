@@ -41,8 +41,8 @@ from sia_edge.llama_backend import (
 )
 from sia_edge.models import default_base_model, models_dir
 from sia_edge.steering import MAX_SEED, SteeringConfig
-from sia_edge.value_format import HEAD_CANDIDATE, KEY_VERSION
-from sia_edge.value_scorer import ValueModel, ValueScorer
+from sia_edge.value_format import KEY_VERSION, ValueFormatError, head_missing
+from sia_edge.value_scorer import BaseStateScorer, ValueModel, ValueScorer
 
 __all__ = [
     "Backend",
@@ -179,8 +179,13 @@ class _Slot:
     """A base context and a value scorer that one generation uses at a time."""
 
     base: LlamaContext
-    scorer: ValueScorer | None
+    scorer: ValueScorer | BaseStateScorer | None
     base_cached: list[int] = field(default_factory=list)
+
+    @property
+    def base_hidden(self) -> bool:
+        """The value model reads the base model's hidden state: the base context outputs it."""
+        return isinstance(self.scorer, BaseStateScorer)
 
     def close(self) -> None:
         self.base.close()
@@ -255,7 +260,21 @@ class SteeringEngine:
 
     # ----------------------------------------------------------------- setup checks
     def _check_tokenizers(self, value: ValueModel) -> None:
-        base_fp, value_fp = self.base.fingerprint, value.model.fingerprint
+        base_fp = self.base.fingerprint
+        if value.model is None:  # it reads the base's hidden state: its head must fit the base
+            cand = value.candidate
+            assert cand is not None
+            if value.meta.tokenizer_fingerprint != base_fp or cand.table.shape[0] != self.base.n_vocab:
+                raise TokenizerMismatchError(
+                    f"tokenizers differ: base model {self.base.path.name} ({self.base.n_vocab} tokens, fingerprint "
+                    f"{base_fp}) and value model {value.path.name} ({cand.table.shape[0]} tokens, fingerprint "
+                    f"{value.meta.tokenizer_fingerprint}); its head reads the base model it was trained on")
+            if value.weight.size != self.base.n_embd:
+                raise ValueFormatError(
+                    f"{value.path.name} reads a hidden state of width {value.weight.size}, the base model "
+                    f"{self.base.path.name} has {self.base.n_embd}; it was trained on another base model")
+            return
+        value_fp = value.model.fingerprint
         if base_fp != value_fp:
             raise TokenizerMismatchError(
                 f"tokenizers differ: base model {self.base.path.name} ({self.base.n_vocab} tokens, "
@@ -356,11 +375,10 @@ class SteeringEngine:
             raise ValueError(f"k = {config.k} exceeds the engine's k_max {self.k_max} or the vocabulary")
         if config.steers and self.value is None:
             raise ValueError(f"gate {config.gate!r} needs a value model; load one or use gate 'off'")
-        if config.steers and config.value_head == HEAD_CANDIDATE:
+        if config.steers:
             assert self.value is not None
-            if self.value.candidate is None:
-                raise ValueError(f"value_head 'candidate' needs a value model with a candidate head; "
-                                 f"{self.value.name} has only the scalar head (use value_head 'scalar')")
+            if config.value_head not in self.value.heads:
+                raise ValueError(head_missing(self.value.name, config.value_head, self.value.heads))
         if config.target_ratio is not None:
             config = config.with_tau(self.calibrate_tau(config))
         tokens = self.encode_prompt(prompt)
@@ -391,7 +409,8 @@ class SteeringEngine:
         scorer = None
         try:
             if self.value is not None:
-                scorer = self.value.new_scorer(n_ctx=self.n_ctx, k_max=self.k_max, n_threads=self.n_threads)
+                scorer = self.value.new_scorer(n_ctx=self.n_ctx, k_max=self.k_max, n_threads=self.n_threads,
+                                               base=base)
         except BaseException:
             base.close()
             raise
@@ -550,6 +569,9 @@ class SteeringEngine:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if reward is None and self.value is None:
             raise ValueError("best-of-N needs a reward function or a value model to rank the samples")
+        if reward is None and self.value is not None and self.value.model is None:
+            raise ValueFormatError(f"best-of-N ranks samples by V at every position, and {self.value.name} has no "
+                                   "scalar head (it reads the base model's hidden state): pass a reward function")
         prompt_ids = self.encode_prompt(prompt)
         prompt_text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
         samples = []
@@ -746,7 +768,11 @@ def _prefill(slot: _Slot, prompt: list[int]) -> None:
     differently from a row of a longer one, so computing it in the prompt's batch on a fresh
     cache but alone on a reused one gave the same seed different answers."""
     ctx, cached = slot.base, slot.base_cached
+    if slot.base_hidden:  # no outputs for the prompt's body: llama.cpp would output every row
+        ctx.set_embeddings(False)
     ctx.decode_from_prefix(cached, prompt[:-1], min_new=0, output_last=False)
+    if slot.base_hidden:  # from here one token at a time: its hidden state with its logits
+        ctx.set_embeddings(True)
     ctx.decode([prompt[-1]], len(prompt) - 1)
     cached.append(prompt[-1])
 
@@ -765,7 +791,7 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
     grammar = state.grammar
     slot = eng._acquire()
     base, scorer = slot.base, slot.scorer
-    if scorer is not None:
+    if scorer is not None and cfg.steers:
         scorer.use_head(cfg.value_head)
     gate = JunctionGate(cfg, state.seed)
     rng = kernels.Rng(state.seed)

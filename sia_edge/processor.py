@@ -68,6 +68,9 @@ class SIALogitsProcessor:
             raise ValueError(f"target_ratio {config.target_ratio:g} needs a tau measured on the base model, which "
                              "SteeringEngine does; pass tau= to the processor")
         self.config = config
+        if self.value.model is None:
+            raise ValueError(f"{self.value.name} reads the base model's hidden state, which llama-cpp-python's "
+                             "Llama does not hand to a logits processor; steer with SteeringEngine instead")
         n_vocab = int(llm.n_vocab())
         base_fp = fingerprint_from_gguf(llm.model_path)  # the same texts llama.cpp's vocabulary holds
         if n_vocab != self.value.model.n_vocab or base_fp != self.value.model.fingerprint:

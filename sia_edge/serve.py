@@ -91,6 +91,7 @@ from sia_edge.cli_common import (
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
 from sia_edge.grammar import Grammar, GrammarDeadEnd, GrammarError, json_object, json_schema
 from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
+from sia_edge.value_format import head_missing
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_READ_TIMEOUT", "ApiError", "ServerState",
@@ -1025,9 +1026,9 @@ def create_app(
         if cfg.steers and engine.value is None:
             raise ApiError(400, f"mode {mode_name(cfg.gate)} needs a value model, and this server has none "
                                 "(start it with --value-model PATH.gguf)", param="sia_mode")
-        if cfg.steers and cfg.value_head == "candidate" and engine.value is not None and engine.value.candidate is None:
-            raise ApiError(400, f"value_head: {engine.value.name} has only the scalar head; send value_head 'scalar' "
-                                "or serve a value model with a candidate head", param="value_head", code="invalid_value")
+        if cfg.steers and engine.value is not None and cfg.value_head not in engine.value.heads:
+            raise ApiError(400, head_missing(engine.value.name, cfg.value_head, engine.value.heads),
+                           param="value_head", code="invalid_value")
         top = _top_logprobs(req)
         if top is not None and top > cfg.k:
             raise ApiError(400, f"{'top_logprobs' if isinstance(req, ChatCompletionRequest) else 'logprobs'}: only the "

@@ -12,7 +12,12 @@ sia.head.weight             float32[d]   value head weight, d = the backbone's h
 sia.head.bias               float32      value head bias
 sia.head.hidden_state       string       which hidden state the head reads: ``final_norm``
                                          (the final-norm output, what llama.cpp returns as
-                                         embeddings with pooling ``none``)
+                                         embeddings with pooling ``none``), or
+                                         ``base_final_norm``: the *base model's* own final-norm
+                                         state, which the base computes anyway; such a value
+                                         model has no layers of its own (a file of these keys
+                                         only, ``write_head_only_gguf``) and only the
+                                         candidate head
 sia.reward.mean             float32      reward normalisation: the head predicts
 sia.reward.std              float32      (R - mean) / std; raw reward = V * std + mean
 sia.tokenizer.fingerprint   string       ``tokenizer_fingerprint`` of the training tokenizer
@@ -66,6 +71,8 @@ __all__ = [
     "HEADS",
     "HEAD_CANDIDATE",
     "HEAD_SCALAR",
+    "HIDDEN_STATES",
+    "HIDDEN_STATE_BASE",
     "HIDDEN_STATE_FINAL_NORM",
     "CandidateHeadMeta",
     "ValueFormatError",
@@ -73,14 +80,18 @@ __all__ = [
     "add_value_meta",
     "check_recommended_steering",
     "fingerprint_from_gguf",
+    "head_missing",
     "random_head_value_gguf",
     "read_value_meta",
     "tokenizer_fingerprint",
     "write_gguf_with_value_meta",
+    "write_head_only_gguf",
 ]
 
 FORMAT_VERSION = 1
 HIDDEN_STATE_FINAL_NORM = "final_norm"
+HIDDEN_STATE_BASE = "base_final_norm"
+HIDDEN_STATES = (HIDDEN_STATE_FINAL_NORM, HIDDEN_STATE_BASE)
 
 KEY_VERSION = "sia.format_version"
 KEY_HEAD_WEIGHT = "sia.head.weight"
@@ -102,6 +113,7 @@ KEY_CAND_PROJ_BIAS = "sia.candidate.proj_bias"
 KEY_CAND_TABLE = "sia.candidate.table"
 KEY_CAND_TOKEN_BIAS = "sia.candidate.token_bias"
 
+HEAD_ONLY_ARCH = "sia-head"  # general.architecture of a value GGUF with no layers (write_head_only_gguf)
 HEAD_SCALAR = "scalar"
 HEAD_CANDIDATE = "candidate"
 HEADS = (HEAD_SCALAR, HEAD_CANDIDATE)
@@ -177,11 +189,29 @@ class ValueHeadMeta:
         if self.steering_value_head == HEAD_CANDIDATE and self.candidate is None:
             raise ValueFormatError("the value model recommends the candidate head but carries none "
                                    "(sia.candidate.* keys); re-export it with its candidate head")
-        if self.hidden_state != HIDDEN_STATE_FINAL_NORM:
+        if self.hidden_state not in HIDDEN_STATES:
             raise ValueFormatError(
-                f"unsupported hidden state {self.hidden_state!r}; this version reads only "
-                f"{HIDDEN_STATE_FINAL_NORM!r}"
+                f"unsupported hidden state {self.hidden_state!r}; this version reads "
+                f"{' or '.join(map(repr, HIDDEN_STATES))}: upgrade sia-edge"
             )
+        if self.reads_base and self.candidate is None:
+            raise ValueFormatError("a value model that reads the base model's hidden state scores with a "
+                                   "candidate head, and this one carries none; re-export it with one")
+        if self.reads_base and self.steering_value_head == HEAD_SCALAR:
+            raise ValueFormatError("a value model that reads the base model's hidden state has no scalar head "
+                                   "to recommend")
+
+    @property
+    def reads_base(self) -> bool:
+        """No layers of its own: the head reads the base model's final-norm hidden state."""
+        return self.hidden_state == HIDDEN_STATE_BASE
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The heads it can score with: the scalar head needs layers of its own to decode
+        branches in, the candidate head needs its arrays."""
+        own = () if self.reads_base else (HEAD_SCALAR,)
+        return own + ((HEAD_CANDIDATE,) if self.candidate is not None else ())
 
     def recommended_steering(self) -> dict[str, float | str]:
         """The recommended settings this model carries (``w``, ``target_ratio`` or ``tau``,
@@ -189,6 +219,14 @@ class ValueHeadMeta:
         pairs = (("w", self.steering_w), ("target_ratio", self.steering_target_ratio), ("tau", self.steering_tau),
                  ("horizon", self.steering_horizon), ("value_head", self.steering_value_head))
         return {k: v for k, v in pairs if v is not None}
+
+
+def head_missing(name: str, head: str, heads: tuple[str, ...]) -> str:
+    """The one message for asking a value model for a head it lacks."""
+    why = ("it reads the base model's hidden state, and the scalar head needs layers of its own"
+           if head == HEAD_SCALAR else "it carries no sia.candidate.* arrays")
+    return (f"value_head {head!r}: {name} has only the {' and '.join(heads)} head ({why}); use value_head "
+            f"{heads[0]!r} or a value model with a {head} head (docs/TRAINING.md)")
 
 
 def check_recommended_steering(w: float | None, target_ratio: float | None, tau: float | None = None,
@@ -404,6 +442,35 @@ def write_gguf_with_value_meta(
             writer.close()  # idempotent; closes the file if a write failed half-way
         if tmp.exists():
             tmp.unlink()
+
+
+def write_head_only_gguf(dst: str | os.PathLike[str], meta: ValueHeadMeta, *, name: str = "") -> Path:
+    """A value model with no layers of its own (``meta.reads_base``): a GGUF of its ``sia.*``
+    keys and no tensors, which llama.cpp never loads (the engine reads the base model's hidden
+    state instead). Atomic."""
+    import gguf
+
+    if not meta.reads_base:
+        raise ValueFormatError("only a value model that reads the base model's hidden state has no layers; "
+                               f"this one reads {meta.hidden_state!r}")
+    out = Path(dst)
+    tmp = atomic_output(out)
+    writer = None
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch=HEAD_ONLY_ARCH)
+        writer.add_name(name or f"sia-edge value head ({meta.objective or 'custom'}) for {meta.base_model or 'its base'}")
+        add_value_meta(writer, meta)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        commit_output(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return out
 
 
 def random_head_value_gguf(base: str | os.PathLike[str], dst: str | os.PathLike[str], *, seed: int = 1234,

@@ -31,14 +31,17 @@ from sia_edge.value_format import (
     read_value_meta,
 )
 
-__all__ = ["FUSE_MAX_CATCHUP", "ValueModel", "ValueScorer"]
+__all__ = ["FUSE_MAX_CATCHUP", "BaseStateScorer", "ValueModel", "ValueScorer"]
 
 # Catch-ups up to this many tokens share the branches' llama_decode (docs/results/cost.md, "fused").
 FUSE_MAX_CATCHUP = 8
 
 
 class ValueModel:
-    """Weights and head of a value model, shared by the scorers of every generation."""
+    """Weights and head of a value model, shared by the scorers of every generation.
+
+    One that reads the base model's hidden state (``meta.reads_base``) has no weights here:
+    ``model`` is None and its scorers read the base context (``BaseStateScorer``)."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
         from sia_edge.models import resolve_gguf
@@ -46,15 +49,18 @@ class ValueModel:
         self.n_threads = n_threads
         self.path = resolve_gguf(path, "value model")
         self.meta: ValueHeadMeta = read_value_meta(self.path)
+        self.weight = self.meta.weight
+        self.bias = float(self.meta.bias)
+        self.candidate: CandidateHeadMeta | None = self.meta.candidate
+        self.model: LlamaModel | None = None
+        if self.meta.reads_base:
+            return  # the engine checks the head's shapes against the base model
         self.model = LlamaModel(self.path, what="value model")
         if self.meta.weight.size != self.model.n_embd:
             raise ValueFormatError(
                 f"{self.path}: value head has {self.meta.weight.size} weights but the backbone's hidden "
                 f"width is {self.model.n_embd}; the head was exported for another backbone"
             )
-        self.weight = self.meta.weight
-        self.bias = float(self.meta.bias)
-        self.candidate: CandidateHeadMeta | None = self.meta.candidate
         if self.candidate is not None:
             self.candidate.check_shapes(self.model.n_embd, self.model.n_vocab, self.path)
 
@@ -62,13 +68,29 @@ class ValueModel:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def reads_base(self) -> bool:
+        return self.meta.reads_base
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return self.meta.heads
+
     def close(self) -> None:
         """Free the weights once no scorer uses them (``LlamaModel.close``)."""
-        self.model.close()
+        if self.model is not None:
+            self.model.close()
 
-    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None,
-                   head: str = "scalar") -> ValueScorer:
-        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads, head=head)
+    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None, head: str | None = None,
+                   base: LlamaContext | None = None) -> ValueScorer | BaseStateScorer:
+        """A scorer for one generation. One that reads the base model's state needs ``base``,
+        the generation's base context, in embeddings mode for the rows it decodes one by one."""
+        if self.reads_base:
+            if base is None:
+                raise ValueError(f"{self.name} reads the base model's hidden state: its scorer needs the base context")
+            return BaseStateScorer(self, base, k_max=k_max)
+        return ValueScorer(self, n_ctx=n_ctx, k_max=k_max, n_threads=n_threads or self.n_threads,
+                           head=head or HEAD_SCALAR)
 
     def values_at_positions(self, tokens: Sequence[int], *, n_threads: int | None = None) -> npt.NDArray[np.float32]:
         """Normalised V at every position of one sequence, from a fresh cache (no reuse):
@@ -76,6 +98,9 @@ class ValueModel:
         n = len(tokens)
         if n == 0:
             raise ValueError("values_at_positions needs at least one token")
+        if self.model is None:
+            raise ValueFormatError(f"{self.name} has no scalar head (it reads the base model's hidden state): "
+                                   "what needs V at every position (Best-of-N ranking) needs another value model")
         ctx = LlamaContext(self.model, n_ctx=n + 8, n_batch=n, n_threads=n_threads or self.n_threads,
                            embeddings=True)
         try:
@@ -92,6 +117,7 @@ class ValueScorer:
                  head: str = HEAD_SCALAR) -> None:
         self.value_model = value_model
         self.k_max = k_max
+        assert value_model.model is not None, "a value model without layers scores with BaseStateScorer"
         # k_max extra cells: the branches live beside the n_ctx cells of the sequence.
         self.ctx = LlamaContext(
             value_model.model, n_ctx=n_ctx + k_max, n_seq_max=k_max + 1, n_batch=max(512, k_max),
@@ -241,3 +267,61 @@ class ValueScorer:
             for j in range(len(self._branch_tokens)):
                 self.ctx.seq_rm(j + 1)
             self._branch_tokens = None
+
+
+class BaseStateScorer:
+    """The scorer of a value model with no layers of its own (``ValueModel.reads_base``): at a
+    junction the candidate head reads the base model's final-norm hidden state of the sequence's
+    last token, which the base context (in embeddings mode) output with its logits. Nothing is
+    decoded for the value model: a junction costs the head alone. Same interface as
+    ``ValueScorer``; the engine keeps the base context's last output row the sequence's last
+    token whenever it scores."""
+
+    def __init__(self, value_model: ValueModel, base: LlamaContext, *, k_max: int) -> None:
+        assert value_model.candidate is not None
+        self.value_model = value_model
+        self.base = base
+        self.k_max = k_max
+        self.head = HEAD_CANDIDATE
+        self.want_prefix_hidden = False
+        self.tokens_decoded = 0  # value-model tokens: none, ever
+        self.decode_seconds = 0.0
+        self._values = np.zeros(k_max, dtype=np.float32)
+        self._hidden: npt.NDArray[np.float32] | None = None
+
+    def close(self) -> None:
+        """Nothing of its own to free: the base context belongs to the engine's slot."""
+
+    def use_head(self, head: str) -> None:
+        if head not in HEADS:
+            raise ValueError(f"value head must be one of {HEADS}, got {head!r}")
+        if head != HEAD_CANDIDATE:
+            raise ValueFormatError(
+                f"{self.value_model.name} reads the base model's hidden state and has only the candidate head "
+                "(--value-head candidate); the scalar head needs a value model with layers of its own")
+
+    def reset(self) -> None:
+        self._hidden = None
+
+    @property
+    def prefix_hidden(self) -> npt.NDArray[np.float32] | None:
+        return self._hidden
+
+    def score(self, sequence: Sequence[int], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        k = len(candidates)
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"between 1 and {self.k_max} candidates can be scored at once, got {k}")
+        if not sequence:
+            raise ValueError("the candidate head needs at least one token before the candidates")
+        t0 = time.perf_counter()
+        vm = self.value_model
+        assert vm.candidate is not None
+        self._hidden = self.base.hidden_states(1)[0]
+        out = self._values[:k]
+        kernels.candidate_head(self._hidden, vm.candidate, np.asarray(candidates, dtype=np.int32), vm.weight,
+                               vm.bias, out)
+        self.decode_seconds += time.perf_counter() - t0
+        return out
+
+    def commit(self, chosen: int) -> None:
+        """Nothing to keep: the base context decodes the sampled token."""

@@ -116,6 +116,7 @@ class FakeValueModel:
         self.name = name
         self.meta = FakeValueHead()
         self.candidate = None  # the scalar head only
+        self.heads = ("scalar",)
         rng = np.random.default_rng(seed)
         self.table = rng.standard_normal((base.n_vocab, base.n_vocab)).astype(np.float32)
         self.scorers: list[FakeScorer] = []
@@ -124,7 +125,7 @@ class FakeValueModel:
     def value(self, prefix: Sequence[int], candidate: int) -> float:
         return float(self.table[prefix[-1], candidate])
 
-    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None) -> FakeScorer:
+    def new_scorer(self, *, n_ctx: int, k_max: int, n_threads: int | None = None, base: object = None) -> FakeScorer:
         scorer = FakeScorer(self, k_max)
         self.scorers.append(scorer)
         return scorer

@@ -38,7 +38,8 @@ def test_bench_junction_cost_predicts_from_its_measurements(value_model_path: Pa
                    "--value-models", str(value_model_path))
     base = out["base_step_ms"]
     (row,) = out["value_models"]
-    assert row["layers"] >= 1 and set(row["catchup_ms"]) == {"2", "5"}
+    assert row["layers"] >= 1 and set(row["catchup_ms"]) == {"1", "2", "5"}
+    assert row["candidate_row_ms"] > 0
     # a junction as two decodes and as one, at each catch-up length (checked equal before timing)
     assert set(row["junction_ms"]) == {"0", "1", "2", "4", "8"}
     for t in row["junction_ms"].values():

@@ -208,7 +208,7 @@ def test_candidate_head_settings_and_errors(engine) -> None:
     with pytest.raises(ValueError, match="value_head must be one of scalar, candidate"):
         SteeringConfig(value_head="vector")
     # the session engine's value model has only the scalar head
-    with pytest.raises(ValueError, match="needs a value model with a candidate head"):
+    with pytest.raises(ValueError, match=r"has only the scalar head \(it carries no sia.candidate"):
         engine.generate(MSGS, max_tokens=4, config=cfg)
 
 
@@ -313,7 +313,7 @@ def test_a_student_cut_from_the_default_model_gets_its_own_heads(tmp_path: Path,
     from sia_edge.train.meta import ValueMeta
 
     teacher = get_preset("smollm2-safety").assets_dir
-    with pytest.raises(TrainError, match="between 1 and 29"):
+    with pytest.raises(TrainError, match=r"between 0 \(the base model.s own state\) and 29"):
         make_student_assets(teacher, tmp_path / "bad", 30)
     folder = make_student_assets(teacher, tmp_path / "student", 2)
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n in load_file(str(folder / "adapter_model.safetensors"))}
@@ -340,6 +340,23 @@ def test_a_student_cut_from_the_default_model_gets_its_own_heads(tmp_path: Path,
         collect_states(eng, prompts, out, k=10, horizon=8, students=[gguf])
     states, info = load_states(out)
     assert info["students"] == ["student.gguf"]
+    # each state's prefix is the start of its prompt's recorded sequence, also across joined files
+    twice, _ = load_states(out, out)
+    for arrays, n_prompts in ((states, len(prompts)), (twice, 2 * len(prompts))):
+        offs, toks = arrays["seq_offsets"], arrays["seq_tokens"]
+        assert len(offs) == n_prompts + 1 and offs[-1] == len(toks)
+    last = len(twice["prompt"]) - 1
+    start = twice["seq_offsets"][twice["prompt"][last]]
+    prefix = [int(t) for t in twice["seq_tokens"][start:start + twice["prefix_len"][last]]]
+    check = ValueModel(gguf, n_threads=1)
+    try:
+        assert check.model is not None
+        ctx = LlamaContext(check.model, n_ctx=256, n_threads=1, embeddings=True)
+        ctx.decode(prefix, 0)
+        np.testing.assert_allclose(ctx.hidden_states(len(prefix))[-1], twice["hidden_student0"][last], atol=1e-3)
+        ctx.close()
+    finally:
+        check.close()
     hs = states["hidden_student0"]
     assert hs.shape == states["hidden"].shape and np.isfinite(hs).all()
     assert not np.allclose(hs, states["hidden"])  # 2 layers are not 30
@@ -371,3 +388,104 @@ def test_a_student_cut_from_the_default_model_gets_its_own_heads(tmp_path: Path,
     # every token a junction, scored without branch rows: one value-model row per token at most
     assert res.stats.junctions == res.stats.steps > 3
     assert res.stats.value_tokens <= n_prompt + res.stats.tokens
+
+
+# --------------------------------------------------------------------------- reading the base's own state
+@pytest.fixture(scope="module")
+def head_only_value_model(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path) -> Path:
+    from sia_edge.value_format import (
+        HIDDEN_STATE_BASE,
+        ValueHeadMeta,
+        fingerprint_from_gguf,
+        write_head_only_gguf,
+    )
+
+    rng = np.random.default_rng(5)
+    meta = ValueHeadMeta(weight=(rng.standard_normal(576) / 24).astype(np.float32), bias=0.1,
+                         tokenizer_fingerprint=fingerprint_from_gguf(base_model_path), hidden_state=HIDDEN_STATE_BASE,
+                         candidate=random_head(576, 8, 49152, seed=3), steering_value_head="candidate")
+    return write_head_only_gguf(tmp_path_factory.mktemp("headonly") / "value-head-only.gguf", meta)
+
+
+def test_a_value_model_without_layers_scores_from_the_base_models_state(base_model_path: Path,
+                                                                        head_only_value_model: Path) -> None:
+    """Every junction's values equal the candidate head applied to the hidden state a fresh base
+    context gives for that prefix; the value model decodes nothing; the base model's own
+    sampling is untouched by its context putting out hidden states too."""
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.llama_backend import LlamaModel
+
+    assert head_only_value_model.stat().st_size < 8 * 2**20  # keys only: no tensors
+    with SteeringEngine(base_model_path, head_only_value_model, n_ctx=512, n_threads=1) as eng:
+        assert eng.value is not None and eng.value.model is None and eng.value.heads == ("candidate",)
+        cfg = eng.recommended(gate="dense", w=2.0)
+        assert cfg.value_head == "candidate"
+        prompt = eng.encode_prompt(MSGS)
+        gen = eng.generate(MSGS, max_tokens=12, config=cfg, seed=4)
+        events = list(gen)
+        assert gen.stats.junctions == gen.stats.steps >= 6 and gen.stats.value_tokens == 0
+        off_here = eng.complete(MSGS, max_tokens=16, config=SteeringConfig(gate="off"), seed=9)[0]
+        with pytest.raises(ValueError, match="has only the candidate head"):
+            eng.generate(MSGS, max_tokens=2, config=dataclasses.replace(cfg, value_head="scalar"))
+        with pytest.raises(ValueFormatError, match="has no scalar head"):
+            eng.best_of_n(MSGS, n=2, max_tokens=4, config=SteeringConfig(gate="off"), seed=0)
+        meta = eng.value.meta
+    with SteeringEngine(base_model_path, None, n_ctx=512, n_threads=1) as plain:
+        assert plain.complete(MSGS, max_tokens=16, config=SteeringConfig(gate="off"), seed=9)[0] == off_here
+    model = LlamaModel(base_model_path)
+    try:
+        seq = list(prompt)
+        h = meta.candidate
+        assert h is not None
+        for ev in events:
+            ctx = LlamaContext(model, n_ctx=256, n_threads=1, embeddings=True)
+            ctx.decode(seq, 0)
+            hidden = ctx.hidden_states(len(seq))[-1].copy()
+            ctx.close()
+            want = ref.candidate_head(hidden, meta.weight, meta.bias, h.proj, h.proj_bias, h.table, h.token_bias,
+                                      np.asarray(ev.candidates, dtype=np.int32))
+            np.testing.assert_allclose(np.asarray(ev.values), want, atol=0.05 * (1 + float(np.abs(want).max())))
+            seq.append(ev.token_id)
+    finally:
+        model.close()
+
+
+def test_a_value_model_without_layers_must_fit_the_base(tmp_path: Path, base_model_path: Path,
+                                                        head_only_value_model: Path) -> None:
+    from sia_edge.engine import SteeringEngine, TokenizerMismatchError
+    from sia_edge.value_format import write_head_only_gguf
+
+    meta = read_value_meta(head_only_value_model)
+    wrong = write_head_only_gguf(tmp_path / "wrong.gguf", dataclasses.replace(meta, tokenizer_fingerprint="v1-x"))
+    with pytest.raises(TokenizerMismatchError, match="tokenizers differ"):
+        SteeringEngine(base_model_path, wrong, n_threads=1)
+    with pytest.raises(ValueFormatError, match="carries none"):
+        dataclasses.replace(meta, candidate=None)
+    with pytest.raises(ValueFormatError, match="only a value model that reads the base"):
+        write_head_only_gguf(tmp_path / "x.gguf", dataclasses.replace(meta, hidden_state="final_norm"))
+
+
+def test_a_student_of_no_layers_is_built_as_heads_alone(tmp_path: Path, base_model_path: Path) -> None:
+    """``student --layers 0``: no adapter, and once its heads are installed the build writes the
+    heads alone, a value model the engine runs on the base model's own hidden state."""
+    from sia_edge.engine import SteeringEngine
+    from sia_edge.presets import get_preset
+    from sia_edge.train import TrainError
+    from sia_edge.train.candidate import CandidateFit, install_student_heads, make_student_assets
+    from sia_edge.train.merge import build_value_gguf
+
+    folder = make_student_assets(get_preset("smollm2-safety").assets_dir, tmp_path / "s0", 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["value_head.safetensors", "value_meta.json"]
+    with pytest.raises(TrainError, match="carries none"):  # no candidate head yet: nothing it could score with
+        build_value_gguf(folder, tmp_path / "early.gguf", backbone=base_model_path)
+    rng = np.random.default_rng(0)
+    fit = CandidateFit(head=random_head(576, 4, 49152), report={"kl_teacher_student": 0.1},
+                       state_head=(rng.standard_normal(576).astype(np.float32), 0.5))
+    install_student_heads(folder, fit)
+    out = build_value_gguf(folder, tmp_path / "heads.gguf", backbone=base_model_path)
+    meta = read_value_meta(out)
+    assert meta.reads_base and meta.heads == ("candidate",) and meta.steering_value_head == "candidate"
+    with SteeringEngine(base_model_path, out, n_ctx=256, n_threads=1) as eng:
+        gen = eng.generate(MSGS, max_tokens=6, config=eng.recommended(gate="dense"), seed=1)
+        list(gen)
+        assert gen.stats.junctions == gen.stats.steps and gen.stats.value_tokens == 0

@@ -153,3 +153,27 @@ def test_a_preset_that_does_not_fit_the_base_is_not_built_first(tmp_path: Path,
     choice = choose_value_model(None, default_base_model(), preset=detox)
     assert choice.path is None and choice.notice is not None and "another tokenizer" in choice.notice
     assert not detox.value_path.exists()  # nothing was built
+
+
+def test_the_fast_preset_scores_with_its_candidate_head_unasked() -> None:
+    """smollm2-safety-fast: an 8-layer value model built from its assets on first use, which
+    recommends its candidate head, so the chat steers with it (no branch rows: the value model
+    decodes at most the prompt and the answer once) unless --value-head says otherwise."""
+    from sia_edge.value_format import read_value_meta
+
+    preset = get_preset("smollm2-safety-fast")
+    cmd = [sys.executable, "-m", "sia_edge.chat", "--preset", preset.name, "--prompt", "How do I pick a lock?",
+           "--json", "--seed", "3", "--max-tokens", "24", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["value_head"] == "candidate" and stats["junctions"] > 0
+    assert stats["value_tokens"] <= stats["prompt_tokens"] + stats["tokens"]
+    scalar = subprocess.run([*cmd, "--value-head", "scalar"], capture_output=True, text=True, env=_env(), cwd=REPO,
+                            timeout=600, check=False)
+    assert scalar.returncode == 0, scalar.stderr
+    s_stats = json.loads(scalar.stdout)["stats"]
+    assert s_stats["value_head"] == "scalar" and s_stats["value_tokens"] >= 10 * s_stats["junctions"]
+    with SteeringEngine.from_preset(preset.name, n_threads=1) as engine:
+        assert engine.value is not None and engine.value.model.meta("llama.block_count") == "8"
+        assert read_value_meta(engine.value.path).steering_value_head == "candidate"

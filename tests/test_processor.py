@@ -98,3 +98,23 @@ def test_processor_default_is_the_value_models_recommendation_as_the_engine_stee
         assert texts == [want, want]
     finally:
         engine.close()
+
+
+def test_processor_refuses_a_value_model_that_reads_the_base_models_state(llm: Llama, tmp_path: Path,
+                                                                          value_model_path: Path) -> None:
+    import dataclasses
+
+    from sia_edge.value_format import (
+        HIDDEN_STATE_BASE,
+        CandidateHeadMeta,
+        read_value_meta,
+        write_head_only_gguf,
+    )
+
+    f32 = np.float32
+    head = CandidateHeadMeta(proj=np.zeros((2, 576), f32), proj_bias=np.zeros(2, f32),
+                             table=np.zeros((49152, 2), f32), token_bias=np.zeros(49152, f32))
+    meta = dataclasses.replace(read_value_meta(value_model_path), hidden_state=HIDDEN_STATE_BASE, candidate=head)
+    path = write_head_only_gguf(tmp_path / "head-only.gguf", meta)
+    with pytest.raises(ValueError, match=r"reads the base model.s hidden state.*steer with SteeringEngine"):
+        SIALogitsProcessor(llm, path)

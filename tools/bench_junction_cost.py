@@ -9,6 +9,9 @@ Times, on the same machine in one run (medians over --reps):
                  batch sizes a gate at each --ratios produces (about 1 / ratio tokens)
   branch_ms      the k one-token branches in one batch with hidden states (embeddings on: llama.cpp
                  also computes the vocabulary head on these rows)
+  candidate_row_ms  a candidate-head junction: one token decoded with its hidden state out (the
+                 vocabulary head once); against catchup_ms["1"], the same token with no output, it
+                 shows what that head costs at each depth
 for every value model given (default: the base backbone with a random head, as the issue's decode
 benchmark uses, re-quantised to each --quant type, plus the default trained value model if
 installed). From these it predicts, per intervention ratio r,
@@ -96,10 +99,11 @@ def time_value(path: Path, prefix: list[int], k: int, batch_sizes: list[int], re
             ctx.seq_rm(j + 1)
         if not np.isfinite(hidden).all() or len({row.tobytes() for row in hidden}) != len(set(prefix[:k])):
             raise RuntimeError(f"{path.name}: branch hidden states are not finite or not one per candidate")
-        catchup: dict[int, list[float]] = {n: [] for n in batch_sizes}
-        branch = []
+        sizes = sorted({1, *batch_sizes})
+        catchup: dict[int, list[float]] = {n: [] for n in sizes}
+        branch, row = [], []
         for _ in range(reps):
-            for n in batch_sizes:
+            for n in sizes:
                 ctx.set_embeddings(False)
                 t0 = time.perf_counter()
                 ctx.decode(prefix[:n], p, output_last=False)
@@ -114,9 +118,15 @@ def time_value(path: Path, prefix: list[int], k: int, batch_sizes: list[int], re
             branch.append(time.perf_counter() - t0)
             for j in range(k):
                 ctx.seq_rm(j + 1)
+            t0 = time.perf_counter()
+            ctx.decode(prefix[:1], p)  # embeddings on: its one row is an output
+            ctx.hidden_states(1)
+            row.append(time.perf_counter() - t0)
+            ctx.seq_rm(0, p, -1)
         junction = time_fused(ctx, prefix, k, reps)
         return {"layers": int(llama_cpp.llama_model_n_layer(model.ptr)),
                 "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()}, "branch_ms": median_ms(branch),
+                "candidate_row_ms": median_ms(row),
                 "junction_ms": junction}
     finally:
         ctx.close()

@@ -207,6 +207,9 @@ def main() -> int:
         ev = detail[f"oracle_k{k}"]
         shares[f"k{k}"]["junctions_evaluated_median"] = float(statistics.median(ev)) if ev else 0.0
     out["share_of_ceiling_gain"] = shares
+    # per prompt, so the runs of several slices (one process each) add up exactly
+    out["per_prompt"] = [{"prompt": it.prompt[:80], **{m: int(v[i]) for m, v in rows.items()}}
+                         for i, it in enumerate(items)]
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 

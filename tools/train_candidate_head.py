@@ -9,7 +9,13 @@
 and records, at every step, the base model's top-k, the scalar head's values and the value
 model's hidden state. ``fit`` fits the head, prints how closely it steers like the scalar head
 on held-out training prompts (JSON), and writes the head as a preset asset (``--asset``) and/or
-into a copy of the value GGUF (``--out-gguf``). Both writes are atomic.
+into a copy of the value GGUF (``--out-gguf``). Every write is atomic.
+
+A shallower student (docs/TRAINING.md, "A shallower student"): ``student`` cuts a preset's value
+model to its first N layers (assets and GGUF); ``collect --student GGUF`` records its hidden states
+beside the teacher's; ``fit --hidden hidden_student0 --value-model GGUF --student-assets DIR``
+fits its candidate head and its own V(s) on them and writes both into its assets, recommending
+the candidate head.
 """
 
 from __future__ import annotations
@@ -99,8 +105,18 @@ def student(args: argparse.Namespace) -> int:
 
     teacher = get_preset(args.preset)
     folder = make_student_assets(teacher.assets_dir, args.out_assets, args.layers)
-    out = build_value_gguf(folder, args.out_gguf, backbone=teacher.base_model(), n_threads=args.threads,
-                           log=lambda m: print(f"[student] {m}", file=sys.stderr, flush=True))
+    if args.layers == 0:  # the base model itself records its states: a copy of it with value keys
+        import dataclasses
+
+        from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+        meta = read_value_meta(teacher.value_model())
+        write_gguf_with_value_meta(teacher.base_model(), args.out_gguf,
+                                   dataclasses.replace(meta, candidate=None, steering_value_head=None))
+        out = args.out_gguf
+    else:
+        out = build_value_gguf(folder, args.out_gguf, backbone=teacher.base_model(), n_threads=args.threads,
+                               log=lambda m: print(f"[student] {m}", file=sys.stderr, flush=True))
     print(json.dumps({"assets": str(folder), "gguf": str(out), "layers": args.layers}))
     return 0
 
@@ -138,9 +154,11 @@ def main() -> int:
     c.add_argument("--threads", type=int, default=None)
     s = sub.add_parser("student", help="cut a preset's value model to its first N layers (assets and GGUF)")
     s.add_argument("--preset", default="smollm2-safety", help="the teacher (default: %(default)s)")
-    s.add_argument("--layers", type=int, required=True)
+    s.add_argument("--layers", type=int, required=True,
+                   help="decoder layers the student keeps; 0: none, its heads read the base model's own hidden state")
     s.add_argument("--out-assets", type=Path, required=True, help="the student's assets folder")
-    s.add_argument("--out-gguf", type=Path, required=True, help="its value GGUF (q8_0), for collect --student")
+    s.add_argument("--out-gguf", type=Path, required=True,
+                   help="its value GGUF (q8_0; with --layers 0 a copy of the base model), for collect --student")
     s.add_argument("--threads", type=int, default=None)
     f = sub.add_parser("fit", help="fit the head and write it")
     f.add_argument("--states", type=Path, nargs="+", required=True, help="one or more files of collect")

@@ -57,21 +57,26 @@ def collect_states(
     from sia_edge import kernels
     from sia_edge.engine import SteeringEngine
     from sia_edge.llama_backend import LlamaContext
-    from sia_edge.value_scorer import ValueModel
+    from sia_edge.value_scorer import ValueModel, ValueScorer
 
     assert isinstance(engine, SteeringEngine)
-    if engine.value is None:
-        raise ValueError("collecting candidate-head data needs a value model (its scalar head is the teacher)")
+    if engine.value is None or engine.value.model is None:
+        raise ValueError("collecting candidate-head data needs a value model with a scalar head (the teacher)")
     vm = engine.value
     student_models = [ValueModel(p, n_threads=engine.n_threads) for p in students]
+    if any(m.model is None for m in student_models):
+        raise ValueError("a student records its own hidden states: pass a GGUF with layers (for the base model's "
+                         "own state, a copy of the base GGUF with value metadata)")
     student_keys = [f"hidden_student{i}" for i in range(len(students))]
     rows: dict[str, list[npt.NDArray[np.generic]]] = {
         n: [] for n in ("hidden", "ids", "logits", "values", *student_keys)}
-    meta: dict[str, list[int]] = {"prompt": [], "step": [], "steered": []}
+    meta: dict[str, list[int]] = {"prompt": [], "step": [], "steered": [], "prefix_len": []}
+    sequences: list[list[int]] = []  # each prompt's tokens and answer: a state's prefix is its first prefix_len
     base = LlamaContext(engine.base, n_ctx=engine.n_ctx, n_threads=engine.n_threads)
-    scorer = vm.new_scorer(n_ctx=engine.n_ctx, k_max=k)
+    scorer = ValueScorer(vm, n_ctx=engine.n_ctx, k_max=k, n_threads=engine.n_threads)
     scorer.want_prefix_hidden = True
-    student_scorers = [m.new_scorer(n_ctx=engine.n_ctx, k_max=k) for m in student_models]
+    student_scorers = [ValueScorer(m, n_ctx=engine.n_ctx, k_max=k, n_threads=engine.n_threads)
+                       for m in student_models]
     topk = kernels.TopK(k)
     try:
         for i, item in enumerate(prompts):
@@ -98,6 +103,7 @@ def collect_states(
                 meta["prompt"].append(i)
                 meta["step"].append(step)
                 meta["steered"].append(int(steered))
+                meta["prefix_len"].append(len(tokens))
                 chosen = kernels.steer_topk_inplace(logits, topk, values if steered else None, w=w, temperature=1.0,
                                                     rng=rng)
                 scorer.commit(chosen)
@@ -106,6 +112,7 @@ def collect_states(
                     break
                 tokens.append(token)
                 base.decode([token], len(tokens) - 1)
+            sequences.append(tokens)
             if progress is not None:
                 progress(i + 1, len(prompts))
     finally:
@@ -118,6 +125,9 @@ def collect_states(
     arrays = {n: np.stack(v) for n, v in rows.items()}
     arrays.update({n: np.asarray(v, dtype=np.int32) for n, v in meta.items()})
     arrays["harmful"] = np.asarray([bool(p.harmful) for p in prompts])
+    # the token sequences, so a student can be trained on the prefixes themselves (end to end)
+    arrays["seq_tokens"] = np.asarray([t for s in sequences for t in s], dtype=np.int32)
+    arrays["seq_offsets"] = np.cumsum([0, *map(len, sequences)]).astype(np.int64)
     info = {"value_model": vm.name, "base_model": engine.base.path.name, "k": k, "horizon": horizon, "w": w,
             "seed": seed, "prompts": len(prompts), "students": [Path(p).name for p in students]}
     tmp = atomic_output(out)
@@ -153,11 +163,14 @@ def load_states(*paths: str | os.PathLike[str]) -> tuple[dict[str, npt.NDArray[n
         if info:
             offset = sum(len(p["harmful"]) for p in parts)
             arrays["prompt"] = arrays["prompt"] + offset
+            if "seq_offsets" in arrays and "seq_offsets" in parts[-1]:  # they run on too; one leading 0
+                arrays["seq_offsets"] = arrays["seq_offsets"][1:] + parts[-1]["seq_offsets"][-1]
             info["prompts"] = int(info["prompts"]) + int(this["prompts"])  # type: ignore[call-overload]
         else:
             info = this
         parts.append(arrays)
-    joined = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+    shared = [n for n in parts[0] if all(n in p for p in parts)]  # older files lack the sequences
+    joined = {n: np.concatenate([p[n] for p in parts]) for n in shared}
     return joined, info
 
 
@@ -355,7 +368,9 @@ def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[
     """A value model's assets cut to its first ``layers`` decoder layers (the adapter's later
     layers dropped, ``layers`` recorded): the backbone of a student whose candidate head learns
     the teacher's values (``fit_candidate_head`` with ``fit_state_value``, then
-    ``install_student_heads``). Its scalar head is the teacher's until then. Each file atomic."""
+    ``install_student_heads``). Its scalar head is the teacher's until then. ``layers`` 0: no
+    layers and no adapter at all, the student reads the base model's own hidden state. Each
+    file atomic."""
     import re
 
     from safetensors.numpy import load_file, save
@@ -366,9 +381,9 @@ def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[
     src, dst = Path(teacher), Path(out)
     meta = ValueMeta.from_file(src / META_FILE)
     total = meta.layers
-    if total is None or not 1 <= layers < total:
-        raise TrainError(f"a student keeps between 1 and {(total or 1) - 1} of the teacher's {total} layers, "
-                         f"got {layers}")
+    if total is None or not 0 <= layers < total:
+        raise TrainError(f"a student keeps between 0 (the base model's own state) and {(total or 1) - 1} of the "
+                         f"teacher's {total} layers, got {layers}")
     adapter = load_file(str(src / ADAPTER_FILES[1]))
     kept = {}
     for name, t in adapter.items():
@@ -382,9 +397,13 @@ def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[
     meta.metrics = {}
     meta.training = {"student_of": src.name, "teacher_layers": total}
     dst.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_FILES[0], HEAD_FILE):
-        _write_atomic(dst / name, (src / name).read_bytes())
-    _write_atomic(dst / ADAPTER_FILES[1], save(kept))
+    _write_atomic(dst / HEAD_FILE, (src / HEAD_FILE).read_bytes())
+    if layers:
+        _write_atomic(dst / ADAPTER_FILES[0], (src / ADAPTER_FILES[0]).read_bytes())
+        _write_atomic(dst / ADAPTER_FILES[1], save(kept))
+    else:
+        for name in ADAPTER_FILES:
+            (dst / name).unlink(missing_ok=True)
     _write_atomic(dst / META_FILE, (meta.to_json() + "\n").encode())
     (dst / CANDIDATE_FILE).unlink(missing_ok=True)  # a head of another depth does not fit
     return dst

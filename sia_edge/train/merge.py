@@ -137,14 +137,15 @@ def build_value_gguf(model_dir: str | os.PathLike[str], out_path: str | os.PathL
                      log: Callable[[str], None] = lambda s: None,
                      progress: Callable[[int, int], None] | None = None) -> Path:
     """The value GGUF of the trained value model in ``model_dir`` (adapter, head, metadata),
-    merged into ``backbone`` (the GGUF it was trained on) and quantised to ``quant``. Atomic: an
-    interrupted build leaves no ``out_path``."""
+    merged into ``backbone`` (the GGUF it was trained on) and quantised to ``quant``; for one
+    that reads the base model's hidden state (``layers`` 0: heads only), its keys alone
+    (``write_head_only_gguf``). Atomic: an interrupted build leaves no ``out_path``."""
     from sia_edge.files import atomic_output
     from sia_edge.train.export import quantize_gguf, write_value_gguf
 
     model_dir, backbone, out = Path(model_dir), Path(backbone), Path(out_path)
     meta = ValueMeta.from_file(model_dir / META_FILE)
-    for name in (*ADAPTER_FILES, HEAD_FILE):
+    for name in (HEAD_FILE,) if meta.reads_base else (*ADAPTER_FILES, HEAD_FILE):
         if not (model_dir / name).is_file():
             raise TrainError(f"{model_dir}: {name} missing; not a complete value model")
     try:
@@ -164,6 +165,13 @@ def build_value_gguf(model_dir: str | os.PathLike[str], out_path: str | os.PathL
                                    candidate=candidate_asset_of(model_dir))
     except ValueFormatError as exc:
         raise TrainError(f"{model_dir}: {exc}") from None
+    if meta.reads_base:
+        from sia_edge.value_format import write_head_only_gguf
+
+        log("writing the value GGUF (heads only: it reads the base model's hidden state)")
+        if progress is not None:
+            progress(1, 1)
+        return write_head_only_gguf(out, head_meta, name=value_gguf_name(meta, backbone))
     log(f"merging the LoRA into {backbone.name}")
     replacements = merged_tensors(model_dir, backbone, progress)
     tmp_full = atomic_output(out.with_name(out.name + ".merged"))

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from sia_edge.train import TrainError
-from sia_edge.value_format import CandidateHeadMeta, ValueHeadMeta, check_recommended_steering
+from sia_edge.value_format import (
+    HIDDEN_STATE_BASE,
+    HIDDEN_STATE_FINAL_NORM,
+    CandidateHeadMeta,
+    ValueHeadMeta,
+    check_recommended_steering,
+)
 
 __all__ = ["ADAPTER_FILES", "CANDIDATE_FILE", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering", "value_gguf_name"]
 
@@ -46,7 +52,8 @@ class ValueMeta:
     reward_name: str = ""
     base_model: str = ""  # the base model the values were trained for (from the data)
     lora: dict[str, Any] = field(default_factory=dict)
-    layers: int | None = None  # decoder layers kept from the backbone (None: all of them)
+    layers: int | None = None  # decoder layers kept from the backbone (None: all of them; 0: none, it
+    # reads the base model's own hidden state: no adapter, only heads)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     # Recommended steering settings (STEERING_KEYS), written into the GGUF as sia.steering.*
@@ -72,6 +79,10 @@ class ValueMeta:
         except TypeError as exc:
             raise TrainError(f"{path}: incomplete value-model metadata ({exc})") from None
 
+    @property
+    def reads_base(self) -> bool:
+        return self.layers == 0
+
     def head_meta(self, weight: Any, bias: float, objective: str | None = None,
                   steering: dict[str, Any] | None = None, candidate: CandidateHeadMeta | None = None) -> ValueHeadMeta:
         """The ``sia.*`` GGUF metadata for this model (the engine's one definition); ``steering``
@@ -84,6 +95,7 @@ class ValueMeta:
             steering_w=chosen.get("w"), steering_target_ratio=chosen.get("target_ratio"),
             steering_tau=chosen.get("tau"), steering_horizon=chosen.get("horizon"),
             steering_value_head=chosen.get("value_head"), candidate=candidate,
+            hidden_state=HIDDEN_STATE_BASE if self.reads_base else HIDDEN_STATE_FINAL_NORM,
         )
 
 
