@@ -5,10 +5,10 @@ preset             base model                            value model (built from
 =================  ====================================  =============================================
 smollm2-safety     SmolLM2-135M-Instruct (chat), Q4_1     safety: refuse harmful requests, answer benign
                                                          ones; all 30 of SmolLM2's layers
-smollm2-safety-    the same                              the same objective from the first 8 of those
-fast                                                     layers, scoring with a candidate head learnt
-                                                         from smollm2-safety's values: one value-model
-                                                         row per junction
+smollm2-safety-    the same                              the same objective with no layers of its own:
+fast                                                     a candidate head on the base model's hidden
+                                                         state, learnt from smollm2-safety's values; a
+                                                         junction decodes nothing
 gemma3-detox       Gemma-3-270M base (no chat template),  non-toxic continuations of text; a backbone
                    Q4_K_M                                 shallower than the base (weak-to-strong)
 =================  ====================================  =============================================
@@ -165,8 +165,9 @@ def _bar(preset: Preset) -> Callable[[int, int], None]:
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("smollm2-safety", "SmolLM2-135M-Instruct steered to refuse harmful requests", default_base_model,
            "value-smollm2-safety", "safety", "chat"),
-    Preset("smollm2-safety-fast", "SmolLM2-135M-Instruct steered to refuse harmful requests by an 8-layer value "
-           "model's candidate head", default_base_model, "value-smollm2-safety-fast", "safety", "chat"),
+    Preset("smollm2-safety-fast", "SmolLM2-135M-Instruct steered to refuse harmful requests by a candidate head on "
+           "its own hidden state (no value-model forward)", default_base_model, "value-smollm2-safety-fast", "safety",
+           "chat"),
     Preset("gemma3-detox", "Gemma-3-270M (base) steered away from toxic continuations by a shallower value model",
            gemma3_base_model, "value-gemma3-detox", "nontoxicity", "text"),
 )}
