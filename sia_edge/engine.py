@@ -41,7 +41,7 @@ from sia_edge.llama_backend import (
 )
 from sia_edge.models import default_base_model, models_dir
 from sia_edge.steering import MAX_SEED, SteeringConfig
-from sia_edge.value_format import KEY_VERSION, ValueFormatError, head_missing
+from sia_edge.value_format import HEAD_SCALAR, KEY_VERSION, ValueFormatError, head_missing
 from sia_edge.value_scorer import BaseStateScorer, ValueModel, ValueScorer
 
 __all__ = [
@@ -264,15 +264,15 @@ class SteeringEngine:
         if value.model is None:  # it reads the base's hidden state: its head must fit the base
             cand = value.candidate
             assert cand is not None
-            if value.meta.tokenizer_fingerprint != base_fp or cand.table.shape[0] != self.base.n_vocab:
+            if value.meta.tokenizer_fingerprint != base_fp:
                 raise TokenizerMismatchError(
-                    f"tokenizers differ: base model {self.base.path.name} ({self.base.n_vocab} tokens, fingerprint "
-                    f"{base_fp}) and value model {value.path.name} ({cand.table.shape[0]} tokens, fingerprint "
-                    f"{value.meta.tokenizer_fingerprint}); its head reads the base model it was trained on")
+                    f"tokenizers differ: base model {self.base.path.name} (fingerprint {base_fp}) and value model "
+                    f"{value.path.name} (fingerprint {value.meta.tokenizer_fingerprint}); its head reads the "
+                    "base model it was trained on")
+            cand.check_shapes(self.base.n_embd, self.base.n_vocab, value.path)
             if value.weight.size != self.base.n_embd:
-                raise ValueFormatError(
-                    f"{value.path.name} reads a hidden state of width {value.weight.size}, the base model "
-                    f"{self.base.path.name} has {self.base.n_embd}; it was trained on another base model")
+                raise ValueFormatError(f"{value.path}: its V(s) head has {value.weight.size} weights, the base model "
+                                       f"{self.base.path.name} is {self.base.n_embd} wide; it was trained on another base")
             return
         value_fp = value.model.fingerprint
         if base_fp != value_fp:
@@ -338,6 +338,7 @@ class SteeringEngine:
         try:
             slot.base.clear()
             slot.base_cached = []
+            slot.base.set_embeddings(False)  # logits only (a slot may have last served a base-state head)
             slot.base.decode(ids, 0)
             topk = kernels.TopK(k)
             kernels.junction_stats(slot.base.logits(-1), topk)
@@ -569,9 +570,9 @@ class SteeringEngine:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if reward is None and self.value is None:
             raise ValueError("best-of-N needs a reward function or a value model to rank the samples")
-        if reward is None and self.value is not None and self.value.model is None:
-            raise ValueFormatError(f"best-of-N ranks samples by V at every position, and {self.value.name} has no "
-                                   "scalar head (it reads the base model's hidden state): pass a reward function")
+        if reward is None and self.value is not None and HEAD_SCALAR not in self.value.heads:
+            raise ValueError(f"best-of-N ranks samples by the scalar head's V at every position: "
+                             f"{head_missing(self.value.name, HEAD_SCALAR, self.value.heads)}, or pass a reward function")
         prompt_ids = self.encode_prompt(prompt)
         prompt_text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
         samples = []
@@ -762,17 +763,17 @@ class _RunState:
     grammar: GrammarState | None = None  # masks each step's logits to what the grammar allows (owned)
 
 
-def _prefill(slot: _Slot, prompt: list[int]) -> None:
+def _prefill(slot: _Slot, prompt: list[int], *, hidden: bool) -> None:
     """Decode the prompt, reusing the slot's cached prefix (multi-turn chat). The last prompt
     token is always decoded alone: llama.cpp's quantised matmuls round a one-token batch
     differently from a row of a longer one, so computing it in the prompt's batch on a fresh
-    cache but alone on a reused one gave the same seed different answers."""
+    cache but alone on a reused one gave the same seed different answers. ``hidden``: a
+    base-state value head steers this generation, so from the last prompt token on (one token a
+    decode) the base context puts out each token's hidden state with its logits."""
     ctx, cached = slot.base, slot.base_cached
-    if slot.base_hidden:  # no outputs for the prompt's body: llama.cpp would output every row
-        ctx.set_embeddings(False)
+    ctx.set_embeddings(False)  # no outputs for the prompt's body: in embeddings mode every row is one
     ctx.decode_from_prefix(cached, prompt[:-1], min_new=0, output_last=False)
-    if slot.base_hidden:  # from here one token at a time: its hidden state with its logits
-        ctx.set_embeddings(True)
+    ctx.set_embeddings(hidden)
     ctx.decode([prompt[-1]], len(prompt) - 1)
     cached.append(prompt[-1])
 
@@ -806,7 +807,7 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
     t_start = perf()
     try:
         t0 = perf()
-        _prefill(slot, state.prompt_tokens)
+        _prefill(slot, state.prompt_tokens, hidden=slot.base_hidden and cfg.steers)
         n_decoded = len(sequence)  # tokens of `sequence` in the base KV cache
         st.prefill_ms = (perf() - t0) * 1e3
         st.base_decode_ms += st.prefill_ms

@@ -490,6 +490,13 @@ class LlamaContext:
             raise LlamaError("llama.cpp has no logits for this row (it was not marked as an output)")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
+    def last_hidden_state(self) -> npt.NDArray[np.float32]:
+        """(n_embd,) view of the final-norm hidden state of the last batch's last output row."""
+        ptr = llama_cpp.llama_get_embeddings_ith(self._live(), -1)
+        if not ptr:
+            raise LlamaError("llama.cpp has no hidden state for the last row: the context was not in embeddings mode")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,))
+
     def hidden_states(self, n_rows: int) -> npt.NDArray[np.float32]:
         """(n_rows, n_embd) view of the final-norm hidden states of the last batch's outputs."""
         ptr = llama_cpp.llama_get_embeddings(self._live())

@@ -28,6 +28,7 @@ from sia_edge.value_format import (
     CandidateHeadMeta,
     ValueFormatError,
     ValueHeadMeta,
+    head_missing,
     read_value_meta,
 )
 
@@ -99,8 +100,7 @@ class ValueModel:
         if n == 0:
             raise ValueError("values_at_positions needs at least one token")
         if self.model is None:
-            raise ValueFormatError(f"{self.name} has no scalar head (it reads the base model's hidden state): "
-                                   "what needs V at every position (Best-of-N ranking) needs another value model")
+            raise ValueFormatError(head_missing(self.name, HEAD_SCALAR, self.heads))
         ctx = LlamaContext(self.model, n_ctx=n + 8, n_batch=n, n_threads=n_threads or self.n_threads,
                            embeddings=True)
         try:
@@ -146,9 +146,7 @@ class ValueScorer:
         if head not in HEADS:
             raise ValueError(f"value head must be one of {HEADS}, got {head!r}")
         if head == HEAD_CANDIDATE and self.value_model.candidate is None:
-            raise ValueFormatError(
-                f"{self.value_model.name} has no candidate head (sia.candidate.* keys); use the scalar head "
-                "(--value-head scalar) or a value model exported with one (docs/TRAINING.md)")
+            raise ValueFormatError(head_missing(self.value_model.name, head, self.value_model.heads))
         self._drop_branches()
         self.head = head
 
@@ -283,7 +281,6 @@ class BaseStateScorer:
         self.base = base
         self.k_max = k_max
         self.head = HEAD_CANDIDATE
-        self.want_prefix_hidden = False
         self.tokens_decoded = 0  # value-model tokens: none, ever
         self.decode_seconds = 0.0
         self._values = np.zeros(k_max, dtype=np.float32)
@@ -296,16 +293,10 @@ class BaseStateScorer:
         if head not in HEADS:
             raise ValueError(f"value head must be one of {HEADS}, got {head!r}")
         if head != HEAD_CANDIDATE:
-            raise ValueFormatError(
-                f"{self.value_model.name} reads the base model's hidden state and has only the candidate head "
-                "(--value-head candidate); the scalar head needs a value model with layers of its own")
+            raise ValueFormatError(head_missing(self.value_model.name, head, self.value_model.heads))
 
     def reset(self) -> None:
         self._hidden = None
-
-    @property
-    def prefix_hidden(self) -> npt.NDArray[np.float32] | None:
-        return self._hidden
 
     def score(self, sequence: Sequence[int], candidates: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
         k = len(candidates)
@@ -316,7 +307,7 @@ class BaseStateScorer:
         t0 = time.perf_counter()
         vm = self.value_model
         assert vm.candidate is not None
-        self._hidden = self.base.hidden_states(1)[0]
+        self._hidden = self.base.last_hidden_state()
         out = self._values[:k]
         kernels.candidate_head(self._hidden, vm.candidate, np.asarray(candidates, dtype=np.int32), vm.weight,
                                vm.bias, out)

@@ -102,8 +102,10 @@ def test_bench_grammar_times_constrained_against_unconstrained_answers() -> None
 
 
 def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
     from sia_edge.train.export import copy_gguf
-    from sia_edge.value_format import random_head_value_gguf, read_value_meta
+    from sia_edge.value_format import random_head_value_gguf, read_value_meta, write_head_only_gguf
 
     value = random_head_value_gguf(base_model_path, tmp_path / "value-cand.gguf", candidate_rank=8)
     shallow = copy_gguf(value, tmp_path / "shallow.gguf", layers=2, head_meta=read_value_meta(value))
@@ -126,6 +128,12 @@ def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: 
                            "--naive-prompts", "0", "--threads", "1", "--also-value-model", str(plain)],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "has no candidate head" in proc.stderr
+    # nor can a value model of heads alone time the scalar modes
+    heads_only = write_head_only_gguf(tmp_path / "heads.gguf", replace(read_value_meta(value), hidden_state="base_final_norm"))
+    proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "4",
+                           "--naive-prompts", "0", "--threads", "1", "--value-model", str(heads_only)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "has no scalar head" in proc.stderr and "--also-value-model" in proc.stderr
 
 
 def test_oracle_rollouts_score_each_candidate_by_its_own_continuations(base_model_path: Path) -> None:

@@ -427,7 +427,7 @@ def test_a_value_model_without_layers_scores_from_the_base_models_state(base_mod
         off_here = eng.complete(MSGS, max_tokens=16, config=SteeringConfig(gate="off"), seed=9)[0]
         with pytest.raises(ValueError, match="has only the candidate head"):
             eng.generate(MSGS, max_tokens=2, config=dataclasses.replace(cfg, value_head="scalar"))
-        with pytest.raises(ValueFormatError, match="has no scalar head"):
+        with pytest.raises(ValueError, match=r"best-of-N ranks samples by the scalar head.*has only the candidate head"):
             eng.best_of_n(MSGS, n=2, max_tokens=4, config=SteeringConfig(gate="off"), seed=0)
         meta = eng.value.meta
     with SteeringEngine(base_model_path, None, n_ctx=512, n_threads=1) as plain:

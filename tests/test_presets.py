@@ -155,7 +155,7 @@ def test_a_preset_that_does_not_fit_the_base_is_not_built_first(tmp_path: Path,
     assert not detox.value_path.exists()  # nothing was built
 
 
-def test_the_fast_preset_scores_with_its_candidate_head_unasked() -> None:
+def test_the_fast_preset_scores_with_its_candidate_head_unasked(tmp_path: Path) -> None:
     """smollm2-safety-fast: a value model of heads alone, built from its assets on first use,
     that reads the base model's own hidden state; the chat steers with its candidate head unasked
     and the value model decodes nothing. Asking it for the scalar head is one clear line."""
@@ -172,6 +172,13 @@ def test_the_fast_preset_scores_with_its_candidate_head_unasked() -> None:
                             timeout=600, check=False)
     assert scalar.returncode == 2 and scalar.stderr.count("\n") == 1, scalar.stderr
     assert "has only the candidate head" in scalar.stderr
+    # eval's modes name their head: a mode of the scalar head is refused before any answer
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I pick a lock?\n")
+    ev = subprocess.run([sys.executable, "-m", "sia_edge.eval", "--preset", preset.name, "--harmful", str(prompts),
+                         "--modes", "off,sparse", "--max-tokens", "4", "--threads", "1", "--no-progress"],
+                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600, check=False)
+    assert ev.returncode == 2 and "mode sparse:" in ev.stderr and "write sparse+candidate" in ev.stderr, ev.stderr
     with SteeringEngine.from_preset(preset.name, n_threads=1) as engine:
         assert engine.value is not None and engine.value.model is None and engine.value.reads_base
         assert read_value_meta(engine.value.path).steering_value_head == "candidate"

@@ -38,6 +38,7 @@ def collect(args: argparse.Namespace) -> int:
     if args.limit:
         prompts = prompts[: args.limit]
     part, parts = args.part
+    numbers = list(range(len(prompts)))[part::parts]
     prompts = prompts[part::parts]
     with SteeringEngine(args.model, args.value_model, n_threads=args.threads) as eng:
         def progress(i: int, n: int) -> None:
@@ -45,7 +46,7 @@ def collect(args: argparse.Namespace) -> int:
                 print(f"[collect] {i}/{n} prompts", file=sys.stderr, flush=True)
 
         n = collect_states(eng, prompts, args.out, k=args.k, horizon=args.horizon, w=args.w, seed=args.seed,
-                           students=args.student, progress=progress)
+                           students=args.student, numbers=numbers, progress=progress)
     print(json.dumps({"states": n, "prompts": len(prompts), "out": str(args.out)}))
     return 0
 
@@ -70,7 +71,11 @@ def fit(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the states hold no {args.hidden!r} (they hold "
                          f"{', '.join(k for k in states if k.startswith('hidden'))})")
     if student:
+        import re
+
         names = info.get("students") or []
+        if re.fullmatch(r"hidden_student\d+", args.hidden) is None:
+            raise SystemExit(f"error: --hidden takes hidden or hidden_studentI, got {args.hidden!r}")
         i = int(args.hidden.removeprefix("hidden_student"))
         assert isinstance(names, list)
         if names[i] != args.value_model.name:

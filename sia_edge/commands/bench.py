@@ -188,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = args.value_model or random_head_value_gguf(base, Path(tmp) / "value-random-head.gguf",
                                                               candidate_rank=32)
         engine = SteeringEngine(base, value, n_ctx=1024, n_threads=args.threads)
+        if engine.value is not None and "scalar" not in engine.value.heads:
+            print(f"bench_decode: {Path(value).name} has no scalar head to time the sparse and dense modes with; pass "
+                  "a value model with layers as --value-model and this one as --also-value-model", file=sys.stderr)
+            return 2
         # Chat turns for a chat model, the text itself for a base model without a template.
         prompts: list[str | list[dict[str, str]]] = [p.messages() if engine.base.chat_template else p.prompt
                                                      for p in items]
@@ -210,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # other value models over the same base, timed prompt by prompt beside the first one
         others: dict[str, tuple[SteeringEngine, SteeringConfig]] = {}
         for path in args.also_value_model:
-            other = SteeringEngine(base, path, n_ctx=1024, n_threads=args.threads)
+            try:
+                other = SteeringEngine(base, path, n_ctx=1024, n_threads=args.threads)
+            except (OSError, ValueError) as exc:
+                print(f"bench_decode: --also-value-model {path}: {exc}", file=sys.stderr)
+                return 2
             if other.value is None or other.value.candidate is None:
                 print(f"bench_decode: --also-value-model {path} has no candidate head", file=sys.stderr)
                 return 2

@@ -189,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.prompt_style == "chat" and not engine.base.chat_template:
         raise CliError(f"{engine.base.path.name} has no chat template: use --prompt-style text")
     _check_prompts_fit(engine, sets, chat=args.prompt_style == "chat")
+    for m in modes:  # a head the value model lacks, before any answer (a mode names its head: +candidate)
+        head = m.value_head or "scalar"
+        if m.needs_value_model and engine.value is not None and head not in engine.value.heads:
+            from sia_edge.value_format import head_missing
+
+            hint = f"; write {m.label}+candidate" if head == "scalar" else ""
+            raise CliError(f"mode {m.label}: {head_missing(engine.value.name, head, engine.value.heads)}{hint}")
     if args.w is None:  # the strength the value model was evaluated with, as the chat uses it
         args.w = engine.value.meta.recommended_steering().get("w", 1.0) if engine.value is not None else 1.0
     progress = not args.no_progress

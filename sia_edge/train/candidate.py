@@ -46,6 +46,7 @@ def collect_states(
     w: float = 3.0,
     seed: int = 0,
     students: Sequence[str | os.PathLike[str]] = (),
+    numbers: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write the states of ``prompts`` (see the module docstring) to ``out`` (.npz, atomic).
@@ -53,7 +54,9 @@ def collect_states(
 
     ``students``: value GGUFs (a shallower copy of the value model, say) whose hidden state of
     each prefix is recorded too, as ``hidden_student{i}``: a candidate head fitted on a student's
-    states scores like the engine's value model at the cost of the student's forward pass."""
+    states scores like the engine's value model at the cost of the student's forward pass.
+    ``numbers``: each prompt's place in the whole list when this is one part of it (its seed and
+    whether it is steered follow the place, so parts add up to one collection)."""
     from sia_edge import kernels
     from sia_edge.engine import SteeringEngine
     from sia_edge.llama_backend import LlamaContext
@@ -63,26 +66,33 @@ def collect_states(
     if engine.value is None or engine.value.model is None:
         raise ValueError("collecting candidate-head data needs a value model with a scalar head (the teacher)")
     vm = engine.value
-    student_models = [ValueModel(p, n_threads=engine.n_threads) for p in students]
-    if any(m.model is None for m in student_models):
-        raise ValueError("a student records its own hidden states: pass a GGUF with layers (for the base model's "
-                         "own state, a copy of the base GGUF with value metadata)")
+    numbers = list(range(len(prompts))) if numbers is None else list(numbers)
+    if len(numbers) != len(prompts):
+        raise ValueError(f"{len(numbers)} prompt numbers for {len(prompts)} prompts")
     student_keys = [f"hidden_student{i}" for i in range(len(students))]
     rows: dict[str, list[npt.NDArray[np.generic]]] = {
         n: [] for n in ("hidden", "ids", "logits", "values", *student_keys)}
     meta: dict[str, list[int]] = {"prompt": [], "step": [], "steered": [], "prefix_len": []}
     sequences: list[list[int]] = []  # each prompt's tokens and answer: a state's prefix is its first prefix_len
+    student_models: list[ValueModel] = []
+    student_scorers: list[ValueScorer] = []
     base = LlamaContext(engine.base, n_ctx=engine.n_ctx, n_threads=engine.n_threads)
     scorer = ValueScorer(vm, n_ctx=engine.n_ctx, k_max=k, n_threads=engine.n_threads)
     scorer.want_prefix_hidden = True
-    student_scorers = [ValueScorer(m, n_ctx=engine.n_ctx, k_max=k, n_threads=engine.n_threads)
-                       for m in student_models]
     topk = kernels.TopK(k)
     try:
+        for p in students:
+            student_models.append(ValueModel(p, n_threads=engine.n_threads))
+            if student_models[-1].model is None:
+                raise ValueError(f"student {Path(p).name} has no layers to record a hidden state with: pass a GGUF "
+                                 "with layers (for the base model's own state, a copy of the base GGUF with value "
+                                 "keys: train_candidate_head.py student --layers 0)")
+            student_scorers.append(ValueScorer(student_models[-1], n_ctx=engine.n_ctx, k_max=k,
+                                               n_threads=engine.n_threads))
         for i, item in enumerate(prompts):
             tokens = engine.encode_prompt(item.messages())
-            steered = i % 2 == 0
-            rng = kernels.Rng(stable_seed("candidate-head", seed, i))
+            steered = numbers[i] % 2 == 0
+            rng = kernels.Rng(stable_seed("candidate-head", seed, numbers[i]))
             base.clear()
             scorer.reset()
             for st in student_scorers:
@@ -381,7 +391,9 @@ def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[
     src, dst = Path(teacher), Path(out)
     meta = ValueMeta.from_file(src / META_FILE)
     total = meta.layers
-    if total is None or not 0 <= layers < total:
+    if total is None:
+        raise TrainError(f"{src / META_FILE} records no layer count; a student cannot be cut from it")
+    if not 0 <= layers < total:
         raise TrainError(f"a student keeps between 0 (the base model's own state) and {(total or 1) - 1} of the "
                          f"teacher's {total} layers, got {layers}")
     adapter = load_file(str(src / ADAPTER_FILES[1]))
@@ -395,6 +407,9 @@ def make_student_assets(teacher: str | os.PathLike[str], out: str | os.PathLike[
             kept[name] = t
     meta.layers = layers
     meta.metrics = {}
+    meta.steering = {k: v for k, v in meta.steering.items() if k != "value_head"}  # its heads are fitted later
+    if not layers:
+        meta.lora = {}
     meta.training = {"student_of": src.name, "teacher_layers": total}
     dst.mkdir(parents=True, exist_ok=True)
     _write_atomic(dst / HEAD_FILE, (src / HEAD_FILE).read_bytes())
