@@ -75,6 +75,10 @@ class FakeContext:
         self.tokens: list[int] = []
         self.decoded = 0  # tokens decoded, for tests of cache reuse
         self.closed = False
+        self.embeddings = False  # the engine switches it per decode; nothing here reads hidden states
+
+    def set_embeddings(self, on: bool) -> None:
+        self.embeddings = on
 
     def decode(self, tokens: Sequence[int], start_pos: int, *, seq_ids: list[int] | None = None,
                output_last: bool = True) -> None:
