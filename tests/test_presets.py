@@ -61,7 +61,10 @@ def test_the_value_model_is_built_on_first_use_and_an_interrupted_build_leaves_n
     reference = preset.value_model()  # the setup's build
     env = _env(SIA_EDGE_MODELS=str(tmp_path))
     code = "from sia_edge.presets import get_preset; print(get_preset('smollm2-safety').value_model())"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # Python's own SIGINT handler, also when the suite runs as a background job (which starts every
+    # child with SIGINT ignored: the conftest's ctrl_c_when says more); without it the build went on
+    interruptible = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " + code
+    proc = subprocess.Popen([sys.executable, "-c", interruptible], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=REPO)
     assert proc.stderr is not None
     for line in proc.stderr:  # interrupt once the merge has started
