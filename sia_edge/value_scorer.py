@@ -210,11 +210,7 @@ class ValueScorer:
         if not sequence:
             raise ValueError("hidden_of needs at least one token")
         self._drop_branches()
-        want, self.want_prefix_hidden = self.want_prefix_hidden, True
-        try:
-            self._catch_up(sequence, 0, ())
-        finally:
-            self.want_prefix_hidden = want
+        self._catch_up(sequence, 0, ())  # no candidates: the last token's row is always an output
         assert self._prefix_hidden_valid
         return self._prefix_hidden
 
