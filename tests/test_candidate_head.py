@@ -489,3 +489,21 @@ def test_a_student_of_no_layers_is_built_as_heads_alone(tmp_path: Path, base_mod
         gen = eng.generate(MSGS, max_tokens=6, config=eng.recommended(gate="dense"), seed=1)
         list(gen)
         assert gen.stats.junctions == gen.stats.steps and gen.stats.value_tokens == 0
+
+
+def test_the_tool_says_what_is_wrong_with_its_arguments(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "train_candidate_head.py"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=120,
+                              check=False)
+
+    bad_part = run("collect", "--out", str(tmp_path / "s.npz"), "--part", "2/2")
+    assert bad_part.returncode == 2 and "--part I/N needs 0 <= I < N" in bad_part.stderr
+    (tmp_path / "junk.npz").write_bytes(b"not a collection")
+    junk = run("fit", "--states", str(tmp_path / "junk.npz"), "--value-model", str(tmp_path / "v.gguf"))
+    assert junk.returncode == 1 and "not a file of collected states" in junk.stderr
+    assert "Traceback" not in junk.stderr

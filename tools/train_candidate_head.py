@@ -63,7 +63,10 @@ def fit(args: argparse.Namespace) -> int:
     )
     from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
 
-    states, info = load_states(*args.states)
+    try:
+        states, info = load_states(*args.states)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     w = info.get("w", 3.0)
     assert isinstance(w, (int, float))
     student = args.hidden != "hidden"
