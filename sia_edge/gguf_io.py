@@ -1,8 +1,11 @@
-"""Reading GGUF headers fast: key/value metadata and where each tensor is, without the data.
+"""Reading GGUF headers fast: key/value metadata and where each tensor is, without the data;
+and a ``gguf.GGUFWriter`` that writes numeric numpy arrays in one piece.
 
 ``gguf.GGUFReader`` builds a Python object per array element, which takes many seconds for a
 vocabulary of tens or hundreds of thousands of tokens; these walk the header with ``struct``
-over a memory map instead. The value GGUF's own keys are defined in ``value_format``.
+over a memory map instead. ``GGUFWriter`` packs an array element by element, which takes most
+of a minute for a candidate head's table over such a vocabulary (``value_format``); ``gguf_writer``
+packs a numpy array with one ``tobytes``. The value GGUF's own keys are defined in ``value_format``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-__all__ = ["GGUFError", "GGUFTensorInfo", "read_gguf_kv", "read_gguf_tensor_infos"]
+if TYPE_CHECKING:
+    import gguf
+
+__all__ = ["GGUFError", "GGUFTensorInfo", "gguf_writer", "read_gguf_kv", "read_gguf_tensor_infos"]
 
 
 class GGUFError(ValueError):
@@ -51,9 +57,33 @@ _GGUF_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4"
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> dict[str, object]:
+def gguf_writer(path: str | os.PathLike[str], arch: str, **kwargs: object) -> gguf.GGUFWriter:
+    """A ``gguf.GGUFWriter`` (same arguments) that packs a numeric numpy array value
+    (``add_array(key, ndarray)``) with one ``tobytes`` instead of element by element."""
+    import gguf
+
+    class _Writer(gguf.GGUFWriter):
+        def _pack_val(self, val: object, vtype: gguf.GGUFValueType, add_vtype: bool,
+                      sub_type: gguf.GGUFValueType | None = None) -> bytes:
+            if vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, np.ndarray) or val.dtype.kind not in "fiu":
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            # the element type as GGUFWriter picks it for the same values as Python numbers
+            ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val.flat[0].item())
+            dtype = np.dtype(_GGUF_NP[int(ltype)])
+            if self.endianess != gguf.GGUFEndian.LITTLE:
+                dtype = dtype.newbyteorder(">")
+            data = np.ascontiguousarray(val.ravel(), dtype=dtype)
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", ltype) + self._pack("Q", data.size) + data.tobytes()
+
+    return _Writer(str(path), arch, **kwargs)  # type: ignore[arg-type]
+
+
+def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False,
+                 numpy_arrays: bool = False) -> dict[str, object]:
     """All key/value metadata of a GGUF file (no tensors), parsed directly. With ``with_types``
-    each value is a tuple ``(value, GGUF value type, array element type or None)``.
+    each value is a tuple ``(value, GGUF value type, array element type or None)``. Arrays of
+    numbers are lists, or with ``numpy_arrays`` numpy arrays (no Python object per element).
 
     ``gguf.GGUFReader`` builds a numpy view per array element, slow for a vocabulary of tens of
     thousands of tokens; this walks the header with ``struct`` instead."""
@@ -83,7 +113,9 @@ def read_gguf_kv(path: str | os.PathLike[str], *, with_types: bool = False) -> d
                 dt = np.dtype(_GGUF_NP[sub])
                 arr = np.frombuffer(buf, dtype=dt, count=n, offset=off).copy()
                 off += n * dt.itemsize
-                return arr.astype(bool).tolist() if sub == 7 else arr.tolist()
+                if sub == 7:
+                    arr = arr.astype(bool)
+                return arr if numpy_arrays else arr.tolist()
             fmt = _GGUF_SCALARS[vtype]
             (v,) = struct.unpack_from(fmt, buf, off)
             off += struct.calcsize(fmt)

@@ -11,6 +11,9 @@ fast                                                     a candidate head on the
                                                          junction decodes nothing
 gemma3-detox       Gemma-3-270M base (no chat template),  non-toxic continuations of text; a backbone
                    Q4_K_M                                 shallower than the base (weak-to-strong)
+gemma3-detox-      the same                              the same objective with no layers of its own:
+fast                                                     a candidate head on the base model's hidden
+                                                         state, learnt from gemma3-detox's values
 =================  ====================================  =============================================
 
 The steering settings a preset was evaluated with live in its value GGUF (``sia.steering.*``);
@@ -170,6 +173,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "chat"),
     Preset("gemma3-detox", "Gemma-3-270M (base) steered away from toxic continuations by a shallower value model",
            gemma3_base_model, "value-gemma3-detox", "nontoxicity", "text"),
+    Preset("gemma3-detox-fast", "Gemma-3-270M (base) steered away from toxic continuations by a candidate head on "
+           "its own hidden state (no value-model forward)", gemma3_base_model, "value-gemma3-detox-fast",
+           "nontoxicity", "text"),
 )}
 DEFAULT_PRESET = "smollm2-safety"
 

@@ -64,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sia_edge.files import atomic_output, commit_output
-from sia_edge.gguf_io import GGUFError, read_gguf_kv
+from sia_edge.gguf_io import GGUFError, gguf_writer, read_gguf_kv
 
 __all__ = [
     "FORMAT_VERSION",
@@ -291,7 +291,7 @@ def fingerprint_from_gguf(path: str | os.PathLike[str]) -> str:
 
 def read_value_meta(path: str | os.PathLike[str]) -> ValueHeadMeta:
     """Read the ``sia.*`` metadata of a value-model GGUF, or explain why it is not one."""
-    reader = read_gguf_kv(path)
+    reader = read_gguf_kv(path, numpy_arrays=True)
     version = _field_value(reader, KEY_VERSION)
     if version is None:
         raise ValueFormatError(
@@ -395,7 +395,7 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_uint32(KEY_CAND_RANK, c.rank)
         for key, arr in ((KEY_CAND_PROJ, c.proj), (KEY_CAND_PROJ_BIAS, c.proj_bias), (KEY_CAND_TABLE, c.table),
                          (KEY_CAND_TOKEN_BIAS, c.token_bias)):
-            writer.add_array(key, arr.ravel().tolist())
+            writer.add_array(key, np.asarray(arr, dtype=np.float32).ravel())
 
 
 def write_gguf_with_value_meta(
@@ -415,7 +415,7 @@ def write_gguf_with_value_meta(
     tmp = atomic_output(dst)
     writer = None
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+        writer = gguf_writer(tmp, arch, endianess=reader.endianess)
         alignment = reader.fields.get("general.alignment")
         if alignment is not None:
             writer.data_alignment = int(alignment.contents())
@@ -448,7 +448,6 @@ def write_head_only_gguf(dst: str | os.PathLike[str], meta: ValueHeadMeta, *, na
     """A value model with no layers of its own (``meta.reads_base``): a GGUF of its ``sia.*``
     keys and no tensors, which llama.cpp never loads (the engine reads the base model's hidden
     state instead). Atomic."""
-    import gguf
 
     if not meta.reads_base:
         raise ValueFormatError("only a value model that reads the base model's hidden state has no layers; "
@@ -457,7 +456,7 @@ def write_head_only_gguf(dst: str | os.PathLike[str], meta: ValueHeadMeta, *, na
     tmp = atomic_output(out)
     writer = None
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch=HEAD_ONLY_ARCH)
+        writer = gguf_writer(tmp, HEAD_ONLY_ARCH)
         writer.add_name(name or f"sia-edge value head ({meta.objective or 'custom'}) for {meta.base_model or 'its base'}")
         add_value_meta(writer, meta)
         writer.write_header_to_file()

@@ -270,6 +270,58 @@ def test_a_damaged_head_asset_is_one_clear_error(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_head_asset(good).table, head.table)
 
 
+
+def test_a_head_shipped_as_factors_expands_against_its_backbone_only(tmp_path: Path, base_model_path: Path) -> None:
+    """A preset ships the fit's factors (a few MB for a vocabulary of 262k tokens, not the whole
+    table); the build multiplies them out with the backbone's embeddings, and refuses embeddings
+    the head was not fitted on."""
+    from sia_edge.train import TrainError
+    from sia_edge.train.candidate import (
+        HeadFactors,
+        candidate_asset_of,
+        embedding_checksum,
+        load_head_asset,
+        save_head_asset,
+        token_embeddings,
+    )
+
+    emb = token_embeddings(base_model_path)
+    n, d_emb = emb.shape
+    rng = np.random.default_rng(3)
+    r, d = 4, 7
+    ids = np.array([5, 17, n - 1], dtype=np.int32)
+    factors = HeadFactors(proj=rng.standard_normal((r, d)).astype(np.float32),
+                          proj_bias=rng.standard_normal(r).astype(np.float32),
+                          emb_proj=rng.standard_normal((d_emb, r)).astype(np.float32),
+                          emb_bias=rng.standard_normal(d_emb).astype(np.float32), delta_ids=ids,
+                          delta_table=rng.standard_normal((3, r)).astype(np.float32),
+                          delta_bias=rng.standard_normal(3).astype(np.float32), emb_checksum=embedding_checksum(emb))
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    save_head_asset(factors, folder / "candidate_head.safetensors")
+    head = candidate_asset_of(folder, base_model_path)
+    assert head is not None and head.table.shape == (n, r) and head.token_bias.shape == (n,)
+    want = emb.astype(np.float64) @ factors.emb_proj
+    want[ids] += factors.delta_table
+    np.testing.assert_allclose(head.table, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head.token_bias[ids], emb[ids] @ factors.emb_bias + factors.delta_bias, rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_array_equal(head.proj, factors.proj)
+    with pytest.raises(ValueError, match=r"stored as factors .* needs the backbone GGUF"):
+        load_head_asset(folder / "candidate_head.safetensors")
+    # embeddings the head was not fitted on: a build with another backbone, or the same one re-quantised
+    with pytest.raises(ValueError, match=r"fitted on other token embeddings .* backbone GGUF it was fitted on"):
+        factors.expand(emb * np.float32(1.001))
+    with pytest.raises(ValueError, match="fitted on other token embeddings"):
+        factors.expand(emb[::-1])
+    save_head_asset(dataclasses.replace(factors, emb_checksum=factors.emb_checksum + 1.0),
+                    folder / "candidate_head.safetensors")
+    with pytest.raises(TrainError, match="fitted on other token embeddings"):
+        candidate_asset_of(folder, base_model_path)
+    with pytest.raises(ValueError, match="width"):
+        factors.expand(emb[:, :-1])
+
+
 # --------------------------------------------------------------------------- a shallower student
 def test_a_value_gguf_can_recommend_the_candidate_head(tmp_path: Path, candidate_value_model: Path,
                                                        value_model_path: Path) -> None:

@@ -130,6 +130,14 @@ def test_random_within_a_horizon_matches_the_junctions_per_step_of_that_window()
     assert spelled[1].match == "sparse@1.0+horizon@016"  # matched by meaning, not by spelling
     with pytest.raises(ev.ModeError, match=r"at the rate of sparse@1\+horizon@16: add that mode to --modes"):
         ev.parse_modes("sparse@1,random@sparse@1+horizon@16")  # MODE's whole-answer rate is no fallback
+    # random steering with the candidate head takes the rate of the gate steering with that head
+    cand = ev.parse_modes("sparse@25%,sparse@25%+candidate,random@sparse@25%+candidate,random@sparse@25%")
+    assert [m.match for m in cand[2:]] == ["sparse@25%+candidate", "sparse@25%"]
+    assert cand[2].config(k=10, w=3.0, temperature=1.0, p=0.3).value_head == "candidate"
+    both = ev.parse_modes("sparse@1+horizon@16+candidate,random@sparse@1+horizon@16+candidate")
+    assert both[1].match == "sparse@1+horizon@16+candidate"
+    with pytest.raises(ev.ModeError, match=r"with the candidate head at the rate of sparse@25%\+candidate: add"):
+        ev.parse_modes("sparse@25%,random@sparse@25%+candidate")
 
     def row(steps: int, junctions: int, samples: list[dict[str, Any]] | None = None) -> ev.RowResult:
         return ev.RowResult("s", 0, ev.EvalPrompt("p"), "m", 0, "", [], [], n_tokens=steps, steps=steps, junctions=junctions,

@@ -251,3 +251,34 @@ def test_gguf_backbone_round_trip(tiny_gguf: Path, tiny_llama_dir: Path) -> None
                                want["model.layers.0.self_attn.k_proj.weight"], rtol=0, atol=0)
     with pytest.raises(TrainError, match="between 1 and the backbone's 2 layers, got 3"):
         load_backbone(tiny_gguf, layers=3)
+
+
+def test_the_fast_writer_writes_what_gguf_writes(tmp_path: Path) -> None:
+    """gguf_writer packs numpy arrays in one piece (a candidate head's table over a large
+    vocabulary); the bytes are those GGUFWriter writes for the same values as Python lists."""
+    import gguf
+
+    from sia_edge.gguf_io import gguf_writer
+
+    rng = np.random.default_rng(0)
+    floats = rng.standard_normal(1000).astype(np.float32)
+    ints = rng.integers(-5, 5, 77).astype(np.int32)
+    paths = []
+    for name, make, conv in (("slow", lambda p: gguf.GGUFWriter(str(p), "sia-head"), lambda a: a.tolist()),
+                             ("fast", lambda p: gguf_writer(p, "sia-head"), lambda a: a)):
+        path = tmp_path / f"{name}.gguf"
+        w = make(path)
+        w.add_array("x.floats", conv(floats))
+        w.add_array("x.ints", conv(ints))
+        w.add_array("x.strings", ["a", "bc"])
+        w.add_uint32("x.n", 3)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    kv = read_gguf_kv(paths[1], numpy_arrays=True)
+    np.testing.assert_array_equal(kv["x.floats"], floats)
+    assert isinstance(kv["x.ints"], np.ndarray) and kv["x.ints"].tolist() == ints.tolist()
+    assert read_gguf_kv(paths[1])["x.ints"] == ints.tolist() and kv["x.strings"] == ["a", "bc"]

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sia_edge.cli_common import choose_value_model
@@ -146,6 +147,28 @@ def test_the_gemma3_detox_preset_through_the_chat_and_eval(tmp_path: Path) -> No
     written = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines()]
     assert len(written) == 6 and all(not r["text"].startswith(r["prompt"]) for r in written)
     assert {r["run"]["prompt_style"] for r in written} == {"text"}
+
+
+def test_the_gemma3_detox_fast_preset_expands_its_head_and_decodes_no_value_rows() -> None:
+    """gemma3-detox-fast ships its candidate head as factors (docs/TRAINING.md); the first use
+    multiplies them out against Gemma's 262,144 token embeddings into the value GGUF, and steering
+    then scores every junction from the base model's own state: no value-model token at all."""
+    from sia_edge.train.candidate import load_head_asset
+    from sia_edge.value_format import read_value_meta
+
+    preset = get_preset("gemma3-detox-fast")
+    chat = subprocess.run([sys.executable, "-m", "sia_edge.chat", "--preset", preset.name, "--prompt", GEMMA_PREFIX,
+                           "--json", "--max-tokens", "16", "--seed", "1", "--threads", "1"],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900, check=False)
+    assert chat.returncode == 0, chat.stderr
+    stats = json.loads(chat.stdout)["stats"]
+    assert stats["value_head"] == "candidate" and stats["mode"] == "sparse" and stats["value_tokens"] == 0
+    assert stats["junctions"] > 0
+    built = read_value_meta(preset.value_model(build=False)).candidate
+    assert built is not None and built.table.shape == (262144, built.rank)
+    shipped = load_head_asset(preset.assets_dir / "candidate_head.safetensors", backbone=preset.base_model())
+    np.testing.assert_array_equal(built.table, shipped.table)
+    assert (preset.assets_dir / "candidate_head.safetensors").stat().st_size < built.table.nbytes / 10
 
 
 def test_a_preset_that_does_not_fit_the_base_is_not_built_first(tmp_path: Path,

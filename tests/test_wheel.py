@@ -36,7 +36,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert any(n.startswith("sia_edge/_core") for n in names), "the native core is not in the wheel"
     for shipped in ("sia_edge/assets/value-smollm2-safety/adapter_model.safetensors",
                     "sia_edge/assets/value-gemma3-detox/value_meta.json",
-                    "sia_edge/assets/value-smollm2-safety-fast/candidate_head.safetensors", "sia_edge/commands/export.py",
+                    "sia_edge/assets/value-smollm2-safety-fast/candidate_head.safetensors",
+                    "sia_edge/assets/value-gemma3-detox-fast/candidate_head.safetensors", "sia_edge/commands/export.py",
                     "sia_edge/train/merge.py", "sia_edge/py.typed", "sia_edge/web/chat.html"):
         assert shipped in names, shipped
     assert not [n for n in names if n.startswith(("tests/", "tools/", "models/"))]

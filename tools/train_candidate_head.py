@@ -41,12 +41,17 @@ def collect(args: argparse.Namespace) -> int:
     numbers = list(range(len(prompts)))[part::parts]
     prompts = prompts[part::parts]
     with SteeringEngine(args.model, args.value_model, n_threads=args.threads) as eng:
+        chat = args.prompt_style == "chat" or (args.prompt_style == "auto" and bool(eng.base.chat_template))
+        if chat and not eng.base.chat_template:
+            raise SystemExit(f"error: {eng.base.path.name} has no chat template; pass --prompt-style text "
+                             "(its prompts are text to continue)")
+
         def progress(i: int, n: int) -> None:
             if i % 25 == 0 or i == n:
                 print(f"[collect] {i}/{n} prompts", file=sys.stderr, flush=True)
 
         n = collect_states(eng, prompts, args.out, k=args.k, horizon=args.horizon, w=args.w, seed=args.seed,
-                           students=args.student, numbers=numbers, progress=progress)
+                           students=args.student, numbers=numbers, chat=chat, progress=progress)
     print(json.dumps({"states": n, "prompts": len(prompts), "out": str(args.out)}))
     return 0
 
@@ -99,7 +104,7 @@ def fit(args: argparse.Namespace) -> int:
     if args.student_assets:
         install_student_heads(args.student_assets, result)
     if args.asset:
-        save_head_asset(result.head, args.asset, report=result.report)
+        save_head_asset(result.factors or result.head, args.asset, report=result.report)
     if args.out_gguf:
         write_gguf_with_value_meta(args.value_model, args.out_gguf, meta)
     print(json.dumps({"report": result.report, "asset": str(args.asset or ""), "gguf": str(args.out_gguf or "")}))
@@ -159,6 +164,9 @@ def main() -> int:
                         "fit takes their files together")
     c.add_argument("--student", type=Path, action="append", default=[],
                    help="also record the hidden states of this value GGUF (a shallower copy, say); repeatable")
+    c.add_argument("--prompt-style", choices=("auto", "chat", "text"), default="auto",
+                   help="chat: each prompt is a user turn; text: text the base model continues; auto "
+                        "(default): chat if the base model has a chat template")
     c.add_argument("--threads", type=int, default=None)
     s = sub.add_parser("student", help="cut a preset's value model to its first N layers (assets and GGUF)")
     s.add_argument("--preset", default="smollm2-safety", help="the teacher (default: %(default)s)")

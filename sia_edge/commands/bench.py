@@ -16,7 +16,7 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
                  first-N gate; tau above ln k, so the entropy gate never fires), left out at 0.
   horizon        --horizon N: the entropy gate at --horizon-tau within the first N tokens of each
                  answer only (SteeringConfig.horizon), left out at 0.
-  candidate      the horizon mode (or sparse without --horizon) scoring with the value model's
+  candidate      the horizon mode (else sparse_ratio, else sparse) scoring with the value model's
                  candidate head (one value-model row per junction, no branch rows), and
   dense_candidate  dense steering with it; both only when the value GGUF carries one.
   candidate:NAME / dense_candidate:NAME   the same two with the value model NAME of
@@ -207,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.horizon > 0:
             modes["horizon"] = SteeringConfig(gate="entropy", tau=args.horizon_tau, k=args.k, horizon=args.horizon)
         if engine.value is not None and engine.value.candidate is not None:
-            # the candidate head at the horizon gate if one is timed, else at the sparse one, and dense
-            gate_mode = modes["horizon"] if "horizon" in modes else modes["sparse"]
+            # the candidate head at the horizon gate if one is timed, else at the target ratio's or the
+            # sparse one, and dense
+            gate_mode = _candidate_gate(modes)
             modes["candidate"] = replace(gate_mode, value_head="candidate")
             modes["dense_candidate"] = replace(modes["dense"], value_head="candidate")
         # other value models over the same base, timed prompt by prompt beside the first one
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if other.value is None or other.value.candidate is None:
                 print(f"bench_decode: --also-value-model {path} has no candidate head", file=sys.stderr)
                 return 2
-            gate_mode = modes["horizon"] if "horizon" in modes else modes["sparse"]
+            gate_mode = _candidate_gate(modes)
             others[f"candidate:{path.name}"] = (other, replace(gate_mode, value_head="candidate"))
             others[f"dense_candidate:{path.name}"] = (other, replace(modes["dense"], value_head="candidate"))
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes, *others]}
@@ -305,3 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
+
+def _candidate_gate(modes: dict[str, SteeringConfig]) -> SteeringConfig:
+    """The gate a candidate head is timed at: the horizon mode's if one is timed, else the target
+    ratio's, else the plain sparse one's."""
+    for name in ("horizon", "sparse_ratio"):
+        if name in modes:
+            return modes[name]
+    return modes["sparse"]

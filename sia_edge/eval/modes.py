@@ -93,14 +93,20 @@ def parse_modes(text: str) -> list[EvalMode]:
     by_label = {m.label: m for m in modes}
     for i, m in enumerate(modes):
         # random@MODE+horizon@N is the same-rate baseline of MODE+horizon@N: MODE's whole-answer rate
-        # spent within the window would be a weaker baseline than it looks, so it is not a fallback
-        if m.match is not None and m.horizon is not None:
+        # spent within the window would be a weaker baseline than it looks, so it is not a fallback.
+        # Likewise random@MODE+candidate takes the rate of MODE+candidate, steered by the same head.
+        if m.match is not None and (m.horizon is not None or m.value_head is not None):
             target = replace(parse_mode(m.match), label="")
             within = next((x.label for x in modes if x.match is None and x.horizon == m.horizon
-                           and replace(x, label="", horizon=None) == target), None)
+                           and x.value_head == m.value_head
+                           and replace(x, label="", horizon=None, value_head=None) == target), None)
             if within is None:
-                raise ModeError(f"mode {m.label!r} steers at random within the first {m.horizon} tokens at the rate "
-                                f"of {m.match}+horizon@{m.horizon}: add that mode to --modes")
+                suffix = (f"+horizon@{m.horizon}" if m.horizon is not None else "") + (
+                    f"+{m.value_head}" if m.value_head is not None else "")
+                what = (f"within the first {m.horizon} tokens " if m.horizon is not None else "") + (
+                    f"with the {m.value_head} head " if m.value_head is not None else "")
+                raise ModeError(f"mode {m.label!r} steers at random {what}at the rate of {m.match}{suffix}: add "
+                                "that mode to --modes")
             modes[i] = m = replace(m, match=within)
         if m.match is not None:
             ref = by_label.get(m.match)

@@ -32,8 +32,8 @@ from sia_edge.files import atomic_output, commit_output
 from sia_edge.prompts import Prompt, stable_seed
 from sia_edge.value_format import CandidateHeadMeta, ValueFormatError
 
-__all__ = ["CandidateFit", "collect_states", "fit_candidate_head", "install_student_heads", "load_states",
-           "make_student_assets"]
+__all__ = ["CandidateFit", "HeadFactors", "collect_states", "fit_candidate_head", "install_student_heads",
+           "load_states", "make_student_assets"]
 
 
 def collect_states(
@@ -47,6 +47,7 @@ def collect_states(
     seed: int = 0,
     students: Sequence[str | os.PathLike[str]] = (),
     numbers: Sequence[int] | None = None,
+    chat: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write the states of ``prompts`` (see the module docstring) to ``out`` (.npz, atomic).
@@ -56,7 +57,9 @@ def collect_states(
     each prefix is recorded too, as ``hidden_student{i}``: a candidate head fitted on a student's
     states scores like the engine's value model at the cost of the student's forward pass.
     ``numbers``: each prompt's place in the whole list when this is one part of it (its seed and
-    whether it is steered follow the place, so parts add up to one collection)."""
+    whether it is steered follow the place, so parts add up to one collection). ``chat``: each
+    prompt is a user turn in the base model's chat template; False: text the base model continues
+    (a base model's task, as a preset's prompt style says)."""
     from sia_edge import kernels
     from sia_edge.engine import SteeringEngine
     from sia_edge.llama_backend import LlamaContext
@@ -90,7 +93,7 @@ def collect_states(
             student_scorers.append(ValueScorer(student_models[-1], n_ctx=engine.n_ctx, k_max=k,
                                                n_threads=engine.n_threads))
         for i, item in enumerate(prompts):
-            tokens = engine.encode_prompt(item.messages())
+            tokens = engine.encode_prompt(item.messages() if chat else item.prompt)
             steered = numbers[i] % 2 == 0
             rng = kernels.Rng(stable_seed("candidate-head", seed, numbers[i]))
             base.clear()
@@ -139,7 +142,7 @@ def collect_states(
     arrays["seq_tokens"] = np.asarray([t for s in sequences for t in s], dtype=np.int32)
     arrays["seq_offsets"] = np.cumsum([0, *map(len, sequences)]).astype(np.int64)
     info = {"value_model": vm.name, "base_model": engine.base.path.name, "k": k, "horizon": horizon, "w": w,
-            "seed": seed, "prompts": len(prompts), "students": [Path(p).name for p in students]}
+            "seed": seed, "prompt_style": "chat" if chat else "text", "prompts": len(prompts), "students": [Path(p).name for p in students]}
     tmp = atomic_output(out)
     try:
         with open(tmp, "wb") as f:
@@ -189,6 +192,7 @@ class CandidateFit:
     head: CandidateHeadMeta
     report: dict[str, float]
     state_head: tuple[npt.NDArray[np.float32], float] | None = None  # V(s) (weight, bias), if fitted
+    factors: HeadFactors | None = None  # the head as the fit made it: what an asset stores
 
 
 def _steered(z: npt.NDArray[np.float64], v: npt.NDArray[np.float64], w: float) -> npt.NDArray[np.float64]:
@@ -311,6 +315,11 @@ def fit_candidate_head(
         table = (e @ p_emb + delta_u).numpy()
         token_bias = (e @ beta + delta_b).numpy()
         pred_val = q(va).numpy()
+        seen = torch.nonzero((delta_u != 0).any(1) | (delta_b != 0)).squeeze(1)  # Adam leaves the others at 0
+        factors = HeadFactors(proj=proj.detach().numpy(), proj_bias=proj_bias.detach().numpy(),
+                              emb_proj=(p_emb / emb_scale).numpy(), emb_bias=(beta / emb_scale).numpy(),
+                              delta_ids=seen.numpy().astype(np.int32), delta_table=delta_u[seen].numpy(),
+                              delta_bias=delta_b[seen].numpy(), emb_checksum=embedding_checksum(embeddings))
     head = CandidateHeadMeta(proj=proj.detach().numpy(), proj_bias=proj_bias.detach().numpy(), table=table,
                              token_bias=token_bias)
     t_val = target[va].numpy()
@@ -321,7 +330,7 @@ def fit_candidate_head(
               "r2_within_state": float(1 - ((tc - pc) ** 2).sum() / (tc ** 2).sum()),
               **steering_agreement(z_val, t_val, pred_val, w)}
     state_head = (wt.detach().numpy().copy(), float(bias.detach())) if fit_state_value else None
-    return CandidateFit(head=head, report=report, state_head=state_head)
+    return CandidateFit(head=head, report=report, state_head=state_head, factors=factors)
 
 
 def token_embeddings(gguf_path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
@@ -336,20 +345,70 @@ def token_embeddings(gguf_path: str | os.PathLike[str]) -> npt.NDArray[np.float3
 
 
 _ASSET_KEYS = ("proj", "proj_bias", "table", "token_bias")
+_FACTOR_KEYS = ("proj", "proj_bias", "emb_proj", "emb_bias", "delta_ids", "delta_table", "delta_bias")
 
 
-def save_head_asset(head: CandidateHeadMeta, path: str | os.PathLike[str],
+@dataclass(frozen=True)
+class HeadFactors:
+    """A candidate head as the fit makes it: table = E emb_proj + D and token_bias = E emb_bias +
+    delta, with E the backbone's input embeddings and D, delta zero but for the tokens the
+    training data offered as candidates (``delta_ids``). What a preset ships: for a vocabulary of
+    hundreds of thousands of tokens the whole table is tens of megabytes, its factors a few. The
+    build multiplies them out against the backbone GGUF's embeddings (``expand``);
+    ``emb_checksum`` makes sure they are the embeddings the head was fitted with."""
+
+    proj: npt.NDArray[np.float32]  # (r, d)
+    proj_bias: npt.NDArray[np.float32]  # (r,)
+    emb_proj: npt.NDArray[np.float32]  # (d_emb, r)
+    emb_bias: npt.NDArray[np.float32]  # (d_emb,)
+    delta_ids: npt.NDArray[np.int32]  # (m,)
+    delta_table: npt.NDArray[np.float32]  # (m, r)
+    delta_bias: npt.NDArray[np.float32]  # (m,)
+    emb_checksum: float
+
+    def expand(self, embeddings: npt.NDArray[np.float32]) -> CandidateHeadMeta:
+        e = np.asarray(embeddings, dtype=np.float32)
+        if e.ndim != 2 or e.shape[1] != self.emb_proj.shape[0]:
+            raise ValueError(f"the candidate head was fitted on token embeddings of width {self.emb_proj.shape[0]}; "
+                             f"these have shape {e.shape}: build it with the backbone it was fitted on")
+        got = embedding_checksum(e)
+        if not math.isclose(got, self.emb_checksum, rel_tol=1e-6, abs_tol=1e-6):
+            raise ValueError(f"the candidate head was fitted on other token embeddings (checksum {self.emb_checksum:.6g}, "
+                             f"these {got:.6g}): build it with the backbone GGUF it was fitted on")
+        if len(self.delta_ids) and (self.delta_ids.min() < 0 or self.delta_ids.max() >= len(e)):
+            raise ValueError(f"the candidate head names token ids beyond this vocabulary of {len(e)}")
+        table = e @ self.emb_proj
+        table[self.delta_ids] += self.delta_table
+        token_bias = e @ self.emb_bias
+        token_bias[self.delta_ids] += self.delta_bias
+        return CandidateHeadMeta(proj=self.proj, proj_bias=self.proj_bias, table=table, token_bias=token_bias)
+
+
+def embedding_checksum(embeddings: npt.NDArray[np.floating]) -> float:
+    """A number that tells one embedding matrix from another (``HeadFactors.emb_checksum``)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    weights = np.cos(np.arange(e.shape[0], dtype=np.float64))  # not a plain sum: a permutation changes it
+    return float(weights @ e.sum(axis=1))
+
+
+def save_head_asset(head: CandidateHeadMeta | HeadFactors, path: str | os.PathLike[str],
                     report: dict[str, float] | None = None) -> None:
-    """The head as a safetensors file (what a preset ships; ``load_head_asset`` reads it). Atomic."""
+    """The head as a safetensors file, whole or as its factors (what a preset ships;
+    ``load_head_asset`` reads both). Atomic."""
     from safetensors.numpy import save
 
-    _write_atomic(Path(path), save({k: np.ascontiguousarray(getattr(head, k)) for k in _ASSET_KEYS},
-                                   metadata={"report": json.dumps(report or {})}))
+    meta = {"report": json.dumps(report or {})}
+    keys: tuple[str, ...] = _ASSET_KEYS
+    if isinstance(head, HeadFactors):
+        keys, meta["emb_checksum"] = _FACTOR_KEYS, repr(head.emb_checksum)
+    _write_atomic(Path(path), save({k: np.ascontiguousarray(getattr(head, k)) for k in keys}, metadata=meta))
 
 
-def candidate_asset_of(model_dir: str | os.PathLike[str]) -> CandidateHeadMeta | None:
+def candidate_asset_of(model_dir: str | os.PathLike[str],
+                       backbone: str | os.PathLike[str] | None = None) -> CandidateHeadMeta | None:
     """The candidate head a trained value model's folder ships (``CANDIDATE_FILE``), or None;
-    a damaged one is a ``TrainError``. What the builds (merge, export) put into the GGUF."""
+    a damaged one is a ``TrainError``. What the builds (merge, export) put into the GGUF.
+    ``backbone``: the GGUF whose token embeddings a head shipped as factors is expanded with."""
     from sia_edge.train import TrainError
     from sia_edge.train.meta import CANDIDATE_FILE
 
@@ -357,20 +416,33 @@ def candidate_asset_of(model_dir: str | os.PathLike[str]) -> CandidateHeadMeta |
     if not path.is_file():
         return None
     try:
-        return load_head_asset(path)
+        return load_head_asset(path, backbone=backbone)
     except (ValueError, ValueFormatError) as exc:
         raise TrainError(str(exc)) from None
 
 
-def load_head_asset(path: str | os.PathLike[str]) -> CandidateHeadMeta:
-    from safetensors import SafetensorError
+def load_head_asset(path: str | os.PathLike[str],
+                    backbone: str | os.PathLike[str] | None = None) -> CandidateHeadMeta:
+    """A head written by ``save_head_asset``; one stored as factors needs the ``backbone`` GGUF."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
     try:
         t = load_file(str(path))
-        return CandidateHeadMeta(**{k: t[k] for k in _ASSET_KEYS})
-    except (SafetensorError, OSError, KeyError) as exc:
+        if "table" in t:
+            return CandidateHeadMeta(**{k: t[k] for k in _ASSET_KEYS})
+        with safe_open(str(path), "np") as f:
+            checksum = float((f.metadata() or {})["emb_checksum"])
+        factors = HeadFactors(**{k: t[k] for k in _FACTOR_KEYS}, emb_checksum=checksum)
+    except (SafetensorError, OSError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a candidate head ({exc}); re-run tools/train_candidate_head.py fit") from None
+    if backbone is None:
+        raise ValueError(f"{path}: the candidate head is stored as factors of its backbone's token embeddings; "
+                         "building it needs the backbone GGUF")
+    try:
+        return factors.expand(token_embeddings(backbone))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- a shallower student
@@ -439,7 +511,7 @@ def install_student_heads(assets: str | os.PathLike[str], fit: CandidateFit) -> 
     meta = ValueMeta.from_file(folder / META_FILE)
     meta.steering = {**meta.steering, "value_head": "candidate"}
     meta.metrics = {f"candidate_{k}": float(v) for k, v in fit.report.items()}
-    save_head_asset(fit.head, folder / CANDIDATE_FILE, report=fit.report)
+    save_head_asset(fit.factors or fit.head, folder / CANDIDATE_FILE, report=fit.report)
     _write_atomic(folder / HEAD_FILE, save({"weight": np.asarray(weight, dtype=np.float32).reshape(1, -1),
                                             "bias": np.asarray([bias], dtype=np.float32)}))
     _write_atomic(folder / META_FILE, (meta.to_json() + "\n").encode())

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from sia_edge.files import atomic_output, check_writable, commit_output
-from sia_edge.gguf_io import GGUFError, GGUFTensorInfo, read_gguf_kv, read_gguf_tensor_infos
+from sia_edge.gguf_io import GGUFError, GGUFTensorInfo, gguf_writer, read_gguf_kv, read_gguf_tensor_infos
 from sia_edge.train import TrainError
 from sia_edge.value_format import (
     ValueFormatError,
@@ -413,7 +413,7 @@ def copy_gguf(
     tmp = atomic_output(out)
     writer = None
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch=arch)
+        writer = gguf_writer(tmp, arch)
         alignment = kv.get("general.alignment")
         if alignment is not None:
             writer.data_alignment = int(alignment[0])  # type: ignore[index]
@@ -886,7 +886,7 @@ def export_value_model(
 
     try:  # a candidate head trained after an earlier export is carried into this one
         head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
-                                   steering=steering, candidate=candidate_asset_of(model_dir))
+                                   steering=steering, candidate=candidate_asset_of(model_dir, source))
     except ValueFormatError as exc:
         raise TrainError(f"{model_dir}: {exc}") from None
     del net

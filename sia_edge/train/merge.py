@@ -162,7 +162,7 @@ def build_value_gguf(model_dir: str | os.PathLike[str], out_path: str | os.PathL
 
     try:
         head_meta = meta.head_meta(head["weight"].reshape(-1), float(head["bias"].reshape(-1)[0]),
-                                   candidate=candidate_asset_of(model_dir))
+                                   candidate=candidate_asset_of(model_dir, backbone))
     except ValueFormatError as exc:
         raise TrainError(f"{model_dir}: {exc}") from None
     if meta.reads_base:
