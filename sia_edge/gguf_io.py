@@ -59,14 +59,19 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def gguf_writer(path: str | os.PathLike[str], arch: str, **kwargs: object) -> gguf.GGUFWriter:
     """A ``gguf.GGUFWriter`` (same arguments) that packs a numeric numpy array value
-    (``add_array(key, ndarray)``) with one ``tobytes`` instead of element by element."""
+    of floats (``add_array(key, ndarray)``) with one ``tobytes`` instead of element by element."""
     import gguf
 
     class _Writer(gguf.GGUFWriter):
         def _pack_val(self, val: object, vtype: gguf.GGUFValueType, add_vtype: bool,
                       sub_type: gguf.GGUFValueType | None = None) -> bytes:
-            if vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, np.ndarray) or val.dtype.kind not in "fiu":
+            # floats only: an integer array's element type is picked from its first value, and a cast
+            # would wrap larger values silently where GGUFWriter raises
+            if vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, np.ndarray):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
+            if val.dtype.kind != "f" or (
+                    sub_type is not None and sub_type not in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64)):
+                return super()._pack_val(val.ravel().tolist(), vtype, add_vtype, sub_type)
             # the element type as GGUFWriter picks it for the same values as Python numbers
             ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val.flat[0].item())
             dtype = np.dtype(_GGUF_NP[int(ltype)])

@@ -122,6 +122,7 @@ def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: 
     assert modes["dense_candidate"]["value_tokens"] < 10
     assert modes["dense_candidate:shallow.gguf"]["value_tokens"] < 10
     assert "dense_candidate:shallow.gguf_over_plain" in out["ratios"]
+    assert out["candidate_gate"] == "sparse"  # no horizon and no target ratio timed: the plain tau
     # a value model without a candidate head cannot be timed so
     plain = random_head_value_gguf(base_model_path, tmp_path / "value-plain.gguf")
     proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "4",

@@ -4,6 +4,7 @@ and tensor kept, blocks beyond --layers dropped), quantised by llama.cpp; the fa
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,10 @@ def test_the_fast_writer_writes_what_gguf_writes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(kv["x.floats"], floats)
     assert isinstance(kv["x.ints"], np.ndarray) and kv["x.ints"].tolist() == ints.tolist()
     assert read_gguf_kv(paths[1])["x.ints"] == ints.tolist() and kv["x.strings"] == ["a", "bc"]
+    # integers take GGUFWriter's own path: a value beyond the element type is an error, not wrapped
+    w = gguf_writer(tmp_path / "big.gguf", "sia-head")
+    w.add_array("x.big", np.array([1, 2**31 + 5], dtype=np.int64))
+    w.write_header_to_file()
+    with pytest.raises(struct.error, match="format requires"):
+        w.write_kv_data_to_file()
+    w.close()

@@ -167,7 +167,7 @@ def test_the_gemma3_detox_fast_preset_expands_its_head_and_decodes_no_value_rows
     built = read_value_meta(preset.value_model(build=False)).candidate
     assert built is not None and built.table.shape == (262144, built.rank)
     shipped = load_head_asset(preset.assets_dir / "candidate_head.safetensors", backbone=preset.base_model())
-    np.testing.assert_array_equal(built.table, shipped.table)
+    np.testing.assert_allclose(built.table, shipped.table, rtol=1e-6, atol=1e-7)
     assert (preset.assets_dir / "candidate_head.safetensors").stat().st_size < built.table.nbytes / 10
 
 

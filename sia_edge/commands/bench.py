@@ -277,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "isa": kernels.active_isa(), "machine": f"{platform.machine()}, {engine.n_threads} threads",
         "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "tau": args.tau,
         "sparse_ratio_target": args.target_ratio, "head": args.head,
+        "candidate_gate": _candidate_gate_name(modes),
         "horizon": args.horizon, "horizon_tau": args.horizon_tau if args.horizon else None,
         "prompt_file": str(args.prompt_file) if args.prompt_file else None, "prompts_timed": min(args.prompts, len(prompts)),
         "modes": {},
@@ -307,10 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _candidate_gate_name(modes: dict[str, SteeringConfig]) -> str:
+    """The mode whose gate a candidate head is timed at: horizon if timed, else the target ratio's
+    (sparse_ratio), else the plain sparse one."""
+    return next((name for name in ("horizon", "sparse_ratio") if name in modes), "sparse")
+
+
 def _candidate_gate(modes: dict[str, SteeringConfig]) -> SteeringConfig:
-    """The gate a candidate head is timed at: the horizon mode's if one is timed, else the target
-    ratio's, else the plain sparse one's."""
-    for name in ("horizon", "sparse_ratio"):
-        if name in modes:
-            return modes[name]
-    return modes["sparse"]
+    return modes[_candidate_gate_name(modes)]

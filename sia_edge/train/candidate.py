@@ -169,7 +169,8 @@ def load_states(*paths: str | os.PathLike[str]) -> tuple[dict[str, npt.NDArray[n
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{path}: not a file of collected states ({exc}); re-run "
                              "tools/train_candidate_head.py collect") from None
-        same = ("value_model", "base_model", "k", "horizon", "w", "students")
+        same = ("value_model", "base_model", "k", "horizon", "w", "students", "prompt_style")
+        this.setdefault("prompt_style", "chat")  # collected before text prompts existed
         if info and any(info.get(k) != this.get(k) for k in same):
             raise ValueError(f"{path} was collected with other settings than {paths[0]} "
                              f"({', '.join(same)} must agree)")
@@ -434,7 +435,9 @@ def load_head_asset(path: str | os.PathLike[str],
         with safe_open(str(path), "np") as f:
             checksum = float((f.metadata() or {})["emb_checksum"])
         factors = HeadFactors(**{k: t[k] for k in _FACTOR_KEYS}, emb_checksum=checksum)
-    except (SafetensorError, OSError, KeyError, TypeError) as exc:
+        if factors.delta_ids.dtype.kind not in "iu":
+            raise TypeError(f"delta_ids are {factors.delta_ids.dtype}, not token ids")
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a candidate head ({exc}); re-run tools/train_candidate_head.py fit") from None
     if backbone is None:
         raise ValueError(f"{path}: the candidate head is stored as factors of its backbone's token embeddings; "

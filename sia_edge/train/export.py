@@ -862,6 +862,9 @@ def export_value_model(
     # directory is written from the base model's GGUF (the same model, checked below).
     source = backbone_path if is_gguf_file(backbone_path) else base
     arch = check_exportable(source, meta.lora.get("targets"))  # before minutes of loading
+    from sia_edge.train.candidate import candidate_asset_of
+
+    candidate = candidate_asset_of(model_dir, source)  # a head trained after an earlier export; checked now
     log(f"loading value model from {model_dir}")
     net, meta = load_value_model(model_dir, backbone)
     base_fp = fingerprint_from_gguf(base)
@@ -882,11 +885,9 @@ def export_value_model(
 
     log(f"merging the LoRA into the backbone ({arch.arch})")
     replacements = merged_gguf_tensors(net.backbone, arch, source, exact=source == backbone_path)
-    from sia_edge.train.candidate import candidate_asset_of
-
-    try:  # a candidate head trained after an earlier export is carried into this one
+    try:  # the candidate head found above is carried into this export
         head_meta = meta.head_meta(net.head.weight.detach().reshape(-1).numpy(), float(net.head.bias.item()),
-                                   steering=steering, candidate=candidate_asset_of(model_dir, source))
+                                   steering=steering, candidate=candidate)
     except ValueFormatError as exc:
         raise TrainError(f"{model_dir}: {exc}") from None
     del net
