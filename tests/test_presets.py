@@ -157,9 +157,10 @@ def test_the_gemma3_detox_fast_preset_expands_its_head_and_decodes_no_value_rows
     from sia_edge.value_format import read_value_meta
 
     preset = get_preset("gemma3-detox-fast")
+    here = _env(SIA_EDGE_MODELS=str(preset.value_path.parent))  # the chat builds where this process looks
     chat = subprocess.run([sys.executable, "-m", "sia_edge.chat", "--preset", preset.name, "--prompt", GEMMA_PREFIX,
                            "--json", "--max-tokens", "16", "--seed", "1", "--threads", "1"],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900, check=False)
+                          capture_output=True, text=True, env=here, cwd=REPO, timeout=900, check=False)
     assert chat.returncode == 0, chat.stderr
     stats = json.loads(chat.stdout)["stats"]
     assert stats["value_head"] == "candidate" and stats["mode"] == "sparse" and stats["value_tokens"] == 0
