@@ -1,11 +1,11 @@
 """Reading GGUF headers fast: key/value metadata and where each tensor is, without the data;
-and a ``gguf.GGUFWriter`` that writes numeric numpy arrays in one piece.
+and a ``gguf.GGUFWriter`` that writes numpy float arrays in one piece.
 
 ``gguf.GGUFReader`` builds a Python object per array element, which takes many seconds for a
 vocabulary of tens or hundreds of thousands of tokens; these walk the header with ``struct``
-over a memory map instead. ``GGUFWriter`` packs an array element by element, which takes most
-of a minute for a candidate head's table over such a vocabulary (``value_format``); ``gguf_writer``
-packs a numpy array with one ``tobytes``. The value GGUF's own keys are defined in ``value_format``.
+over a memory map instead. ``GGUFWriter`` packs an array element by element, which is as slow
+for a candidate head's table over such a vocabulary (``value_format``); ``gguf_writer`` packs a
+numpy float array with one ``tobytes``. The value GGUF's own keys are defined in ``value_format``.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def gguf_writer(path: str | os.PathLike[str], arch: str, **kwargs: object) -> gguf.GGUFWriter:
-    """A ``gguf.GGUFWriter`` (same arguments) that packs a numeric numpy array value
-    of floats (``add_array(key, ndarray)``) with one ``tobytes`` instead of element by element."""
+    """A ``gguf.GGUFWriter`` (same arguments) that packs a numpy float array value
+    (``add_array(key, ndarray)``) with one ``tobytes`` instead of element by element."""
     import gguf
 
     class _Writer(gguf.GGUFWriter):
