@@ -38,7 +38,7 @@ from sia_edge.cli_common import (
     steering_config,
     undecodable_text,
 )
-from sia_edge.steering import MAX_SEED, SteeringConfig
+from sia_edge.steering import MAX_SEED, MODES, SteeringConfig, level_for_gate
 
 __all__ = ["ChatSession", "Highlighter", "main"]
 
@@ -46,8 +46,9 @@ PROG = "sia-edge chat"
 COMMANDS_HELP = """\
 commands:
   /stats               steering statistics of the last answer and of the session
-  /tau X               set the entropy threshold (nats; sparse mode steers where entropy >= X)
-  /mode off|sparse|dense   switch steering (also full-entropy, random)
+  /tau X               set the threshold (nats for sparse: steer where entropy >= X; a share of
+                       probability for shift)
+  /mode off|sparse|dense   switch steering (also full-entropy, random, shift)
   /reset               forget the conversation
   /help                this list
   /quit                leave (also Ctrl-D; Ctrl-C stops an answer)"""
@@ -182,8 +183,10 @@ class ChatSession:
                 new = replace(self.config, tau=tau, target_ratio=None)
             else:
                 if not arg:
-                    raise ValueError("/mode needs one of off, sparse, dense, full-entropy, random")
-                new = replace(self.config, gate=arg, target_ratio=None,
+                    raise ValueError(f"/mode needs one of {', '.join(MODES)}")
+                rec = self.engine.value.meta.recommended_steering() if self.engine.value is not None else {}
+                level = {"target_ratio": None, **level_for_gate(self.config, arg, rec)}  # a tau on its gate's scale
+                new = replace(self.config, gate=arg, **level,
                               horizon=gate_horizon(arg, self.recommended_horizon, self.config.horizon,
                                                    head=self.config.head))
                 if new.steers and not self.value_model:

@@ -159,7 +159,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 # Where a face's default comes from when the user leaves a setting out (steering_config below).
 _FACE_DEFAULTS = {
-    "gate": "sparse, or off without a value model",
+    "gate": "the value model's recommended mode, else sparse; off without a value model",
     "tau": "the value model's recommended tau or target ratio, else 1.0",
     "target_ratio": "none: tau is used",
     "p": "0.2",
@@ -332,7 +332,7 @@ def steering_config(args: argparse.Namespace, choice: ValueModelChoice) -> Steer
     falls back to ``off``; asking for steering explicitly is an error. Settings the user leaves
     out come from the value model's recommendation, by the one rule of
     ``SteeringConfig.recommended`` (``--horizon 0`` steers whole answers)."""
-    mode = args.mode or "sparse"
+    mode = args.mode  # None: the value model's recommended mode, else sparse
     value_model = choice.available
     if not value_model:
         why = f", but {choice.missing}" if choice.missing else ""

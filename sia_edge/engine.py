@@ -14,6 +14,7 @@ Nothing touches the logits after the steering step: no repetition penalty, no ot
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import threading
@@ -47,6 +48,7 @@ from sia_edge.value_scorer import BaseStateScorer, ValueModel, ValueScorer
 __all__ = [
     "Backend",
     "BestOfN",
+    "Calibration",
     "ContextOverflowError",
     "EngineClosedError",
     "Generation",
@@ -90,10 +92,12 @@ class TokenEvent:
     text: str  # the text this token completes (may be "" inside a multi-byte character)
     token_id: int
     junction: bool  # the value model steered this step
-    entropy: float  # the gate statistic (top-k or full entropy, per the gate)
+    entropy: float  # the top-k entropy, or the full one under the full-entropy gate
     candidates: tuple[int, ...] = ()  # top-k ids at a junction
     values: tuple[float, ...] = ()  # their normalised values V at a junction
-    shift: float = 0.0  # probability mass steering moved at a junction (gate.steering_shift)
+    # probability steering moved at a junction (gate.steering_shift); under the shift gate, at every
+    # step it scored, what steering moves or would have moved: that gate's statistic
+    shift: float = 0.0
     logprobs: TokenLogprobs | None = None  # only when generate(..., logprobs=True)
 
 
@@ -238,7 +242,8 @@ class SteeringEngine:
         self._chat_template: ChatTemplate | None = None
         self._max_token_bytes: int | None = None
         self._closed = False
-        self._tau_cache: dict[tuple[str, int, float, float, int], float] = {}
+        self._tau_cache: dict[tuple[Any, ...], float] = {}
+        self._statistics_cache: dict[tuple[Any, ...], list[float]] = {}  # _tau_keys' key without the ratio
         self._calibration_lock = threading.Lock()
 
     @classmethod
@@ -250,7 +255,7 @@ class SteeringEngine:
         preset = get_preset(name or DEFAULT_PRESET)
         return cls(preset.base_model(), preset.value_model(), **kwargs)
 
-    def recommended(self, *, gate: str = "entropy", **given: Any) -> SteeringConfig:
+    def recommended(self, *, gate: str | None = None, **given: Any) -> SteeringConfig:
         """The steering the value model recommends (the settings it was evaluated with, stored
         in its GGUF), with ``given`` settings winning: what the chat and the server use by
         default (``SteeringConfig.recommended``). Without a value model: ``off``."""
@@ -480,12 +485,17 @@ class SteeringEngine:
         self, prompts: Sequence[str | Messages] | None = None, *, config: SteeringConfig | None = None,
         max_tokens: int = 96, seed: int = 0,
     ) -> list[float]:
-        """The gate statistic at every step of unsteered (``off``) runs of the base model; the
-        first ``config.head`` steps of each run are +inf (junctions whatever tau is). Without
+        """The gate statistic at every step of unsteered runs of the base model (``off``; for the
+        shift gate, scored but never steered); the first ``config.head`` steps of each run are
+        +inf (junctions whatever tau is). Without
         ``prompts``: the calibration requests as chat turns, or, for a base model without a chat
         template, the calibration prefixes continued as text."""
         cfg = config or SteeringConfig()
         off = SteeringConfig(gate="off", k=cfg.k, temperature=cfg.temperature)
+        score_only = cfg.kind.statistic == "shift"
+        if score_only:  # its statistic needs the candidates scored: its gate, told to steer none
+            off = SteeringConfig(gate=cfg.gate, tau=1.0, k=cfg.k, w=cfg.w, temperature=cfg.temperature,
+                                 value_head=cfg.value_head)
         on_full = cfg.gate == "full-entropy"
         stats: list[float] = []
         if prompts is None:
@@ -493,23 +503,30 @@ class SteeringEngine:
                        else list(self.CALIBRATION_PREFIXES))
         for i, p in enumerate(prompts):
             gen = self.generate(p, max_tokens=max_tokens, config=off, seed=seed + i)
+            gen._state.score_only = score_only
             with gen:
-                run = [ev.entropy for ev in gen]
+                run = [ev.shift if score_only else ev.entropy for ev in gen]
             if on_full:
                 run = list(gen.full_entropies[: len(run)])
             run[: cfg.head] = [math.inf] * min(cfg.head, len(run))
             stats.extend(run)
         return stats
 
-    def _tau_keys(self, config: SteeringConfig) -> tuple[tuple[str, int, float, float, int], str]:
+    def _tau_keys(self, config: SteeringConfig, on: Calibration | None = None) -> tuple[tuple[Any, ...], str]:
         assert config.target_ratio is not None
-        key = (config.gate, config.k, config.temperature, config.target_ratio, config.head)
+        key: tuple[Any, ...] = (config.gate, config.k, config.temperature, config.target_ratio, config.head)
+        if on is not None:  # the built-in prompts' key is as it always was: caches stay valid
+            key += (on.digest, on.max_tokens)
+        if config.kind.statistic == "shift":  # its statistic is the value model's too, and w's
+            if self.value is None:
+                raise ValueError("mode shift scores candidates with the value model: load one to calibrate it")
+            key += (config.w, config.value_head, self.value.identity)
         return key, f"{self.base.fingerprint}|{self.base.path.name}|{key}"
 
-    def cached_tau(self, config: SteeringConfig) -> float | None:
+    def cached_tau(self, config: SteeringConfig, on: Calibration | None = None) -> float | None:
         """The tau for ``config.target_ratio`` if it is already known (in memory or in the cache
         file in models/), else None: ``calibrate_tau`` would then measure it, which takes seconds."""
-        key, disk_key = self._tau_keys(config)
+        key, disk_key = self._tau_keys(config, on)
         if key in self._tau_cache:
             return self._tau_cache[key]
         stored = _read_tau_file(models_dir() / "tau-calibration.json").get(disk_key)
@@ -518,20 +535,28 @@ class SteeringEngine:
             return self._tau_cache[key]
         return None
 
-    def calibrate_tau(self, config: SteeringConfig) -> float:
+    def calibrate_tau(self, config: SteeringConfig, on: Calibration | None = None) -> float:
         """tau giving ``config.target_ratio`` junctions on unsteered runs; cached per model. A
-        ``horizon`` plays no part: it only ends steering, with the tau the ratio gives whole answers."""
-        key, disk_key = self._tau_keys(config)
+        ``horizon`` plays no part: it only ends steering, with the tau the ratio gives whole answers.
+        ``on``: calibrate on these prompts (a task's own) instead of the built-in ones."""
+        key, disk_key = self._tau_keys(config, on)
         if key in self._tau_cache:
             return self._tau_cache[key]
         # One calibration at a time: concurrent requests for the same uncached ratio wait for the
         # first one's answer instead of each running the unsteered calibration generations.
         with self._calibration_lock:
-            cached = self.cached_tau(config)
+            cached = self.cached_tau(config, on)
             if cached is not None:
                 return cached
             assert config.target_ratio is not None
-            tau = tau_for_ratio(self.gate_statistics(config=config), config.target_ratio)
+            # one set of unsteered runs serves every ratio of the same gate (eval calibrates several)
+            stats_key = key[:3] + key[4:]
+            stats = self._statistics_cache.get(stats_key)
+            if stats is None:
+                stats = (self.gate_statistics(config=config) if on is None else
+                         self.gate_statistics(list(on.prompts), config=config, max_tokens=on.max_tokens))
+                self._statistics_cache[stats_key] = stats
+            tau = tau_for_ratio(stats, config.target_ratio)
             self._tau_cache[key] = tau
             _store_tau(models_dir() / "tau-calibration.json", disk_key, tau)
             return tau
@@ -619,6 +644,21 @@ class BestOfN:
     @property
     def best(self) -> Sample:
         return self.samples[self.chosen]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Prompts to calibrate a target ratio on, instead of the built-in ones: a task's own (its
+    training prompts), so that a ratio means that share of *its* tokens. Each is continued for
+    ``max_tokens`` unsteered. ``digest`` names them in the tau cache."""
+
+    prompts: tuple[str | Messages, ...]
+    max_tokens: int = 96
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps([p if isinstance(p, str) else list(p) for p in self.prompts], sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 _TAU_FILE_LOCK = threading.Lock()  # engines of one process share the file's read-modify-write
@@ -761,6 +801,7 @@ class _RunState:
     cancel: threading.Event = field(default_factory=threading.Event)
     logprobs: bool = False  # report each token's TokenLogprobs
     grammar: GrammarState | None = None  # masks each step's logits to what the grammar allows (owned)
+    score_only: bool = False  # the shift gate scores every step and steers none (its calibration)
 
 
 def _prefill(slot: _Slot, prompt: list[int], *, hidden: bool) -> None:
@@ -830,34 +871,41 @@ def _run(eng: SteeringEngine, state: _RunState) -> Generator[TokenEvent, None, N
                     base_lse = top + math.log(float(np.exp(logits - top).sum()))
                 grammar.mask(logits)
                 st.grammar_ms += (perf() - t0) * 1e3
+            threshold = gate.threshold()
+            # the shift gate decides after scoring: the native step only ranks the candidates then
+            scored = gate.on_shift and threshold < math.inf
             t0 = perf()
             chosen, js = kernels.junction_step(
-                logits, topk, threshold=gate.threshold(), gate_on_full_entropy=gate.on_full_entropy,
-                temperature=cfg.temperature, rng=rng, top_p=cfg.top_p, min_p=cfg.min_p, probs_out=probs,
+                logits, topk, threshold=-math.inf if scored else threshold,
+                gate_on_full_entropy=gate.on_full_entropy, temperature=cfg.temperature, rng=rng, top_p=cfg.top_p,
+                min_p=cfg.min_p, probs_out=probs,
             )
             t_kernel = perf() - t0
             junction = chosen < 0
+            stat = js.full_entropy if gate.on_full_entropy else js.topk_entropy
             values: tuple[float, ...] = ()
             shift = 0.0
             if junction:
                 assert scorer is not None
                 v = scorer.score(sequence, topk.ids)
-                t0 = perf()
-                chosen = kernels.steer_topk_inplace(
-                    logits, topk, v, w=cfg.w, temperature=cfg.temperature, rng=rng, probs_out=probs,
-                    top_p=cfg.top_p, min_p=cfg.min_p,
-                )
-                t_kernel += perf() - t0
                 # numpy on k values: outside kernel_ms, which times the native steps
                 shift = steering_shift(topk.logits, v, cfg.w, cfg.temperature)  # topk.logits: the base's
-                gate.steered(shift)
+                if scored:
+                    junction = shift >= threshold and not state.score_only
+                t0 = perf()
+                chosen = kernels.steer_topk_inplace(  # values None: plain top-k sampling, as junction_step's
+                    logits, topk, v if junction else None, w=cfg.w, temperature=cfg.temperature, rng=rng,
+                    probs_out=probs, top_p=cfg.top_p, min_p=cfg.min_p,
+                )
+                t_kernel += perf() - t0
                 scorer.commit(chosen)
-                st.junctions += 1
-                values = tuple(float(x) for x in v)
+                if junction:
+                    gate.steered(shift)
+                    st.junctions += 1
+                    values = tuple(float(x) for x in v)
             st.kernel_ms += t_kernel * 1e3
             token = int(topk.ids[chosen])
             state.full_entropies.append(js.full_entropy)
-            stat = js.full_entropy if gate.on_full_entropy else js.topk_entropy
             if eng.base.is_eog(token):
                 st.stop_reason = "eos"
                 break

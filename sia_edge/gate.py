@@ -4,7 +4,15 @@ steering ratio. Their settings and names are defined once in ``sia_edge.steering
 The gate statistic of the official SIA code is the entropy (nats) of softmax over the base
 model's top-k logits; a step is a junction iff that entropy >= tau (``entropy``, the faces'
 ``sparse``). The other gates exist for ablations and baselines: ``full-entropy``, ``dense``,
-``off`` and ``random`` (the table in sia_edge/steering.py).
+``off`` and ``random`` (the table in sia_edge/steering.py), and ``shift``, a value-aware gate.
+
+``shift`` reads the value model at every step: a step is a junction iff steering would move at
+least tau of the probability (``steering_shift``, the total variation distance between the base
+and the steered top-k distributions). The entropy gate sees only the base model's doubt; a
+confident step towards a candidate the value model scores far below the others is left alone by
+it and taken by ``shift``. Scoring every step costs what dense steering costs in value-model
+work, so it is for value heads whose scores are nearly free: a base-state candidate head
+(docs/TRAINING.md, section 7 and its presets). What it measured: docs/results/gemma3-detox.md.
 
 Every gate is a small object with one interface (``Gate``: ``threshold()`` once per step, in
 order, and ``steered(shift)`` after a junction), in the spirit of llama.cpp's sampler chain.
@@ -63,6 +71,7 @@ __all__ = [
     "JunctionGate",
     "OffGate",
     "RandomGate",
+    "ShiftGate",
     "SteeringConfig",  # defined in sia_edge.steering; importable from here as it always was
     "build_gate",
     "steering_shift",
@@ -96,6 +105,11 @@ class _Fixed:
 
 class EntropyGate(_Fixed):
     """SIA's gate, on the top-k or the full entropy (which one the native step reports)."""
+
+
+class ShiftGate(_Fixed):
+    """The value-aware gate: tau on the probability steering would move (the engine scores the
+    candidates first, then compares ``steering_shift`` with the threshold)."""
 
 
 class DenseGate(_Fixed):
@@ -185,6 +199,8 @@ def build_gate(config: SteeringConfig, seed: int) -> Gate:
         gate = DenseGate()
     elif config.gate == "off":
         return OffGate()  # never steers: head, follow and horizon have nothing to add
+    elif config.kind.statistic == "shift":
+        gate = ShiftGate(config.tau)
     else:
         gate = EntropyGate(config.tau)
     if config.follow is not None:
@@ -197,11 +213,13 @@ def build_gate(config: SteeringConfig, seed: int) -> Gate:
 
 
 class JunctionGate:
-    """A config's gate for one generation (``build_gate``), and which entropy it reads."""
+    """A config's gate for one generation (``build_gate``), and which statistic it reads: an
+    entropy the native step reports, or (``on_shift``) the shift of the scored candidates."""
 
     def __init__(self, config: SteeringConfig, seed: int) -> None:
         self.config = config
         self.on_full_entropy = config.kind.statistic == "full"
+        self.on_shift = config.kind.statistic == "shift"
         self._gate = build_gate(config, seed)
         self.threshold = self._gate.threshold
         self.steered = self._gate.steered
@@ -212,7 +230,10 @@ def steering_shift(base_logits: np.ndarray, values: np.ndarray, w: float, temper
     softmax(z / T) and softmax((z + w V) / T) over the k candidates (0 = none, 1 = all of it).
     Greedy decoding (T = 0) moved all of it iff the top candidate changed."""
     z = np.asarray(base_logits, dtype=np.float64)
-    steered = z + w * np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values contain NaN or infinity: the value model's output is broken")
+    steered = z + w * v
     # The sampler reads T as a float32: a T that rounds to 0 there is greedy here too.
     if np.float32(temperature) == 0:
         return float(np.argmax(z) != np.argmax(steered))

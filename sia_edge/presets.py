@@ -13,7 +13,8 @@ gemma3-detox       Gemma-3-270M base (no chat template),  non-toxic continuation
                    Q4_K_M                                 shallower than the base (weak-to-strong)
 gemma3-detox-      the same                              the same objective with no layers of its own:
 fast                                                     a candidate head on the base model's hidden
-                                                         state, learnt from gemma3-detox's values
+                                                         state, learnt from gemma3-detox's values;
+                                                         steers with the shift gate, which reads them
 =================  ====================================  =============================================
 
 The steering settings a preset was evaluated with live in its value GGUF (``sia.steering.*``);

@@ -27,6 +27,7 @@ processor, is in docs/results/cost.md):
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy.typing as npt
 
 from sia_edge import kernels
 from sia_edge.engine import TokenizerMismatchError
-from sia_edge.gate import JunctionGate
+from sia_edge.gate import JunctionGate, steering_shift
 from sia_edge.steering import SteeringConfig
 from sia_edge.value_format import fingerprint_from_gguf
 from sia_edge.value_scorer import ValueModel
@@ -60,7 +61,7 @@ class SIALogitsProcessor:
         ``settings`` (``gate``, ``k``, ``tau``, ``w``, ``temperature``, ``horizon``, ...) winning."""
         self.value = value_model if isinstance(value_model, ValueModel) else ValueModel(value_model)
         if config is None:
-            gate = settings.pop("gate", "entropy")
+            gate = settings.pop("gate", None)  # None: the recommended one, else the entropy gate
             config = SteeringConfig.recommended(self.value.meta.recommended_steering(), gate=gate, **settings)
         elif settings:
             raise TypeError(f"pass the steering as config or as settings, not both ({', '.join(settings)})")
@@ -109,11 +110,20 @@ class SIALogitsProcessor:
         self._last_length = len(input_ids)
         self.steps += 1
         stats = kernels.junction_stats(scores, self.topk)
-        statistic = stats.full_entropy if self.gate.on_full_entropy else stats.topk_entropy
-        if not statistic >= self.gate.threshold():
-            return scores  # the top_k sampler that follows does plain top-k sampling
+        threshold = self.gate.threshold()
+        if self.gate.on_shift and threshold < math.inf:  # the value-aware gate: score, then decide
+            values = self.scorer.score(input_ids.tolist(), self.topk.ids)
+            shift = steering_shift(self.topk.logits, values, self.config.w, self.config.temperature)
+            if not shift >= threshold:
+                return scores
+            self.gate.steered(shift)
+        else:
+            statistic = stats.full_entropy if self.gate.on_full_entropy else stats.topk_entropy
+            if self.gate.on_shift or not statistic >= threshold:
+                return scores  # the top_k sampler that follows does plain top-k sampling
+            values = self.scorer.score(input_ids.tolist(), self.topk.ids)
+            self.gate.steered(steering_shift(self.topk.logits, values, self.config.w, self.config.temperature))
         self.junctions += 1
-        values = self.scorer.score(input_ids.tolist(), self.topk.ids)
         scores[:] = -np.inf  # only the k candidates may be sampled: steer_topk writes them back
         kernels.steer_topk_inplace(scores, self.topk, values, w=self.config.w, temperature=0.0, rng=self.rng)
         return scores

@@ -7,7 +7,7 @@ fields, one per setting of sia_edge/steering.py (``sia_mode``, ``tau``, ``k``, `
 ``head``, ``follow``, ``horizon``; ``seed`` and ``temperature`` as usual; ``gate``, the former name of
 ``sia_mode``, is refused), and every response carries the generation's stats under ``"sia"``.
 With ``"sia_tokens": true``, streamed token chunks carry ``"sia_token": {"junction", "entropy",
-"token_id"}`` (and the candidates and their values at a junction).
+"token_id"}`` (and the candidates, their values and the ``shift`` steering made at a junction).
 
 Generation is blocking native work: it runs on a pool of ``--parallel`` worker threads; further
 requests wait their turn (up to ``--max-queue``, then 429 with ``Retry-After``). A client that
@@ -90,7 +90,7 @@ from sia_edge.cli_common import (
 )
 from sia_edge.engine import ContextOverflowError, Generation, SteeringEngine, TokenEvent
 from sia_edge.grammar import Grammar, GrammarDeadEnd, GrammarError, json_object, json_schema
-from sia_edge.steering import MAX_SEED, SETTINGS, SteeringConfig
+from sia_edge.steering import GATE_KINDS, MAX_SEED, MODES, SETTINGS, SteeringConfig, gate_of, level_for_gate
 from sia_edge.value_format import head_missing
 
 __all__ = [
@@ -599,8 +599,11 @@ def _usage(jobs: list[_Job]) -> dict[str, int]:
 
 def _sia_token(ev: TokenEvent, engine: SteeringEngine) -> dict[str, Any]:
     """A streamed token's steering (``sia_tokens``): whether it was a junction, the gate's
-    entropy, and at a junction the candidates (ids and texts) and their values."""
+    entropy, and at a junction the candidates (ids and texts), their values and the probability
+    steering moved; mode shift reports that share at every step it scored (its gate statistic)."""
     d: dict[str, Any] = {"junction": ev.junction, "entropy": finite_or_none(ev.entropy), "token_id": ev.token_id}
+    if ev.junction or ev.shift:
+        d["shift"] = finite_or_none(ev.shift)
     if ev.junction:
         d["candidates"], d["values"] = list(ev.candidates), [finite_or_none(v) for v in ev.values]
         d["candidate_texts"] = [engine.base.piece(c).decode("utf-8", "replace") for c in ev.candidates]
@@ -989,7 +992,7 @@ def create_app(
                 raise ApiError(400, f"{field_name}: {problem}", param=field_name, code="invalid_value")
         stops = _stops(req)
         if req.gate is not None:
-            raise ApiError(400, "gate: the field is called sia_mode (off, sparse, dense, full-entropy, random)",
+            raise ApiError(400, f"gate: the field is called sia_mode ({', '.join(MODES)})",
                            param="gate", code="invalid_value")
         changes: dict[str, Any] = {}
         for field_name, setting in STEERING_FIELDS.items():
@@ -1000,16 +1003,34 @@ def create_app(
                 raise ApiError(400, f"top_k {req.top_k} and k {changes['k']} differ: they name one setting, the "
                                     "candidates per step; send one of them", param="top_k", code="invalid_value")
             changes["k"] = req.top_k
+        asked_ratio = changes.get("target_ratio")
+        if "gate" in changes and "tau" not in changes and asked_ratio is None and engine.value is not None:
+            # switching between an entropy gate and shift: a tau on the new gate's scale, for the
+            # request's w and head (a ratio the value model recommends for it is calibrated once)
+            try:
+                steering = replace(state.config, **{k: v for k, v in changes.items() if k in ("w", "value_head")})
+                changes.update(level_for_gate(steering, changes["gate"], engine.value.meta.recommended_steering()))
+            except ValueError as exc:
+                raise ApiError(400, f"sia_mode {changes['gate']}: {exc}; send tau", param="sia_mode",
+                               code="invalid_value") from None
         ratio = changes.get("target_ratio")
         if ratio is not None:
-            # Each new (ratio, k, temperature, head) measures tau on unsteered runs (seconds, one
-            # at a time) and is cached for good: whole percentages at the server's own k,
-            # temperature and head bound what clients can make the server calibrate.
-            if isinstance(ratio, (int, float)) and 0 < ratio < 1 and abs(ratio * 100 - round(ratio * 100)) > 1e-9:
+            # Each new (ratio, k, temperature, head; for shift also w and head) measures tau on
+            # unsteered runs (seconds, one at a time) and is cached for good: whole percentages at
+            # the server's own settings bound what clients can make the server calibrate.
+            if asked_ratio is not None and isinstance(ratio, (int, float)) and 0 < ratio < 1 and \
+                    abs(ratio * 100 - round(ratio * 100)) > 1e-9:
                 raise ApiError(400, f"target_ratio: this server calibrates whole percentages (0.01 to 0.99), "
                                     f"got {ratio}", param="target_ratio", code="invalid_value")
-            for name in ("k", "temperature", "head"):
+            kind = GATE_KINDS.get(gate_of(str(changes.get("gate", state.config.gate))))
+            held = ("k", "temperature", "head") + (("w", "value_head") if kind and kind.statistic == "shift" else ())
+            for name in held:
                 if name in changes and changes[name] != getattr(state.config, name):
+                    if asked_ratio is None:
+                        raise ApiError(400, f"sia_mode {changes['gate']}: switching to it calibrates the value model's "
+                                            f"recommended target ratio at the server's {name} "
+                                            f"({getattr(state.config, name)}); send tau to change {name}",
+                                       param="sia_mode", code="invalid_value")
                     raise ApiError(400, f"target_ratio: a request that sets a target ratio keeps the server's {name} "
                                         f"({getattr(state.config, name)}); send tau instead to change {name}",
                                    param="target_ratio", code="invalid_value")

@@ -15,6 +15,7 @@ mode           gate            a step is a junction when
 =============  ==============  ==============================================================
 sparse         entropy         top-k entropy >= tau (SIA; default k 10, tau 1.0, w 1.0, T 1.0)
 full-entropy   full-entropy    entropy over the whole vocabulary >= tau
+shift          shift           steering would move >= tau of the probability (a value-aware gate)
 dense          dense           always (steer every token)
 off            off             never (plain top-k sampling in the same loop)
 random         random          with probability p, independently of the model
@@ -24,8 +25,8 @@ The string form
 ---------------
 ``MODE[@LEVEL][+head@N][+follow@F][+horizon@N][+bon@N]``, for example ``sparse@25%+horizon@16``:
 
-- ``@LEVEL`` sets the mode's level: a tau for ``sparse`` and ``full-entropy`` (``sparse@0.8``), or
-  a target ratio as a percentage (``sparse@25%``: the tau that makes 25% of the tokens of
+- ``@LEVEL`` sets the mode's level: a tau for ``sparse``, ``full-entropy`` and ``shift``
+  (``sparse@0.8``, ``shift@0.1``), or a target ratio as a percentage (``sparse@25%``: the tau that makes 25% of the tokens of
   unsteered runs junctions); the probability for ``random`` (``random@0.2`` or ``random@20%``).
   ``off`` and ``dense`` take none. Without it, the default applies (tau 1.0).
 - ``+head@N``, ``+follow@F``, ``+horizon@N`` and ``+bon@N`` add those settings (table below), each at
@@ -50,7 +51,6 @@ from typing import Any
 from sia_edge.value_format import HEADS
 
 __all__ = [
-    "ENTROPY_GATES",
     "GATES",
     "GATE_KINDS",
     "MAX_BON",
@@ -59,6 +59,7 @@ __all__ = [
     "MODES",
     "RECOMMENDED",
     "SETTINGS",
+    "TAU_GATES",
     "GateKind",
     "Setting",
     "SpecError",
@@ -67,6 +68,7 @@ __all__ = [
     "format_spec",
     "gate_of",
     "horizon_for_gate",
+    "level_for_gate",
     "mode_name",
     "parse_spec",
     "parse_spec_parts",
@@ -88,19 +90,23 @@ class GateKind:
     mode: str
     level: str | None  # the SteeringConfig field ``@LEVEL`` sets: "tau", "p" or None
     steers: bool = True
-    statistic: str = "topk"  # the entropy the native step reports: "topk" or "full"
+    # what tau is compared with: the top-k or the full entropy the native step reports, or "shift",
+    # the probability steering would move (gate.steering_shift: the candidates are scored every step)
+    statistic: str = "topk"
 
 
 GATE_KINDS: dict[str, GateKind] = {k.gate: k for k in (
     GateKind("entropy", "sparse", "tau"),
     GateKind("full-entropy", "full-entropy", "tau", statistic="full"),
+    GateKind("shift", "shift", "tau", statistic="shift"),
     GateKind("dense", "dense", None),
     GateKind("off", "off", None, steers=False),
     GateKind("random", "random", "p"),
 )}
 GATES: tuple[str, ...] = tuple(GATE_KINDS)
 MODES: tuple[str, ...] = tuple(k.mode for k in GATE_KINDS.values())
-ENTROPY_GATES: tuple[str, ...] = tuple(g for g, k in GATE_KINDS.items() if k.level == "tau")
+# the gates with a threshold tau on a statistic (so also a target ratio that calibrates it)
+TAU_GATES: tuple[str, ...] = tuple(g for g, k in GATE_KINDS.items() if k.level == "tau")
 _BY_MODE = {k.mode: k.gate for k in GATE_KINDS.values()}
 
 
@@ -185,10 +191,12 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("gate", str, "when to steer: sparse (SIA: steer where the top-k entropy >= tau), dense (every "
-            "token), off (plain top-k sampling); also full-entropy, random", "MODE",
+            "token), off (plain top-k sampling); also full-entropy, random, shift (steer where steering would "
+            "move >= tau of the probability; scores every token's candidates)", "MODE",
             lambda v: None if isinstance(v, str) and gate_of(v) in GATE_KINDS
-            else f"a known mode, one of {', '.join(MODES)}", in_spec=True, face_name="mode"),
-    Setting("tau", float, "entropy threshold in nats (steer where the gate's entropy >= tau)", "X",
+            else f"a known mode, one of {', '.join(MODES)}", recommend=True, in_spec=True, face_name="mode"),
+    Setting("tau", float, "the gate's threshold: entropy in nats (steer where the gate's entropy >= tau); for "
+            "mode shift, a share of probability in [0, 1] (above 1 scores every token and steers none)", "X",
             lambda v: None if _number(v) else "a finite number", recommend=True, in_spec=True),
     Setting("target_ratio", float, "pick tau so that about this fraction of tokens are junctions (measured once "
             "on unsteered runs, then cached); replaces tau", "R",
@@ -263,8 +271,11 @@ class SteeringConfig:
         if self.horizon is not None and self.head > self.horizon:
             raise ValueError(f"head {self.head} steers past horizon {self.horizon}, which ends all steering; "
                              "lower head or raise horizon")
-        if self.target_ratio is not None and self.gate not in ENTROPY_GATES:
-            raise ValueError("target_ratio applies to the entropy gates only")
+        if self.target_ratio is not None and self.gate not in TAU_GATES:
+            raise ValueError("target_ratio applies to the gates with a tau only (sparse, full-entropy, shift)")
+        if self.kind.statistic == "shift" and self.tau > 1:
+            raise ValueError(f"mode shift takes a tau of at most 1 (a share of probability: the steps where "
+                             f"steering would move at least that much are steered), got {self.tau:g}")
 
     @property
     def kind(self) -> GateKind:
@@ -308,28 +319,42 @@ class SteeringConfig:
         return parse_spec(text, **settings)
 
     @classmethod
-    def recommended(cls, recommendation: Mapping[str, Any], *, gate: str = "entropy", **given: Any) -> SteeringConfig:
+    def recommended(cls, recommendation: Mapping[str, Any], *, gate: str | None = None,
+                    **given: Any) -> SteeringConfig:
         """The config a value model recommends (its ``sia.steering.*``: what it was evaluated
         with), for ``gate``, with the settings ``given`` by the user winning. The one rule every
         face and the Python API use:
 
+        - the gate is ``gate`` if given, else the recommended one, else SIA's entropy gate;
         - ``w`` comes from the recommendation unless given;
-        - for the entropy gates, unless ``tau`` or ``target_ratio`` is given: a recommended tau
-          (top-k gate only: a tau is on its statistic's scale), else a recommended target ratio;
+        - for the gates with a tau, unless ``tau`` or ``target_ratio`` is given: a recommended tau
+          for the gate it was recommended with (the recommended gate, else the top-k entropy
+          gate: a tau is on its statistic's scale; a shift tau only at the recommended w and
+          head, which it was calibrated for), else a recommended target ratio; mode shift
+          with neither is a ValueError (tau 1 would score every token and steer none);
         - ``value_head`` comes from the recommendation unless given;
         - a recommended ``horizon`` belongs to SIA's top-k entropy gate: other gates, and a
           ``head`` longer than it, steer whole answers; a horizon the user gives always stands.
         """
         rec = recommended_settings(recommendation)
-        kwargs: dict[str, Any] = {"gate": gate, **given}
-        g = gate_of(gate)
+        g = gate_of(gate) if gate is not None else rec.get("gate", "entropy")
+        kwargs: dict[str, Any] = {**given, "gate": g}
         if "w" in rec:
             kwargs.setdefault("w", rec["w"])
-        if g in ENTROPY_GATES and "tau" not in given and "target_ratio" not in given:
-            if "tau" in rec and g == "entropy":
+        # a shift tau is calibrated for the w and head it was recommended with: another w or head
+        # moves other shares of probability, so the ratio (calibrated for them) serves instead
+        paper = cls()  # the settings a recommendation leaves out
+        tau_fits = g != "shift" or all(given.get(name, rec.get(name, getattr(paper, name))) ==
+                                       rec.get(name, getattr(paper, name)) for name in ("w", "value_head"))
+        if g in TAU_GATES and "tau" not in given and "target_ratio" not in given:
+            if "tau" in rec and g == rec.get("gate", "entropy") and tau_fits:
                 kwargs["tau"] = rec["tau"]
             elif "target_ratio" in rec:
                 kwargs["target_ratio"] = rec["target_ratio"]
+        if g == "shift" and "tau" not in kwargs and "target_ratio" not in kwargs:
+            raise ValueError("mode shift needs a tau (a share of probability in [0, 1], for example 0.5) or a "
+                             "target ratio (for example 0.25); the value model recommends none for it at these "
+                             "settings")
         if "horizon" not in given:
             kwargs["horizon"] = horizon_for_gate(g, rec.get("horizon"), None, head=given.get("head", 0))
         if "value_head" in rec:
@@ -342,7 +367,7 @@ class SpecError(ValueError):
     """A steering spec that does not parse; the message shows the grammar."""
 
 
-SPEC_SYNTAX = ("off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], dense, random@P|@R%, bon@N, MODE+bon@N, "
+SPEC_SYNTAX = ("off, sparse[@TAU|@R%], full-entropy[@TAU|@R%], shift[@TAU|@R%], dense, random@P|@R%, bon@N, MODE+bon@N, "
                "MODE+head@N, MODE+follow@F, MODE+horizon@N")
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:e-?\d+)?"  # no "e+": "+" separates the suffixes
 
@@ -451,6 +476,8 @@ def parse_spec_parts(text: str, *, allow_match: bool = False) -> SpecParts:
             raise SpecError(f"mode {label!r}: {name} takes no '@' setting")
         return parts
     if kind.level == "tau":
+        if not arg and kind.statistic == "shift":  # tau 1 would steer nothing and score every token
+            raise SpecError(f"mode {label!r}: shift needs a level: shift@0.5 (a share of probability) or shift@25%")
         if not arg:
             return parts
         tau, ratio = _level(arg, label)
@@ -526,6 +553,21 @@ def format_spec(config: SteeringConfig) -> str:
     return text
 
 
+def level_for_gate(config: SteeringConfig, gate: str, recommendation: Mapping[str, Any]) -> dict[str, Any]:
+    """The tau and target ratio to switch ``config`` to ``gate`` with (the chat's ``/mode``, a
+    server request's ``sia_mode``; ``config`` holds the w and head the switch steers with): kept
+    while the tau keeps its scale, else the recommendation's for ``gate`` at that w and head
+    (``SteeringConfig.recommended``; ValueError if there is none), as a tau in nats means nothing to the shift gate
+    and a share of probability nothing to an entropy. A config's tau is a share of probability
+    iff its gate is ``shift`` (the gates without a tau hold one in nats, ready for ``sparse``)."""
+    kind = GATE_KINDS.get(gate_of(gate))
+    if kind is None or (kind.statistic == "shift") == (config.kind.statistic == "shift"):
+        return {}
+    fresh = SteeringConfig.recommended(recommendation, gate=gate if kind.level == "tau" else "entropy",
+                                       w=config.w, value_head=config.value_head)
+    return {"tau": fresh.tau, "target_ratio": fresh.target_ratio if kind.level == "tau" else None}
+
+
 def horizon_for_gate(gate: str, recommended: int | None, current: int | None, head: int = 0) -> int | None:
     """The horizon of ``gate`` (at start, after the chat's ``/mode``, for a server request) given a
     value model's ``recommended`` one: it belongs to SIA's entropy gate, so other gates steer whole
@@ -553,8 +595,16 @@ def recommended_settings(values: Mapping[str, Any]) -> dict[str, Any]:
         out[name] = value
     if "w" in out and out["w"] <= 0:
         raise ValueError(f"the recommended w must be > 0 (a strength that steers towards value), got {out['w']}")
-    if "tau" in out and "target_ratio" in out:
-        raise ValueError("a value model recommends a tau or a target ratio, not both: they set the same threshold")
+    if "gate" in out:
+        out["gate"] = gate_of(out["gate"])
+        if not GATE_KINDS[out["gate"]].steers:
+            raise ValueError(f"the recommended mode must steer, got {out['gate']!r}")
+    if "horizon" in out and out.get("gate", "entropy") != "entropy":
+        raise ValueError("a recommended horizon belongs to the top-k entropy gate (sparse); a value model that "
+                         f"recommends mode {mode_name(out['gate'])} cannot recommend one")
+    if "tau" in out and "target_ratio" in out and "gate" not in out:
+        raise ValueError("a value model recommends a tau or a target ratio, not both: they set the same threshold "
+                         "(both only beside a recommended mode: the tau for that mode, the ratio for the others)")
     if out.get("horizon") == 0:
         raise ValueError("the recommended horizon must be a whole number of tokens >= 1, got 0")
     return out

@@ -30,11 +30,14 @@ sia.steering.target_ratio   float32      optional: likewise the junction budget 
                                          steered tokens), used when neither ``--tau`` nor
                                          ``--target-ratio`` is given
 sia.steering.tau            float32      optional, instead of target_ratio: likewise the
-                                         entropy threshold itself
+                                         threshold itself (for sia.steering.gate, else the
+                                         top-k entropy gate; both only beside a gate)
 sia.steering.horizon        uint32       optional: likewise steer only within the first N
                                          tokens of an answer (entropy gates, no ``--horizon``)
 sia.steering.value_head     string       optional: likewise the head that scores candidates
                                          (``scalar`` or ``candidate``; no ``--value-head``)
+sia.steering.gate           string       optional: likewise the mode (``entropy``, ``shift``,
+                                         ...; no ``--mode``)
 sia.candidate.rank          uint32       optional candidate head (below): its rank r
 sia.candidate.proj          float32[r*d] A, row-major (r rows of width d)
 sia.candidate.proj_bias     float32[r]   a
@@ -107,6 +110,7 @@ KEY_STEERING_TARGET_RATIO = "sia.steering.target_ratio"
 KEY_STEERING_TAU = "sia.steering.tau"
 KEY_STEERING_HORIZON = "sia.steering.horizon"
 KEY_STEERING_VALUE_HEAD = "sia.steering.value_head"
+KEY_STEERING_GATE = "sia.steering.gate"
 KEY_CAND_RANK = "sia.candidate.rank"
 KEY_CAND_PROJ = "sia.candidate.proj"
 KEY_CAND_PROJ_BIAS = "sia.candidate.proj_bias"
@@ -173,6 +177,7 @@ class ValueHeadMeta:
     steering_tau: float | None = None
     steering_horizon: int | None = None
     steering_value_head: str | None = None
+    steering_gate: str | None = None
     candidate: CandidateHeadMeta | None = None
 
     def __post_init__(self) -> None:
@@ -185,7 +190,7 @@ class ValueHeadMeta:
         if not (np.isfinite(self.reward_std) and self.reward_std > 0):
             raise ValueFormatError(f"reward std must be finite and > 0, got {self.reward_std}")
         check_recommended_steering(self.steering_w, self.steering_target_ratio, self.steering_tau,
-                                   self.steering_horizon, self.steering_value_head)
+                                   self.steering_horizon, self.steering_value_head, self.steering_gate)
         if self.steering_value_head == HEAD_CANDIDATE and self.candidate is None:
             raise ValueFormatError("the value model recommends the candidate head but carries none "
                                    "(sia.candidate.* keys); re-export it with its candidate head")
@@ -215,9 +220,10 @@ class ValueHeadMeta:
 
     def recommended_steering(self) -> dict[str, float | str]:
         """The recommended settings this model carries (``w``, ``target_ratio`` or ``tau``,
-        ``horizon``, ``value_head``), those it has."""
+        ``horizon``, ``value_head``, ``gate``), those it has."""
         pairs = (("w", self.steering_w), ("target_ratio", self.steering_target_ratio), ("tau", self.steering_tau),
-                 ("horizon", self.steering_horizon), ("value_head", self.steering_value_head))
+                 ("horizon", self.steering_horizon), ("value_head", self.steering_value_head),
+                 ("gate", self.steering_gate))
         return {k: v for k, v in pairs if v is not None}
 
 
@@ -230,14 +236,15 @@ def head_missing(name: str, head: str, heads: tuple[str, ...]) -> str:
 
 
 def check_recommended_steering(w: float | None, target_ratio: float | None, tau: float | None = None,
-                               horizon: int | None = None, value_head: str | None = None) -> None:
+                               horizon: int | None = None, value_head: str | None = None,
+                               gate: str | None = None) -> None:
     """The recommended settings a value GGUF may carry must be ones the engine accepts (checked
     by ``sia_edge.steering``, the one definition of every setting)."""
     from sia_edge.steering import recommended_settings
 
     try:
         recommended_settings({"w": w, "target_ratio": target_ratio, "tau": tau, "horizon": horizon,
-                              "value_head": value_head})
+                              "value_head": value_head, "gate": gate})
     except ValueError as exc:
         raise ValueFormatError(str(exc)) from None
 
@@ -331,6 +338,7 @@ def _head_meta(reader: dict[str, object], weight: object, bias: object) -> Value
         steering_tau=_optional_float(_field_value(reader, KEY_STEERING_TAU)),
         steering_horizon=_optional_int(_field_value(reader, KEY_STEERING_HORIZON), KEY_STEERING_HORIZON),
         steering_value_head=_optional_str(_field_value(reader, KEY_STEERING_VALUE_HEAD)),
+        steering_gate=_optional_str(_field_value(reader, KEY_STEERING_GATE)),
         candidate=_candidate_meta(reader, len(np.asarray(weight))),
     )
 
@@ -390,6 +398,8 @@ def add_value_meta(writer, meta: ValueHeadMeta) -> None:  # type: ignore[no-unty
         writer.add_uint32(KEY_STEERING_HORIZON, int(meta.steering_horizon))
     if meta.steering_value_head is not None:
         writer.add_string(KEY_STEERING_VALUE_HEAD, meta.steering_value_head)
+    if meta.steering_gate is not None:
+        writer.add_string(KEY_STEERING_GATE, meta.steering_gate)
     if meta.candidate is not None:
         c = meta.candidate
         writer.add_uint32(KEY_CAND_RANK, c.rank)

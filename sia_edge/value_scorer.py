@@ -49,6 +49,7 @@ class ValueModel:
 
         self.n_threads = n_threads
         self.path = resolve_gguf(path, "value model")
+        self._stat = self.path.stat()  # the file loaded (``identity``)
         self.meta: ValueHeadMeta = read_value_meta(self.path)
         self.weight = self.meta.weight
         self.bias = float(self.meta.bias)
@@ -68,6 +69,12 @@ class ValueModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def identity(self) -> str:
+        """The file as a cache key for what its values decide (the shift gate's tau): its name,
+        size and modification time when it was loaded, so a rebuilt value model is calibrated again."""
+        return f"{self.name}|{self._stat.st_size}|{self._stat.st_mtime_ns}"
 
     @property
     def reads_base(self) -> bool:

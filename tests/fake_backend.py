@@ -117,7 +117,7 @@ class FakeValueModel:
     def __init__(self, base: FakeModel, *, seed: int = 1, name: str = "fake-value.gguf") -> None:
         self.model = FakeModel(base.n_vocab, seed=seed, name=name, fingerprint=base.fingerprint)
         self.path = Path(name)
-        self.name = name
+        self.name = self.identity = name
         self.meta = FakeValueHead()
         self.candidate = None  # the scalar head only
         self.heads = ("scalar",)

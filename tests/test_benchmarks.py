@@ -111,10 +111,14 @@ def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: 
     shallow = copy_gguf(value, tmp_path / "shallow.gguf", layers=2, head_meta=read_value_meta(value))
     out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
                    "--target-ratio", "0", "--threads", "1", "--value-model", str(value),
-                   "--also-value-model", str(shallow))
+                   "--also-value-model", str(shallow), "--shift-tau", "0.01", "--w", "4")
     modes = out["modes"]
-    assert set(modes) == {"plain", "off", "sparse", "dense", "candidate", "dense_candidate",
-                          "candidate:shallow.gguf", "dense_candidate:shallow.gguf"}
+    assert set(modes) == {"plain", "off", "sparse", "dense", "candidate", "dense_candidate", "shift_candidate",
+                          "candidate:shallow.gguf", "dense_candidate:shallow.gguf", "shift_candidate:shallow.gguf"}
+    # the shift gate scores every token with the candidate head: a value-model row per token at most,
+    # and, at a tau this low for w 4, it steers
+    assert 0 < modes["shift_candidate"]["intervention_rate"] <= 1 and modes["shift_candidate"]["value_tokens"] < 10
+    assert out["shift_tau"] == 0.01 and out["w"] == 4
     assert modes["dense_candidate"]["intervention_rate"] == 1
     assert modes["dense_candidate:shallow.gguf"]["intervention_rate"] == 1
     # no branch rows: the value model decodes each answer token once (plus the prompt, once)
@@ -135,6 +139,10 @@ def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: 
                            "--naive-prompts", "0", "--threads", "1", "--value-model", str(heads_only)],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "has no scalar head" in proc.stderr and "--also-value-model" in proc.stderr
+    for flag, value, message in (("--shift-tau", "1.5", "--shift-tau takes a share"), ("--w", "nan", "w must be")):
+        proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", flag, value], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_oracle_rollouts_score_each_candidate_by_its_own_continuations(base_model_path: Path) -> None:

@@ -502,6 +502,32 @@ def test_a_value_model_without_layers_scores_from_the_base_models_state(base_mod
         model.close()
 
 
+def test_the_shift_gate_reads_the_base_models_state_at_every_step(base_model_path: Path,
+                                                                  head_only_value_model: Path) -> None:
+    """The value-aware gate on the real llama.cpp with a base-state head: every step is scored
+    from the hidden state the base decode already computed (no value-model token), a step is a
+    junction iff its shift reaches tau, and until it steers it samples exactly as off does."""
+    import math
+
+    from sia_edge.engine import SteeringEngine
+
+    with SteeringEngine(base_model_path, head_only_value_model, n_ctx=512, n_threads=1) as eng:
+        off = eng.generate(MSGS, max_tokens=16, config=SteeringConfig(gate="off"), seed=2)
+        off_tokens = [ev.token_id for ev in off]
+        cfg = eng.recommended(gate="shift", w=4.0, tau=1.0)
+        shifts = eng.gate_statistics([MSGS], config=cfg, max_tokens=16, seed=2)  # scored, never steered
+        assert len(shifts) == len(off_tokens) and all(0.0 <= s <= 1.0 for s in shifts) and max(shifts) > 0
+        tau = float(np.median(shifts))
+        gen = eng.generate(MSGS, max_tokens=24, config=dataclasses.replace(cfg, tau=tau), seed=2)
+        events = list(gen)
+        assert 0 < gen.stats.junctions < gen.stats.steps and gen.stats.value_tokens == 0
+        assert all(ev.junction == (ev.shift >= tau) and not math.isnan(ev.shift) for ev in events)
+        # up to its first junction it is the unsteered run, scored
+        first = next(i for i, ev in enumerate(events) if ev.junction)
+        assert [ev.token_id for ev in events[:first]] == off_tokens[:first]
+        assert [ev.shift for ev in events[: first + 1]] == pytest.approx(shifts[: first + 1])
+
+
 def test_a_value_model_without_layers_must_fit_the_base(tmp_path: Path, base_model_path: Path,
                                                         head_only_value_model: Path) -> None:
     from sia_edge.engine import SteeringEngine, TokenizerMismatchError

@@ -229,7 +229,7 @@ def test_multi_turn_reuses_the_cache(engine: SteeringEngine) -> None:
         ({"w": math.nan}, "w must be a finite number"),
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"target_ratio": 1.5}, "target_ratio must be in"),
-        ({"gate": "dense", "target_ratio": 0.2}, "entropy gates only"),
+        ({"gate": "dense", "target_ratio": 0.2}, "gates with a tau only"),
     ],
 )
 def test_bad_steering_settings(kwargs: dict, match: str) -> None:
@@ -467,6 +467,7 @@ def test_tau_cache_survives_corruption_and_concurrent_calibration(
         return real(*a, max_tokens=16)
 
     monkeypatch.setattr(engine, "gate_statistics", counted)
+    monkeypatch.setattr(engine, "_statistics_cache", {})  # runs an earlier test's calibration left in memory
     cfg = SteeringConfig(target_ratio=0.37)
     taus: list[float] = []
     threads = [threading.Thread(target=lambda: taus.append(engine.calibrate_tau(cfg))) for _ in range(3)]

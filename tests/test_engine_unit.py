@@ -59,11 +59,13 @@ def test_value_tokens_are_catch_up_plus_branches(engine: SteeringEngine) -> None
     assert gen.stats.value_tokens == len(gen.prompt_tokens) + 4 * gen.stats.junctions
 
 
-@pytest.mark.parametrize("gate", ["dense", "entropy", "random"])
+@pytest.mark.parametrize("gate", ["dense", "entropy", "random", "shift"])
 def test_a_horizon_ends_every_kind_of_steering(engine: SteeringEngine, gate: str) -> None:
     _, events = run(engine, SteeringConfig(gate=gate, tau=0.0, p=1.0, horizon=5, follow=0.01))
     flags = [e.junction for e in events]
     assert flags[:5] == [True] * 5 and not any(flags[5:])
+    if gate == "shift":  # past the horizon nothing is scored
+        assert all(e.shift == 0.0 for e in events[5:]) and scorer(engine).calls == 5
 
 
 def test_a_head_steers_exactly_the_first_tokens(engine: SteeringEngine) -> None:
@@ -83,6 +85,67 @@ def test_the_entropy_gate_fires_where_the_statistic_reaches_tau(engine: Steering
     _, events = run(engine, SteeringConfig(tau=1.5), max_tokens=60)
     assert any(e.junction for e in events) and not all(e.junction for e in events)
     assert all(e.junction == (e.entropy >= 1.5) for e in events)
+
+
+def test_the_shift_gate_steers_where_steering_would_move_tau(engine: SteeringEngine) -> None:
+    gen, events = run(engine, SteeringConfig(gate="shift", tau=0.2, w=2.0), max_tokens=60)
+    assert any(e.junction for e in events) and not all(e.junction for e in events)
+    # every step is scored; its statistic is the shift steering makes, or would have made
+    assert scorer(engine).calls == gen.stats.steps
+    assert all(e.junction == (e.shift >= 0.2) for e in events)
+    assert all(len(e.values) == 10 for e in events if e.junction)
+    assert all(0 < e.shift < 0.2 and not e.values and not e.candidates for e in events if not e.junction)
+    # its calibration scores the unsteered run of the same seed: the same shifts up to the first junction
+    first = next(i for i, e in enumerate(events) if e.junction)
+    stats = engine.gate_statistics([PROMPT], config=SteeringConfig(gate="shift", tau=0.2, w=2.0), max_tokens=60)
+    assert [e.shift for e in events[: first + 1]] == stats[: first + 1]
+
+
+def test_the_shift_gate_at_its_extremes_is_off_and_dense(engine: SteeringEngine) -> None:
+    """Where it steers nothing it samples exactly as off does (scoring draws nothing from the
+    sampler's stream); at 0 it steers exactly as dense does."""
+    off, _ = run(engine, SteeringConfig(gate="off"), seed=3)
+    never, events = run(engine, SteeringConfig(gate="shift", tau=0.5, w=1e-6), seed=3)  # w too weak to move 0.5
+    assert never.tokens == off.tokens and never.stats.junctions == 0 and scorer(engine).calls == never.stats.steps
+    assert all(0.0 < e.shift < 0.5 for e in events)
+    dense, _ = run(engine, SteeringConfig(gate="dense", w=2.0), seed=3)
+    always, _ = run(engine, SteeringConfig(gate="shift", tau=0.0, w=2.0), seed=3)
+    assert always.tokens == dense.tokens != off.tokens and always.stats.junctions == always.stats.steps
+
+
+def test_a_shift_ratio_is_calibrated_on_scored_unsteered_runs(engine: SteeringEngine, tmp_path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    config = SteeringConfig(gate="shift", target_ratio=0.3, w=2.0)
+    tau = engine.calibrate_tau(config)
+    assert 0.0 < tau <= 1.0
+    stats = engine.gate_statistics(config=config)
+    assert abs(sum(s >= tau for s in stats) / len(stats) - 0.3) < 0.05
+    # the statistic depends on w (and on the value model): another w is another calibration
+    stronger = SteeringConfig(gate="shift", target_ratio=0.3, w=8.0)
+    assert engine.cached_tau(stronger) is None and engine.calibrate_tau(stronger) > tau
+
+
+def test_a_target_ratio_can_be_calibrated_on_the_tasks_own_prompts(engine: SteeringEngine, tmp_path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sia_edge.engine import Calibration
+    from sia_edge.gate import tau_for_ratio
+
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))
+    config = SteeringConfig(target_ratio=0.3)
+    task = Calibration(("the task begins", "another task prefix", "a third"), max_tokens=12)
+    tau = engine.calibrate_tau(config, task)
+    assert tau == tau_for_ratio(engine.gate_statistics(list(task.prompts), config=config, max_tokens=12), 0.3)
+    # cached under those prompts (and their length): not the built-in prompts' tau, nor other prompts'
+    assert engine.cached_tau(config, task) == tau and engine.cached_tau(config) is None
+    assert engine.cached_tau(config, Calibration(task.prompts[:2], max_tokens=12)) is None
+    assert engine.cached_tau(config, Calibration(task.prompts, max_tokens=13)) is None
+    # another ratio on the same prompts reuses their unsteered runs (eval calibrates several at once)
+    calls = []
+    real = engine.gate_statistics
+    monkeypatch.setattr(engine, "gate_statistics", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    other = engine.calibrate_tau(SteeringConfig(target_ratio=0.6), task)
+    assert not calls and other <= tau
 
 
 def test_a_target_ratio_is_calibrated_on_text_prefixes_when_there_is_no_chat_template(

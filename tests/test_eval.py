@@ -222,17 +222,22 @@ def test_drift_matches_a_plain_redecode(engine: Any, monkeypatch: pytest.MonkeyP
 
 
 def test_target_ratio_mode_reports_the_calibrated_tau(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sia_edge.engine import Calibration
+
     calls = []
 
-    def fake_calibrate(config: Any) -> float:
-        calls.append(config.target_ratio)
+    def fake_calibrate(config: Any, on: Any = None) -> float:
+        calls.append((config.target_ratio, on))
         return 0.5
 
     monkeypatch.setattr(engine, "calibrate_tau", fake_calibrate)
     pset = ev.PromptSet("one", Path("one.jsonl"), [ev.EvalPrompt("Say hi.", harmful=False)])
     (res,) = ev.evaluate(engine, [pset], [ev.parse_mode("sparse@30%")], max_tokens=3, progress=False)
-    assert calls and set(calls) == {0.3}
+    assert calls and set(calls) == {(0.3, None)}
     assert res["tau"] == 0.5 and res["mode"] == "sparse@30%" and res["n"] == 1
+    task = Calibration(("A prefix of the task,",), max_tokens=3)  # the task's own prompts reach the engine
+    ev.evaluate(engine, [pset], [ev.parse_mode("sparse@30%")], max_tokens=3, progress=False, calibration=task)
+    assert calls[-1] == (0.3, task)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -537,6 +542,11 @@ def test_table_and_plot_from_a_summary(e2e: dict[str, Any], tmp_path: Path) -> N
         (["--benign", "{plain}", "--modes", "off", "--model", "{plain}"], "not a GGUF file"),
         (["--benign", "{plain}", "--k", "33"], "--k must be at most 32"),  # was an out-of-memory context
         (["--benign", "{plain}", "--modes", "sparse@"], "nothing follows '@'"),  # was plain sparse
+        (["--benign", "{plain}", "--calibration-prompts", "{plain}"], "1 of its prompts are also evaluated"),
+        (["--benign", "{plain}", "--calibration-prompts", "{missing}"], "missing.txt"),
+        (["--benign", "{plain}", "--modes", "off,sparse@1", "--calibration-prompts", "{calib}"], "no mode has one"),
+        (["--benign", "{plain}", "--modes", "shift"], "shift needs a level"),
+        (["--benign", "{plain}", "--modes", "shift@1.5"], "mode shift takes a tau of at most 1"),
         (["--benign", "{plain}", "--modes", "random@-0.1"], "a probability must be between 0 and 1"),
         (["--benign", "{plain}", "--modes", "bon@100000000"], "Best-of-N takes N from 1 to 256"),  # ran for ever
         (["--benign", "{plain}", "--plot", "{dir}/plot.txt"], "plot.txt is not an image file name"),
@@ -551,7 +561,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "plain.txt").write_text("Hello?\n")
     (tmp_path / "long.txt").write_text("Hello?\n" + "word " * 200 + "\n")
-    paths = {"missing": str(tmp_path / "missing.txt"), "empty": str(tmp_path / "empty.txt"),
+    (tmp_path / "calib.txt").write_text("A prompt kept apart.\n")
+    paths = {"calib": str(tmp_path / "calib.txt"), "missing": str(tmp_path / "missing.txt"), "empty": str(tmp_path / "empty.txt"),
              "plain": str(tmp_path / "plain.txt"), "dir": str(tmp_path), "long": str(tmp_path / "long.txt")}
     assert _run([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip()

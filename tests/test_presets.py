@@ -163,8 +163,9 @@ def test_the_gemma3_detox_fast_preset_expands_its_head_and_decodes_no_value_rows
                           capture_output=True, text=True, env=here, cwd=REPO, timeout=900, check=False)
     assert chat.returncode == 0, chat.stderr
     stats = json.loads(chat.stdout)["stats"]
-    assert stats["value_head"] == "candidate" and stats["mode"] == "sparse" and stats["value_tokens"] == 0
-    assert stats["junctions"] > 0
+    # the preset recommends the gate that reads the values, at the tau calibrated on its training prefixes
+    assert stats["value_head"] == "candidate" and stats["mode"] == "shift" and stats["value_tokens"] == 0
+    assert stats["tau"] == pytest.approx(0.6077, abs=1e-6) and stats["junctions"] > 0
     built = read_value_meta(preset.value_model(build=False)).candidate
     assert built is not None and built.table.shape == (262144, built.rank)
     shipped = load_head_asset(preset.assets_dir / "candidate_head.safetensors", backbone=preset.base_model())

@@ -45,6 +45,17 @@ def test_dense_processor_steers_every_step(llm: Llama, value_model_path: Path) -
     assert complete(llm, proc2, proc2.sampling_kwargs(), seed=99) == steered
 
 
+def test_the_shift_gate_in_the_processor_steers_where_steering_moves_tau(llm: Llama, value_model_path: Path) -> None:
+    value = ValueModel(value_model_path)
+    weak = SIALogitsProcessor(llm, value, gate="shift", tau=0.5, w=1e-6)  # too weak to move half
+    kwargs = weak.sampling_kwargs()
+    assert complete(llm, weak, kwargs) == complete(llm, None, kwargs) and weak.junctions == 0 < weak.steps
+    always = SIALogitsProcessor(llm, value, gate="shift", tau=0.0, w=1000.0)
+    dense = SIALogitsProcessor(llm, value, gate="dense", w=1000.0)
+    assert complete(llm, always, always.sampling_kwargs()) == complete(llm, dense, dense.sampling_kwargs())
+    assert always.junctions == always.steps > 0
+
+
 def test_processor_writes_only_candidates(llm: Llama, value_model_path: Path) -> None:
     proc = SIALogitsProcessor(llm, value_model_path, gate="dense", w=0.5)
     scores = np.random.default_rng(0).standard_normal(llm.n_vocab()).astype(np.float32)

@@ -174,6 +174,32 @@ def test_a_recommended_horizon_stays_with_the_entropy_gate(server_engine: Steeri
         assert (r.model_extra or {})["sia"]["horizon"] == 3
 
 
+def test_switching_to_the_shift_gate_takes_a_tau_on_its_scale(base_model_path: Path, value_model_path: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tau in nats means nothing to the shift gate (a share of probability) and back: a request
+    that switches between them without a tau gets the value model's recommendation for its gate."""
+    from dataclasses import replace
+
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    monkeypatch.setenv("SIA_EDGE_MODELS", str(tmp_path))  # the sparse ratio calibrates here
+    value = tmp_path / "value-shift.gguf"
+    write_gguf_with_value_meta(value_model_path, value, replace(
+        read_value_meta(value_model_path), steering_gate="shift", steering_tau=0.25, steering_target_ratio=0.3))
+    with SteeringEngine(base_model_path, value, n_ctx=512, n_threads=1) as engine:
+        assert engine.recommended().gate == "shift" and engine.recommended().tau == 0.25
+        assert engine.recommended(gate="sparse").target_ratio == pytest.approx(0.3)  # the tau is the shift gate's
+        for start, ask, want_tau in ((SteeringConfig(tau=1.5), "shift", 0.25),
+                                     (SteeringConfig(tau=1.5), "full-entropy", 1.5),
+                                     (SteeringConfig(gate="shift", tau=0.25), "sparse",
+                                      engine.calibrate_tau(engine.recommended(gate="sparse")))):
+            with running(create_app(engine, config=start, max_tokens=4)) as srv:
+                r = srv.client().chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4, seed=3,
+                                                         extra_body={"sia_mode": ask})
+                sia = (r.model_extra or {})["sia"]
+                assert sia["mode"] == ask and sia["tau"] == pytest.approx(want_tau), (start.gate, ask)
+
+
 def test_chat_streaming_matches_non_streaming(server: Server) -> None:
     client = server.client()
     kwargs: dict[str, Any] = {"model": MODEL, "messages": PROMPT, "max_tokens": 8, "seed": 5}

@@ -26,6 +26,7 @@ from sia_edge.steering import (
     SpecError,
     SteeringConfig,
     format_spec,
+    level_for_gate,
     parse_spec,
     recommended_settings,
 )
@@ -42,7 +43,7 @@ def configs(draw: st.DrawFn) -> SteeringConfig:
         if draw(st.booleans()):
             kw["target_ratio"] = draw(st.floats(0, 1, exclude_min=True, exclude_max=True))
         else:
-            kw["tau"] = draw(st.floats(-1e6, 1e6, allow_nan=False))
+            kw["tau"] = draw(st.floats(-1e6, 1.0 if kind.statistic == "shift" else 1e6, allow_nan=False))
     if kind.level == "p":
         kw["p"] = draw(st.floats(0, 1))
     if kind.steers:
@@ -69,6 +70,8 @@ def test_the_string_form_reads_back_to_the_same_config(config: SteeringConfig) -
 def test_every_config_has_a_string_form_that_parses(gate: str, tau: float, p: float, head: int,
                                                    follow: float | None, horizon: int | None) -> None:
     """Also configs with settings that do not apply to their mode: those are left out."""
+    if GATE_KINDS[gate].statistic == "shift":
+        tau = min(tau, 1.0)  # a share of probability
     config = SteeringConfig(gate=gate, tau=tau, p=p, head=head, follow=follow, horizon=horizon)
     back = parse_spec(format_spec(config))
     assert back.gate == config.gate and back.spec == config.spec
@@ -82,6 +85,8 @@ def test_every_config_has_a_string_form_that_parses(gate: str, tau: float, p: fl
     ("bon@4", SteeringConfig(gate="off", bon=4)),
     ("dense+head@3+bon@2", SteeringConfig(gate="dense", head=3, bon=2)),
     ("sparse+follow@.5+head@2", SteeringConfig(follow=0.5, head=2)),
+    ("shift@25%+candidate", SteeringConfig(gate="shift", target_ratio=0.25, value_head="candidate")),
+    ("shift@0.6+horizon@8", SteeringConfig(gate="shift", tau=0.6, horizon=8)),
 ])
 def test_spec_examples(text: str, expected: SteeringConfig) -> None:
     assert parse_spec(text) == expected
@@ -119,13 +124,52 @@ def test_the_cli_options_are_the_settings() -> None:
 
 
 def test_recommended_settings_are_checked_as_the_engine_would() -> None:
-    assert set(RECOMMENDED) == {"tau", "target_ratio", "w", "horizon", "value_head"}
+    assert set(RECOMMENDED) == {"gate", "tau", "target_ratio", "w", "horizon", "value_head"}
     assert recommended_settings({"w": 3.0, "tau": 1.0, "horizon": 16.0}) == {"w": 3.0, "tau": 1.0, "horizon": 16}
     for bad, message in (({"beta": 1}, "unknown recommended"), ({"tau": 1.0, "target_ratio": 0.2}, "not both"),
                          ({"w": -1.0}, "must be > 0"), ({"horizon": 0}, ">= 1"), ({"tau": math.nan}, "finite"),
-                         ({"value_head": "both"}, "scalar, candidate")):
+                         ({"value_head": "both"}, "scalar, candidate"), ({"gate": "off"}, "must steer"),
+                         ({"gate": "warp"}, "unknown mode")):
         with pytest.raises(ValueError, match=message):
             recommended_settings(bad)
+
+
+def test_a_recommended_gate_takes_the_recommended_tau_and_the_others_the_ratio() -> None:
+    rec = {"gate": "shift", "tau": 0.6, "target_ratio": 0.25, "w": 3.0, "value_head": "candidate"}
+    assert recommended_settings(rec)["gate"] == "shift"
+    assert recommended_settings({"gate": "sparse"}) == {"gate": "entropy"}
+    c = SteeringConfig.recommended(rec)
+    assert (c.gate, c.tau, c.target_ratio, c.w, c.value_head) == ("shift", 0.6, None, 3.0, "candidate")
+    sparse = SteeringConfig.recommended(rec, gate="sparse")
+    assert (sparse.gate, sparse.target_ratio) == ("entropy", 0.25)
+    assert SteeringConfig.recommended(rec, gate="shift", tau=0.7).tau == 0.7  # the user's tau wins
+    # a shift tau was calibrated at the recommended w and head: at another w the ratio serves
+    other_w = SteeringConfig.recommended(rec, w=6.0)
+    assert (other_w.gate, other_w.tau, other_w.target_ratio) == ("shift", SteeringConfig().tau, 0.25)
+    # without a recommended gate a tau is the top-k entropy gate's, as it always was; shift then has
+    # no level, and tau 1 would score every token and steer none: an error that says what to give
+    assert SteeringConfig.recommended({"tau": 1.2}).tau == 1.2
+    with pytest.raises(ValueError, match="mode shift needs a tau"):
+        SteeringConfig.recommended({"tau": 1.2}, gate="shift")
+    assert SteeringConfig.recommended({"tau": 1.2}, gate="shift", tau=0.3).tau == 0.3
+    with pytest.raises(ValueError, match="at most 1"):
+        SteeringConfig(gate="shift", tau=1.5)
+    with pytest.raises(ValueError, match="cannot recommend one"):
+        recommended_settings({"gate": "shift", "tau": 0.5, "horizon": 16})
+
+
+def test_switching_gates_keeps_a_tau_only_on_its_scale() -> None:
+    rec = {"gate": "shift", "tau": 0.6, "target_ratio": 0.25}
+    shift = SteeringConfig(gate="shift", tau=0.6)
+    assert level_for_gate(shift, "sparse", rec) == {"tau": SteeringConfig().tau, "target_ratio": 0.25}
+    assert level_for_gate(shift, "shift", rec) == {}
+    sparse = SteeringConfig(tau=1.99)
+    assert level_for_gate(sparse, "full-entropy", rec) == {}  # both in nats
+    assert level_for_gate(sparse, "shift", rec) == {"tau": 0.6, "target_ratio": None}
+    # a gate without a tau holds one in nats: from shift, dense takes the entropy gate's level
+    to_dense = level_for_gate(shift, "dense", rec)
+    assert to_dense == {"tau": SteeringConfig().tau, "target_ratio": None}
+    assert level_for_gate(dataclasses.replace(shift, gate="dense", **to_dense), "sparse", rec) == {}
 
 
 def test_describe_and_as_dict_use_the_faces_names() -> None:
@@ -141,7 +185,7 @@ class _OldJunctionGate:
 
     def __init__(self, config: SteeringConfig, seed: int) -> None:
         self.config = config
-        self._fixed = {"entropy": config.tau, "full-entropy": config.tau, "dense": -math.inf,
+        self._fixed = {"entropy": config.tau, "full-entropy": config.tau, "shift": config.tau, "dense": -math.inf,
                        "off": math.inf}.get(config.gate)
         self._coin = random.Random(seed ^ 0x5EED_6A7E)
         self._head_left = config.head if config.steers else 0
@@ -179,7 +223,7 @@ def test_composed_gates_decide_as_the_if_chain_did(config: SteeringConfig, seed:
         if stat >= t_new:  # a junction: report how much it moved
             new.steered(shift)
             old.steered(shift)
-    assert new.on_full_entropy == (config.gate == "full-entropy")
+    assert new.on_full_entropy == (config.gate == "full-entropy") and new.on_shift == (config.gate == "shift")
 
 
 def test_a_gate_needs_tau_resolved_first() -> None:

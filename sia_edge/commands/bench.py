@@ -19,8 +19,11 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
   candidate      the horizon mode (else sparse_ratio, else sparse) scoring with the value model's
                  candidate head (one value-model row per junction, no branch rows), and
   dense_candidate  dense steering with it; both only when the value GGUF carries one.
-  candidate:NAME / dense_candidate:NAME   the same two with the value model NAME of
-                 --also-value-model (a shallower one, say), in the same run.
+  shift_candidate  --shift-tau X: the value-aware gate (mode shift: steer where steering would
+                 move >= X of the probability) with the candidate head, which scores every token
+                 (left out at 0).
+  candidate:NAME / dense_candidate:NAME / shift_candidate:NAME   the same with the value model
+                 NAME of --also-value-model (a shallower one, say), in the same run.
 Prompts: --prompt-file FILE (one per line, or JSONL with a "prompt" field) instead of the 8 built-in
 open-ended ones, to time the prompts an evaluation is about (its first --prompts of them).
 Value model: --value-model, or the base backbone with random heads (same cost as trained ones).
@@ -159,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--target-ratio", type=float, default=0.2,
                     help="also run mode sparse_ratio: tau calibrated for this fraction of junctions (0: skip)")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--w", type=float, default=1.0, help="steering strength of every steered mode (default: 1)")
     ap.add_argument("--naive-prompts", type=int, default=2)
     ap.add_argument("--naive-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
@@ -166,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--horizon", type=int, default=0,
                     help="add a mode: the entropy gate at --horizon-tau within the first N tokens only")
     ap.add_argument("--horizon-tau", type=float, default=1.0)
+    ap.add_argument("--shift-tau", type=float, default=0.0,
+                    help="also time mode shift at this tau with the candidate head (0: skip)")
     ap.add_argument("--prompt-file", type=Path, default=None, help="time these prompts instead of the built-in ones")
     ap.add_argument("--also-value-model", type=Path, action="append", default=[], metavar="GGUF",
                     help="time this value model's candidate head too, in the same run (modes candidate:NAME and "
@@ -179,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--head and --horizon take a number of tokens (0: leave the mode out)")
         if args.horizon > 0:
             SteeringConfig(tau=args.horizon_tau, k=args.k, horizon=args.horizon)  # checked before any model loads
+        if not 0 <= args.shift_tau <= 1:
+            raise ValueError(f"--shift-tau takes a share of probability in (0, 1] (0: leave the mode out), "
+                             f"got {args.shift_tau}")
+        # checked before any model loads, with --w
+        shift_mode = SteeringConfig(gate="shift", tau=args.shift_tau, k=args.k, w=args.w, value_head="candidate")
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -197,21 +208,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      for p in items]
         modes = {
             "off": SteeringConfig(gate="off", k=args.k),
-            "sparse": SteeringConfig(gate="entropy", tau=args.tau, k=args.k),
-            "dense": SteeringConfig(gate="dense", k=args.k),
+            "sparse": SteeringConfig(gate="entropy", tau=args.tau, k=args.k, w=args.w),
+            "dense": SteeringConfig(gate="dense", k=args.k, w=args.w),
         }
         if args.target_ratio > 0:
-            modes["sparse_ratio"] = SteeringConfig(gate="entropy", k=args.k, target_ratio=args.target_ratio)
+            modes["sparse_ratio"] = SteeringConfig(gate="entropy", k=args.k, w=args.w, target_ratio=args.target_ratio)
         if args.head > 0:  # tau 10 > ln k for any k the kernels take: only the head's steps steer
-            modes["head"] = SteeringConfig(gate="entropy", tau=10.0, k=args.k, head=args.head)
+            modes["head"] = SteeringConfig(gate="entropy", tau=10.0, k=args.k, w=args.w, head=args.head)
         if args.horizon > 0:
-            modes["horizon"] = SteeringConfig(gate="entropy", tau=args.horizon_tau, k=args.k, horizon=args.horizon)
+            modes["horizon"] = SteeringConfig(gate="entropy", tau=args.horizon_tau, k=args.k, w=args.w,
+                                              horizon=args.horizon)
         if engine.value is not None and engine.value.candidate is not None:
             # the candidate head at the horizon gate if one is timed, else at the target ratio's or the
             # sparse one, and dense
             gate_mode = _candidate_gate(modes)
             modes["candidate"] = replace(gate_mode, value_head="candidate")
             modes["dense_candidate"] = replace(modes["dense"], value_head="candidate")
+            if args.shift_tau > 0:
+                modes["shift_candidate"] = shift_mode
+        if args.shift_tau > 0 and not args.also_value_model and "shift_candidate" not in modes:
+            print(f"bench_decode: --shift-tau times the shift gate with a candidate head, and {Path(value).name} has "
+                  "none; pass a value model with one (--value-model or --also-value-model)", file=sys.stderr)
+            return 2
         # other value models over the same base, timed prompt by prompt beside the first one
         others: dict[str, tuple[SteeringEngine, SteeringConfig]] = {}
         for path in args.also_value_model:
@@ -226,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gate_mode = _candidate_gate(modes)
             others[f"candidate:{path.name}"] = (other, replace(gate_mode, value_head="candidate"))
             others[f"dense_candidate:{path.name}"] = (other, replace(modes["dense"], value_head="candidate"))
+            if args.shift_tau > 0:
+                others[f"shift_candidate:{path.name}"] = (other, shift_mode)
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes, *others]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
@@ -275,9 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, object] = {
         "model": Path(base).name, "value_model": Path(value).name if args.value_model else "base + random head",
         "isa": kernels.active_isa(), "machine": f"{platform.machine()}, {engine.n_threads} threads",
-        "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "tau": args.tau,
+        "prompts": args.prompts, "max_tokens": args.tokens, "k": args.k, "w": args.w, "tau": args.tau,
         "sparse_ratio_target": args.target_ratio, "head": args.head,
-        "candidate_gate": _candidate_gate_name(modes),
+        "candidate_gate": _candidate_gate_name(modes), "shift_tau": args.shift_tau or None,
         "horizon": args.horizon, "horizon_tau": args.horizon_tau if args.horizon else None,
         "prompt_file": str(args.prompt_file) if args.prompt_file else None, "prompts_timed": min(args.prompts, len(prompts)),
         "modes": {},

@@ -69,8 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steering-target-ratio", type=float, default=None, metavar="R",
                     help="recommend this junction budget in (0, 1), used when no --tau or --target-ratio is given")
     ap.add_argument("--steering-tau", type=float, default=None, metavar="T",
-                    help="recommend this entropy threshold instead of a junction budget (replaces the "
-                    "recommended target ratio)")
+                    help="recommend this threshold instead of a junction budget (replaces the recommended target "
+                    "ratio): the entropy gate's in nats, or with --steering-gate shift a share of probability")
+    ap.add_argument("--steering-gate", default=None, metavar="MODE",
+                    help="recommend this mode (sparse, shift, ...), with --steering-tau as its threshold; a "
+                    "--steering-tau without it is the entropy gate's and drops a recommended mode")
     ap.add_argument("--steering-horizon", type=int, default=None, metavar="N",
                     help="recommend steering only within the first N tokens of an answer (0: drop the recommendation)")
     ap.add_argument("--threads", type=thread_count, default=None)
@@ -108,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     steering = None
     given = {k: v for k, v in (("w", args.steering_w), ("target_ratio", args.steering_target_ratio),
-                               ("tau", args.steering_tau), ("horizon", args.steering_horizon)) if v is not None}
+                               ("tau", args.steering_tau), ("horizon", args.steering_horizon),
+                               ("gate", args.steering_gate)) if v is not None}
     if given:
         from sia_edge.train.model import META_FILE, ValueMeta
 
@@ -117,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for given_key, other in (("tau", "target_ratio"), ("target_ratio", "tau")):
             if given_key in given and other not in given:
                 steering.pop(other, None)
+        if "tau" in given and "gate" not in given:  # a tau without a mode is the entropy gate's
+            steering.pop("gate", None)
         steering.update(given)
         if steering.get("horizon") == 0:
             del steering["horizon"]

@@ -20,12 +20,12 @@ from sia_edge.cli_common import (
     seed_int,
 )
 from sia_edge.eval.modes import DEFAULT_MODES, MODE_SYNTAX, parse_modes
-from sia_edge.eval.prompt_sets import PromptSet, load_prompt_sets, unlabelled_files
+from sia_edge.eval.prompt_sets import PromptSet, load_prompt_set, load_prompt_sets, unlabelled_files
 from sia_edge.eval.records import PROG, run_settings
 from sia_edge.eval.report import format_table, machine_info, plot_summary
 from sia_edge.eval.resume import read_resumable
 from sia_edge.eval.runner import DEFAULT_MAX_TOKENS, evaluate
-from sia_edge.steering import ENTROPY_GATES, SteeringConfig
+from sia_edge.steering import TAU_GATES, SteeringConfig
 
 if TYPE_CHECKING:
     from sia_edge.engine import SteeringEngine
@@ -49,6 +49,9 @@ modes (comma list): {MODE_SYNTAX}
   sparse@0.8   entropy gate at tau 0.8 nats      sparse@30%      tau calibrated for 30% junctions
   random@0.2   steer with probability 0.2        random@sparse   probability = sparse's measured rate, per set
   bon@4        best of 4 unsteered samples by mean value V   sparse+bon@4   best of 4 steered samples
+  shift@25%+candidate   the value-aware gate: steer where steering would move the most probability
+               (scores every token: for a candidate head on the base model's state); with
+               --calibration-prompts FILE, 25% is a quarter of the tokens of FILE's continuations
 
 prompt files: .jsonl rows {{"prompt": ..., "harmful": true|false}} or one prompt per line; --harmful
 and --benign FILE set the flag of rows that have none (plain-text files need them for the safety
@@ -86,6 +89,11 @@ def build_parser() -> CliParser:
                    help="longest answer in tokens (default: %(default)s)")
     g.add_argument("--seed", type=seed_int, default=0, help="base seed; each prompt gets its own, the same in every mode "
                    "(default: %(default)s)")
+    g.add_argument("--calibration-prompts", metavar="FILE",
+                   help="calibrate the modes' target ratios (sparse@25%%, shift@25%%) on these prompts, continued "
+                        "unsteered for --max-tokens in the run's prompt style, instead of the built-in ones: a "
+                        "task's own training prompts, so that 25%% means a quarter of its tokens (none may be "
+                        "an evaluated prompt)")
     g.add_argument("--k", type=positive_int, default=10, help="candidates per step (default: %(default)s)")
     g.add_argument("--w", type=finite_float, default=None,
                    help="steering strength (default: the value model's recommendation, else 1.0)")
@@ -140,6 +148,21 @@ def _check_prompts_fit(engine: SteeringEngine, sets: Sequence[PromptSet], *, cha
                                f"holds {engine.n_ctx}; shorten it, drop it, or raise --n-ctx")
 
 
+def _calibration_set(path: str | None, sets: Sequence[PromptSet]) -> PromptSet | None:
+    """The ``--calibration-prompts`` file, refused if it shares a prompt with the evaluated sets:
+    a tau calibrated on the prompts it is judged on is tuned on them."""
+    if path is None:
+        return None
+    calib = load_prompt_set(path, harmful=False)
+    evaluated = {item.prompt for s in sets for item in s.prompts}
+    shared = [item.prompt for item in calib.prompts if item.prompt in evaluated]
+    if shared:
+        raise CliError(f"--calibration-prompts {path}: {len(shared)} of its prompts are also evaluated (the first: "
+                       f"{shared[0][:60]!r}); calibrate on prompts kept apart from the evaluation, such as the "
+                       "training prompts")
+    return calib
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -147,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("give at least one prompt file: --prompts FILE (or --harmful FILE / --benign FILE)")
     modes = parse_modes(args.modes)
     sets = load_prompt_sets(args.files, args.limit)
+    calibration_set = _calibration_set(args.calibration_prompts, sets)
+    if calibration_set is not None and not any(m.target_ratio is not None for m in modes):
+        raise CliError("--calibration-prompts calibrates target ratios, and no mode has one: write the modes with "
+                       "a percentage (sparse@25%, shift@25%)")
     if args.reward is None:  # what the preset was evaluated with
         args.reward = args.preset.reward if args.preset is not None else "safety"
     if args.reward in ("safety", "builtin:safety"):
@@ -188,7 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_style = "chat" if engine.base.chat_template else "text"
     elif args.prompt_style == "chat" and not engine.base.chat_template:
         raise CliError(f"{engine.base.path.name} has no chat template: use --prompt-style text")
-    _check_prompts_fit(engine, sets, chat=args.prompt_style == "chat")
+    chat = args.prompt_style == "chat"
+    _check_prompts_fit(engine, sets, chat=chat)
+    calibration = None
+    if calibration_set is not None:
+        from sia_edge.engine import Calibration
+
+        _check_prompts_fit(engine, [calibration_set], chat=chat)
+        calibration = Calibration(tuple(item.messages() if chat else item.prompt for item in calibration_set.prompts),
+                                  max_tokens=args.max_tokens)
     for m in modes:  # a head the value model lacks, before any answer (a mode names its head: +candidate)
         head = m.value_head or "scalar"
         if m.needs_value_model and engine.value is not None and head not in engine.value.heads:
@@ -217,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(
             engine, sets, modes, max_tokens=args.max_tokens, seed=args.seed, k=args.k, w=args.w,
             temperature=args.temperature, reward=args.reward, outputs=out, progress=progress,
-            by_source=args.by_source, run=run, resumed=resumed, chat=args.prompt_style == "chat",
+            by_source=args.by_source, run=run, resumed=resumed, chat=chat, calibration=calibration,
         )
     summary = {
         "command": [PROG, *(sys.argv[1:] if argv is None else argv)],
@@ -225,13 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "value_model": engine.value.path.name if engine.value else None,
         "settings": {"max_tokens": args.max_tokens, "seed": args.seed, "k": args.k, "w": args.w,
                      "temperature": args.temperature, "reward": args.reward, "limit": args.limit,
+                     "calibration_prompts": args.calibration_prompts,
                      "n_ctx": engine.n_ctx, "threads": engine.n_threads},
         "machine": machine_info(),
         "resumed_answers": len(resumed.rows) if resumed else 0,  # answers of an interrupted run (--resume), timed in that run
         "sets": [{"name": s.name, "path": str(s.path), "kind": s.kind, "n": len(s.prompts)} for s in sets],
         "modes": [{"mode": m.label, "family": m.family, "gate": m.gate, "target_ratio": m.target_ratio,
                    "tau": m.tau if m.tau is not None or m.target_ratio is not None or m.gate not in
-                   ENTROPY_GATES else SteeringConfig().tau,
+                   TAU_GATES else SteeringConfig().tau,
                    "p": m.p, "match": m.match, "bon": m.bon, "head": m.head, "follow": m.follow,
                    "horizon": m.horizon} for m in modes],
         "results": results,

@@ -84,11 +84,11 @@ class RowResult:
         return row
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], item: Prompt, *, entropy_gate: bool) -> RowResult:
+    def from_row(cls, row: dict[str, Any], item: Prompt, *, tau_gate: bool) -> RowResult:
         """An answer of an earlier run, as ``as_row(run)`` wrote it (``--resume``). The summary needs
         no token ids, only their count."""
         st = row["stats"]
-        tau = st.get("tau") if entropy_gate else None  # Best-of-N rows store None for other gates
+        tau = st.get("tau") if tau_gate else None  # Best-of-N rows store None for other gates
         for v in (row.get("toxicity"), row.get("drift")):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError("a verdict that is not a number")

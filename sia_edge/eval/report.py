@@ -62,8 +62,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-FAMILY_COLOURS = {"off": "#444444", "sparse": "#1f77b4", "full-entropy": "#17becf", "dense": "#d62728",
-                  "random": "#ff7f0e", "bon": "#2ca02c", "sparse+bon": "#9467bd"}
+FAMILY_COLOURS = {"off": "#444444", "sparse": "#1f77b4", "full-entropy": "#17becf", "shift": "#1a9850",
+                  "dense": "#d62728", "random": "#ff7f0e", "bon": "#2ca02c", "sparse+bon": "#9467bd"}
 SPARE_COLOURS = ["#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a"]
 
 
@@ -97,7 +97,7 @@ def plot_summary(results: Sequence[dict[str, Any]], path: str | os.PathLike[str]
                     continue
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[si % len(styles)],
                         marker=markers[si % len(markers)], color=colours[f], markersize=5)
-                if f in ("sparse", "random", "full-entropy") and len(pts) > 1:
+                if f in ("sparse", "random", "full-entropy", "shift") and len(pts) > 1:
                     for px, py, lab in pts:
                         ax.annotate(lab.split("@", 1)[-1], (px, py), fontsize=6, xytext=(3, 3),
                                     textcoords="offset points", color=colours[f])

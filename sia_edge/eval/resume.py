@@ -16,7 +16,7 @@ from sia_edge.eval.metrics import matched_probability
 from sia_edge.eval.modes import EvalMode
 from sia_edge.eval.prompt_sets import PromptSet
 from sia_edge.eval.records import PROG, ROW_START, RowResult, prompt_seed
-from sia_edge.steering import ENTROPY_GATES, SteeringConfig
+from sia_edge.steering import TAU_GATES, SteeringConfig
 
 __all__ = ["ResumedAnswers", "check_resumed_steering", "read_resumable"]
 
@@ -105,8 +105,7 @@ def read_resumable(path: Path, sets: Sequence[PromptSet], modes: Sequence[EvalMo
             raise CliError(f"{where} answers mode {mode_label!r}, set {set_name!r}, prompt {index + 1} a second "
                            f"time: the file holds two runs; {new_file}")
         try:
-            rows[key] = RowResult.from_row(row, item, entropy_gate=by_mode[mode_label].gate in
-                                           ENTROPY_GATES)
+            rows[key] = RowResult.from_row(row, item, tau_gate=by_mode[mode_label].gate in TAU_GATES)
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             raise CliError(f"{where} lacks the verdicts or the stats of an answer (reward, refused, steps, "
                            f"stats); {new_file}") from None
@@ -141,7 +140,7 @@ def check_resumed_steering(resumed: Mapping[tuple[str, str, int], RowResult], mo
             if row.p is None or p is None or not math.isclose(row.p, p, rel_tol=1e-9, abs_tol=1e-12):
                 raise CliError(f"{where} was steered with probability {row.p}, this run's is {p}; give --outputs "
                                "a new file")
-        elif mode.gate in ENTROPY_GATES and (
+        elif mode.gate in TAU_GATES and (
                 row.tau is None or not math.isclose(row.tau, taus[label], rel_tol=1e-6)):
             raise CliError(f"{where} was steered at tau {row.tau}, this run's is {taus[label]:.4g} (a target "
                            "ratio calibrated again?); give --outputs a new file")

@@ -17,10 +17,10 @@ from sia_edge.eval.modes import EvalMode
 from sia_edge.eval.prompt_sets import EvalPrompt, PromptSet
 from sia_edge.eval.records import RowResult, finite_or_none, prompt_seed, stats_dict
 from sia_edge.eval.resume import ResumedAnswers, check_resumed_steering
-from sia_edge.steering import ENTROPY_GATES, SteeringConfig
+from sia_edge.steering import TAU_GATES, SteeringConfig
 
 if TYPE_CHECKING:
-    from sia_edge.engine import SteeringEngine
+    from sia_edge.engine import Calibration, SteeringEngine
 
 __all__ = ["DEFAULT_MAX_TOKENS", "evaluate", "run_prompt"]
 
@@ -34,7 +34,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
     over the response, samples seeded seed + i), which keeps the token ids drift needs."""
     messages: str | list[dict[str, str]] = item.messages() if chat else item.prompt
     p = config.p if config.gate == "random" else None
-    entropy_gate = config.gate in ENTROPY_GATES  # only these have a tau worth reporting
+    tau_gate = config.gate in TAU_GATES  # only these have a tau worth reporting
     if mode.bon == 1:
         gen = engine.generate(messages, max_tokens=max_tokens, config=config, seed=seed)
         with gen:
@@ -44,7 +44,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
         return RowResult(
             set_name, index, item, mode.label, seed, gen.text, list(gen.prompt_tokens), list(gen.tokens),
             n_tokens=len(gen.tokens), steps=st.steps, junctions=st.junctions, value_tokens=st.value_tokens,
-            gen_ms=st.total_ms - st.prefill_ms, tau=finite_or_none(st.tau) if entropy_gate else None, p=p,
+            gen_ms=st.total_ms - st.prefill_ms, tau=finite_or_none(st.tau) if tau_gate else None, p=p,
             stats=stats_dict(st),
         )
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def run_prompt(engine: SteeringEngine, mode: EvalMode, config: SteeringConfig, i
     samples, best = result.samples, result.best
     st = best.stats
     prefill_ms = sum(s.stats.prefill_ms for s in samples)
-    tau = finite_or_none(st.tau) if entropy_gate else None
+    tau = finite_or_none(st.tau) if tau_gate else None
     steps = sum(s.stats.steps for s in samples)
     junctions = sum(s.stats.junctions for s in samples)
     value_tokens = sum(s.stats.value_tokens for s in samples) + result.ranking_value_tokens
@@ -136,12 +136,14 @@ def evaluate(
     run: dict[str, Any] | None = None,
     resumed: ResumedAnswers | None = None,
     chat: bool = True,
+    calibration: Calibration | None = None,
 ) -> list[dict[str, Any]]:
     """Run every mode on every set; write answers to ``outputs`` (JSONL) as they come, each with
     ``run`` (the settings, so that ``--resume`` can check them); return the summary entries (one per
     mode and set, in the order of ``modes`` and ``sets``). ``resumed`` holds the answers of an
     earlier run in ``outputs``' file: checked, then counted, not generated or written again. ``chat``
-    False continues each prompt as plain text instead of answering it in the chat template."""
+    False continues each prompt as plain text instead of answering it in the chat template.
+    ``calibration``: the prompts target ratios are calibrated on (else the engine's built-in ones)."""
     done = resumed.rows if resumed is not None else {}
     judge = Judge(reward)
     missing_value = [m.label for m in modes if m.needs_value_model and engine.value is None]
@@ -160,7 +162,7 @@ def evaluate(
             if mode.target_ratio is not None:
                 cfg = mode.config(k=k, w=w, temperature=temperature)
                 bar.note(f"{mode.label}: calibrating tau for {mode.target_ratio:.0%} junctions (cached after the first run)")
-                calibrated[mode.label] = tau = engine.calibrate_tau(cfg)
+                calibrated[mode.label] = tau = engine.calibrate_tau(cfg, calibration)
                 bar.note(f"{mode.label}: tau = {tau:.3f}")
         if resumed is not None:
             configs = {m.label: m.config(k=k, w=w, temperature=temperature, p=0.0 if m.match else None)
@@ -174,6 +176,8 @@ def evaluate(
                 if mode.match is not None:
                     p = matched_probability(answers[(mode.match, pset.name)], by_label[mode.match].horizon)
                 config = mode.config(k=k, w=w, temperature=temperature, p=p)
+                if mode.label in calibrated:  # the tau measured above, on ``calibration``'s prompts if given
+                    config = config.with_tau(calibrated[mode.label])
                 bar.describe(f"{mode.label} on {pset.name}")
                 rows = answers.setdefault((mode.label, pset.name), [])
                 for i, item in enumerate(pset.prompts):

@@ -179,7 +179,7 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
                     ) -> tuple[SteeringConfig, str | None]:
     """The engine config of ``steer`` and its identity: mode with the resolved tau, w and the value
     model's file hash, so that a file never mixes rows of two policies."""
-    from sia_edge.steering import ENTROPY_GATES, SteeringConfig, parse_spec_parts
+    from sia_edge.steering import TAU_GATES, SteeringConfig, parse_spec_parts
 
     if steer is None:
         return SteeringConfig(gate="off", k=k, temperature=temperature), None
@@ -189,7 +189,7 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
         raise TrainError(f"--steer {steer.mode}: {e}") from None
     if mode.bon != 1 or mode.match is not None:
         raise TrainError(f"--steer {steer.mode}: a data policy is one steered sample: use off, sparse, "
-                         "sparse@TAU, sparse@N%, dense or random@P (no Best-of-N, no random@MODE)")
+                         "sparse@TAU, sparse@N%, shift@TAU, dense or random@P (no Best-of-N, no random@MODE)")
     try:
         config = mode.config(k=k, w=steer.w, temperature=temperature)
     except ValueError as e:
@@ -200,7 +200,7 @@ def _steered_config(engine: SteeringEngine, steer: SteeredPolicy | None, *, k: i
         config = config.with_tau(engine.calibrate_tau(config))
     with open(steer.value_model, "rb") as fh:
         value_id = hashlib.sha256(fh.read()).hexdigest()[:12]
-    setting = f"@{config.tau:.4f}" if config.gate in ENTROPY_GATES else (
+    setting = f"@{config.tau:.4f}" if config.gate in TAU_GATES else (
         f"@{config.p:g}" if config.gate == "random" else "")
     # Each setting that changes which tokens are steered is part of the policy's identity, added
     # only when set: files steered without follow or horizon keep their ids; a file steered with

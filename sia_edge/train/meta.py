@@ -94,17 +94,17 @@ class ValueMeta:
             objective=objective if objective is not None else self.reward_name,
             steering_w=chosen.get("w"), steering_target_ratio=chosen.get("target_ratio"),
             steering_tau=chosen.get("tau"), steering_horizon=chosen.get("horizon"),
-            steering_value_head=chosen.get("value_head"), candidate=candidate,
+            steering_value_head=chosen.get("value_head"), steering_gate=chosen.get("gate"), candidate=candidate,
             hidden_state=HIDDEN_STATE_BASE if self.reads_base else HIDDEN_STATE_FINAL_NORM,
         )
 
 
-STEERING_KEYS = ("w", "target_ratio", "tau", "horizon", "value_head")
+STEERING_KEYS = ("w", "target_ratio", "tau", "horizon", "value_head", "gate")
 
 
 def check_steering(steering: dict[str, Any]) -> dict[str, Any]:
     """Recommended steering settings (``w``, ``target_ratio`` or ``tau``, ``horizon``,
-    ``value_head``) that the engine accepts, or an error."""
+    ``value_head``, ``gate``) that the engine accepts, or an error."""
     unknown = sorted(set(steering) - set(STEERING_KEYS))
     if unknown:
         raise TrainError(f"unknown recommended steering setting(s) {', '.join(unknown)}: use {', '.join(STEERING_KEYS)}")
@@ -112,7 +112,7 @@ def check_steering(steering: dict[str, Any]) -> dict[str, Any]:
     if isinstance(horizon, float) and horizon.is_integer():  # JSON may spell 16 as 16.0
         steering = {**steering, "horizon": int(horizon)}
     check_recommended_steering(steering.get("w"), steering.get("target_ratio"), steering.get("tau"),
-                               steering.get("horizon"), steering.get("value_head"))
+                               steering.get("horizon"), steering.get("value_head"), steering.get("gate"))
     return steering
 
 
