@@ -38,7 +38,16 @@ from sia_edge.cli_common import (
     steering_config,
     undecodable_text,
 )
-from sia_edge.steering import MAX_SEED, MODES, SteeringConfig, level_for_gate
+from sia_edge.steering import (
+    GATE_KINDS,
+    MAX_SEED,
+    MODES,
+    SpecParts,
+    SteeringConfig,
+    gate_of,
+    parse_spec_parts,
+    recommended_level,
+)
 
 __all__ = ["ChatSession", "Highlighter", "main"]
 
@@ -48,7 +57,8 @@ commands:
   /stats               steering statistics of the last answer and of the session
   /tau X               set the threshold (nats for sparse: steer where entropy >= X; a share of
                        probability for shift)
-  /mode off|sparse|dense   switch steering (also full-entropy, random, shift)
+  /mode off|sparse|dense   switch steering (also full-entropy, random, shift; a level may
+                       follow: /mode shift@0.5, /mode sparse@25%)
   /reset               forget the conversation
   /help                this list
   /quit                leave (also Ctrl-D; Ctrl-C stops an answer)"""
@@ -147,6 +157,10 @@ class ChatSession:
     totals: _Totals = field(default_factory=_Totals)
     turn: int = 0
     recommended_horizon: int | None = None  # the value model's, for the entropy gate (cli_common.gate_horizon)
+    levels: dict[bool, dict[str, Any]] = field(default_factory=dict)  # the last level per scale (shift?), for /mode
+
+    def __post_init__(self) -> None:
+        self._remember(self.config)  # the level the session started with (--tau, or the recommendation)
 
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -181,21 +195,55 @@ class ChatSession:
                 except ValueError:
                     raise ValueError(f"/tau needs a number, got {arg!r}") from None
                 new = replace(self.config, tau=tau, target_ratio=None)
+                self._remember(new)
             else:
-                if not arg:
-                    raise ValueError(f"/mode needs one of {', '.join(MODES)}")
-                rec = self.engine.value.meta.recommended_steering() if self.engine.value is not None else {}
-                level = {"target_ratio": None, **level_for_gate(self.config, arg, rec)}  # a tau on its gate's scale
-                new = replace(self.config, gate=arg, **level,
-                              horizon=gate_horizon(arg, self.recommended_horizon, self.config.horizon,
-                                                   head=self.config.head))
-                if new.steers and not self.value_model:
-                    raise ValueError(f"mode {arg} needs a value model; restart with --value-model PATH.gguf")
+                new = self._switched(arg)
+            if new.target_ratio is not None and new.steers:  # measured once, as at start, then cached
+                self.note(f"(calibrating tau for {new.target_ratio:.0%} junctions)")
+                new = new.with_tau(self.engine.calibrate_tau(new))
         except ValueError as exc:
             self.note(f"error: {exc}")
             return
         self.config = new
         print(f"({self.settings_text()})", file=self.out, flush=True)
+
+    def _switched(self, arg: str) -> SteeringConfig:
+        """The config after ``/mode MODE[@LEVEL]``. Without a level, the gate takes the level its
+        scale last had in this session (a tau in nats for the entropy gates, which dense, off and
+        random hold too; a share of probability for shift), else the value model's recommendation."""
+        if not arg:
+            raise ValueError(f"/mode needs one of {', '.join(MODES)} (a level may follow: shift@0.5, sparse@25%)")
+        name = arg.strip().lower()  # a bare mode takes its level below; the string form needs one for shift
+        parts = SpecParts(gate_of(name)) if gate_of(name) in GATE_KINDS else parse_spec_parts(arg)
+        if (parts.head or parts.follow is not None or parts.horizon is not None or parts.bon != 1
+                or parts.value_head is not None):
+            raise ValueError("/mode takes MODE or MODE@LEVEL (for example shift@0.5 or sparse@25%); the other settings "
+                             "are command-line options")
+        kind = GATE_KINDS[parts.gate]
+        if kind.steers and not self.value_model:
+            raise ValueError(f"mode {kind.mode} needs a value model; restart with --value-model PATH.gguf")
+        if self.config.kind.level == "tau":  # remembered for a switch back to its scale
+            self._remember(self.config)
+        scale = kind.statistic == "shift"
+        level: dict[str, Any]
+        if parts.tau is not None or parts.target_ratio is not None:
+            level = {"tau": self.config.tau if parts.tau is None else parts.tau, "target_ratio": parts.target_ratio}
+        elif scale in self.levels:
+            level = dict(self.levels[scale])
+        else:
+            rec = self.engine.value.meta.recommended_steering() if self.engine.value is not None else {}
+            try:
+                level = recommended_level(self.config, parts.gate, rec)
+            except ValueError as exc:
+                raise ValueError(f"{exc}: write /mode {kind.mode}@0.5 or /mode {kind.mode}@25%") from None
+        if kind.level != "tau":
+            level["target_ratio"] = None
+        return replace(self.config, gate=parts.gate, **level,
+                       horizon=gate_horizon(parts.gate, self.recommended_horizon, self.config.horizon,
+                                            head=self.config.head))
+
+    def _remember(self, config: SteeringConfig) -> None:
+        self.levels[config.kind.statistic == "shift"] = {"tau": config.tau, "target_ratio": config.target_ratio}
 
     def settings_text(self) -> str:
         return settings_text(self.config)

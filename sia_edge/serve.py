@@ -1009,10 +1009,14 @@ def create_app(
             # request's w and head (a ratio the value model recommends for it is calibrated once)
             try:
                 steering = replace(state.config, **{k: v for k, v in changes.items() if k in ("w", "value_head")})
-                changes.update(level_for_gate(steering, changes["gate"], engine.value.meta.recommended_steering()))
-            except ValueError as exc:
-                raise ApiError(400, f"sia_mode {changes['gate']}: {exc}; send tau", param="sia_mode",
-                               code="invalid_value") from None
+            except ValueError:
+                steering = None  # a bad w or head: the replace below names it
+            if steering is not None:
+                try:
+                    changes.update(level_for_gate(steering, changes["gate"], engine.value.meta.recommended_steering()))
+                except ValueError as exc:
+                    raise ApiError(400, f"sia_mode {changes['gate']}: {exc}; send tau", param="sia_mode",
+                                   code="invalid_value") from None
         ratio = changes.get("target_ratio")
         if ratio is not None:
             # Each new (ratio, k, temperature, head; for shift also w and head) measures tau on

@@ -72,6 +72,7 @@ __all__ = [
     "mode_name",
     "parse_spec",
     "parse_spec_parts",
+    "recommended_level",
     "recommended_settings",
 ]
 
@@ -196,7 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: None if isinstance(v, str) and gate_of(v) in GATE_KINDS
             else f"a known mode, one of {', '.join(MODES)}", recommend=True, in_spec=True, face_name="mode"),
     Setting("tau", float, "the gate's threshold: entropy in nats (steer where the gate's entropy >= tau); for "
-            "mode shift, a share of probability in [0, 1] (above 1 scores every token and steers none)", "X",
+            "mode shift, a share of probability in [0, 1]", "X",
             lambda v: None if _number(v) else "a finite number", recommend=True, in_spec=True),
     Setting("target_ratio", float, "pick tau so that about this fraction of tokens are junctions (measured once "
             "on unsteered runs, then cached); replaces tau", "R",
@@ -274,7 +275,7 @@ class SteeringConfig:
         if self.target_ratio is not None and self.gate not in TAU_GATES:
             raise ValueError("target_ratio applies to the gates with a tau only (sparse, full-entropy, shift)")
         if self.kind.statistic == "shift" and self.tau > 1:
-            raise ValueError(f"mode shift takes a tau of at most 1 (a share of probability: the steps where "
+            raise ValueError(f"tau must be at most 1 for mode shift (a share of probability: the steps where "
                              f"steering would move at least that much are steered), got {self.tau:g}")
 
     @property
@@ -563,6 +564,13 @@ def level_for_gate(config: SteeringConfig, gate: str, recommendation: Mapping[st
     kind = GATE_KINDS.get(gate_of(gate))
     if kind is None or (kind.statistic == "shift") == (config.kind.statistic == "shift"):
         return {}
+    return recommended_level(config, gate, recommendation)
+
+
+def recommended_level(config: SteeringConfig, gate: str, recommendation: Mapping[str, Any]) -> dict[str, Any]:
+    """The tau and target ratio ``recommendation`` gives ``gate`` at ``config``'s w and head; a
+    gate without a tau gets the entropy gate's tau (the scale it holds one on) and no ratio."""
+    kind = GATE_KINDS[gate_of(gate)]
     fresh = SteeringConfig.recommended(recommendation, gate=gate if kind.level == "tau" else "entropy",
                                        w=config.w, value_head=config.value_head)
     return {"tau": fresh.tau, "target_ratio": fresh.target_ratio if kind.level == "tau" else None}
@@ -597,8 +605,13 @@ def recommended_settings(values: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"the recommended w must be > 0 (a strength that steers towards value), got {out['w']}")
     if "gate" in out:
         out["gate"] = gate_of(out["gate"])
-        if not GATE_KINDS[out["gate"]].steers:
+        kind = GATE_KINDS[out["gate"]]
+        if not kind.steers:
             raise ValueError(f"the recommended mode must steer, got {out['gate']!r}")
+        if "tau" in out and kind.level != "tau":
+            raise ValueError(f"a recommended tau needs a mode that has one; mode {kind.mode} has none")
+        if "tau" in out:
+            SteeringConfig(gate=out["gate"], tau=out["tau"])  # on its gate's scale (a shift tau is at most 1)
     if "horizon" in out and out.get("gate", "entropy") != "entropy":
         raise ValueError("a recommended horizon belongs to the top-k entropy gate (sparse); a value model that "
                          f"recommends mode {mode_name(out['gate'])} cannot recommend one")

@@ -118,6 +118,32 @@ def test_piped_interactive_session_with_commands(env: dict[str, str], value_mode
     assert "Traceback" not in r.stderr
 
 
+def test_mode_switches_keep_each_tau_on_its_scale(env: dict[str, str], value_model_path: Path, tmp_path: Path) -> None:
+    """A tau in nats and a shift tau (a share of probability) never stand in for each other: each
+    scale keeps the level it last had, else takes the value model's recommendation for the gate."""
+    from dataclasses import replace
+
+    from sia_edge.value_format import read_value_meta, write_gguf_with_value_meta
+
+    value = tmp_path / "value-shift.gguf"
+    write_gguf_with_value_meta(value_model_path, value, replace(
+        read_value_meta(value_model_path), steering_gate="shift", steering_tau=0.3, steering_target_ratio=0.25))
+    session = "/mode sparse\n/tau 1.3\n/mode shift\n/mode dense\n/mode sparse\n/mode shift@0.45\n/mode sparse+head@2\n/quit\n"
+    r = chat(env, "--value-model", value, "--max-tokens", "4", "--seed", "5", stdin=session, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line.split(", k ")[0] for line in r.stdout.splitlines() if line.startswith("(mode ")]
+    assert lines[0].startswith("(mode sparse, tau ") and lines[0] != "(mode sparse, tau 0.3"  # 25%, calibrated
+    assert lines[1:] == ["(mode sparse, tau 1.3", "(mode shift, tau 0.3", "(mode dense, tau 1.3",
+                         "(mode sparse, tau 1.3", "(mode shift, tau 0.45"]
+    assert "calibrating tau for 25% junctions" in r.stderr and "/mode takes MODE or MODE@LEVEL" in r.stderr
+    assert "Traceback" not in r.stderr
+    # without a value model a steering mode says so first, and without a level for it, what to write
+    r = chat(env, stdin="/mode shift\n/quit\n")
+    assert "mode shift needs a value model" in r.stderr and "Traceback" not in r.stderr
+    r = chat(env, "--value-model", value_model_path, "--max-tokens", "4", stdin="/mode shift\n/quit\n")
+    assert "mode shift needs a tau" in r.stderr and "/mode shift@0.5" in r.stderr
+
+
 def test_ctrl_c_while_the_command_still_imports_gives_one_line(
     env: dict[str, str], ctrl_c_when: Callable[..., tuple[int, str]]
 ) -> None:

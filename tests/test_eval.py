@@ -546,7 +546,7 @@ def test_table_and_plot_from_a_summary(e2e: dict[str, Any], tmp_path: Path) -> N
         (["--benign", "{plain}", "--calibration-prompts", "{missing}"], "missing.txt"),
         (["--benign", "{plain}", "--modes", "off,sparse@1", "--calibration-prompts", "{calib}"], "no mode has one"),
         (["--benign", "{plain}", "--modes", "shift"], "shift needs a level"),
-        (["--benign", "{plain}", "--modes", "shift@1.5"], "mode shift takes a tau of at most 1"),
+        (["--benign", "{plain}", "--modes", "shift@1.5"], "tau must be at most 1 for mode shift"),
         (["--benign", "{plain}", "--modes", "random@-0.1"], "a probability must be between 0 and 1"),
         (["--benign", "{plain}", "--modes", "bon@100000000"], "Best-of-N takes N from 1 to 256"),  # ran for ever
         (["--benign", "{plain}", "--plot", "{dir}/plot.txt"], "plot.txt is not an image file name"),

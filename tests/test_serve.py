@@ -346,6 +346,9 @@ def _error(r: httpx.Response) -> dict[str, Any]:
         ({"messages": PROMPT, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
          "does not take this field"),
         ({"messages": PROMPT, "sia_mode": "sideways"}, "sia_mode", "'sideways'"),
+        ({"messages": PROMPT, "sia_mode": "sparse", "w": 1e9}, "w", "w must be"),  # not the mode's fault
+        ({"messages": PROMPT, "sia_mode": "shift"}, "sia_mode", "mode shift needs a tau"),
+        ({"messages": PROMPT, "sia_mode": "shift", "tau": 1.5}, "tau", "at most 1"),
         ({"messages": PROMPT, "gate": "sideways"}, "gate", "the field is called sia_mode"),
         ({"messages": PROMPT, "target_ratio": 0.255}, "target_ratio", "whole percentages"),
         ({"messages": PROMPT, "tau": "high"}, "tau", "valid number"),

@@ -129,7 +129,8 @@ def test_recommended_settings_are_checked_as_the_engine_would() -> None:
     for bad, message in (({"beta": 1}, "unknown recommended"), ({"tau": 1.0, "target_ratio": 0.2}, "not both"),
                          ({"w": -1.0}, "must be > 0"), ({"horizon": 0}, ">= 1"), ({"tau": math.nan}, "finite"),
                          ({"value_head": "both"}, "scalar, candidate"), ({"gate": "off"}, "must steer"),
-                         ({"gate": "warp"}, "unknown mode")):
+                         ({"gate": "warp"}, "unknown mode"), ({"gate": "shift", "tau": 1.5}, "at most 1"),
+                         ({"gate": "dense", "tau": 0.7}, "mode dense has none")):
         with pytest.raises(ValueError, match=message):
             recommended_settings(bad)
 

@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("tau", args.steering_tau), ("horizon", args.steering_horizon),
                                ("gate", args.steering_gate)) if v is not None}
     if given:
+        from sia_edge.steering import gate_of
         from sia_edge.train.model import META_FILE, ValueMeta
 
         steering = dict(ValueMeta.from_file(model_dir / META_FILE).steering)
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steering.pop(other, None)
         if "tau" in given and "gate" not in given:  # a tau without a mode is the entropy gate's
             steering.pop("gate", None)
+        if "gate" in given and "tau" not in given and \
+                gate_of(str(steering.get("gate", "entropy"))) != gate_of(given["gate"]):
+            steering.pop("tau", None)  # the old mode's tau, on another scale
         steering.update(given)
         if steering.get("horizon") == 0:
             del steering["horizon"]
