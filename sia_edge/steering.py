@@ -612,6 +612,8 @@ def recommended_settings(values: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"a recommended tau needs a mode that has one; mode {kind.mode} has none")
         if "tau" in out:
             SteeringConfig(gate=out["gate"], tau=out["tau"])  # on its gate's scale (a shift tau is at most 1)
+        if kind.statistic == "shift" and "tau" not in out and "target_ratio" not in out:
+            raise ValueError("a value model that recommends mode shift must recommend its tau or a target ratio")
     if "horizon" in out and out.get("gate", "entropy") != "entropy":
         raise ValueError("a recommended horizon belongs to the top-k entropy gate (sparse); a value model that "
                          f"recommends mode {mode_name(out['gate'])} cannot recommend one")

@@ -133,6 +133,10 @@ def test_bench_decode_times_the_candidate_head(base_model_path: Path, tmp_path: 
                            "--naive-prompts", "0", "--threads", "1", "--also-value-model", str(plain)],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "has no candidate head" in proc.stderr
+    proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "4",
+                           "--naive-prompts", "0", "--threads", "1", "--value-model", str(plain), "--shift-tau", "0.5"],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--shift-tau times the shift gate with a candidate head" in proc.stderr
     # nor can a value model of heads alone time the scalar modes
     heads_only = write_head_only_gguf(tmp_path / "heads.gguf", replace(read_value_meta(value), hidden_state="base_final_norm"))
     proc = subprocess.run([sys.executable, "tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "4",

@@ -350,6 +350,10 @@ def test_steering_shift_is_the_probability_mass_steering_moved() -> None:
     assert steering_shift(z, v, 60.0, 1.0) == pytest.approx(1.0 - p_third, abs=1e-9)  # all mass to the third
     assert steering_shift(z, v, 0.5, 0.0) == 0.0  # greedy: 2 - 0 vs 1 + 0.5 (the argmax stays)
     assert steering_shift(z, v, 3.0, 0.0) == 1.0  # greedy: the third candidate (0 + 3) now wins
+    # broken values are one clear error (the shift gate decides on this before anything samples)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="value model's output is broken"):
+            steering_shift(z, np.array([0.0, bad, 1.0, 0.5], dtype=np.float32), 3.0, 1.0)
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-300, 5e-324])

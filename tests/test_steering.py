@@ -159,6 +159,23 @@ def test_a_recommended_gate_takes_the_recommended_tau_and_the_others_the_ratio()
         recommended_settings({"gate": "shift", "tau": 0.5, "horizon": 16})
 
 
+def test_export_options_keep_each_recommended_tau_on_its_modes_scale() -> None:
+    from sia_edge.train.meta import merge_steering
+
+    fast = {"w": 3.0, "gate": "shift", "tau": 0.6, "target_ratio": 0.25, "value_head": "candidate"}
+    # a tau without a mode is the entropy gate's: the recorded mode and the ratio beside it go
+    assert merge_steering(fast, {"tau": 1.2}) == {"w": 3.0, "tau": 1.2, "value_head": "candidate"}
+    # a ratio stands beside another mode's tau, and replaces the entropy gate's
+    assert merge_steering(fast, {"target_ratio": 0.2})["tau"] == 0.6
+    assert merge_steering({"tau": 1.0, "horizon": 16}, {"target_ratio": 0.3, "horizon": 0}) == {"target_ratio": 0.3}
+    # a new mode without a tau drops the old mode's, on another scale; the check then says what is missing
+    moved = merge_steering({"w": 3.0, "tau": 1.0}, {"gate": "shift"})
+    assert moved == {"w": 3.0, "gate": "shift"}
+    with pytest.raises(ValueError, match="must recommend its tau or a target ratio"):
+        recommended_settings(moved)
+    assert merge_steering({"w": 3.0, "tau": 1.0}, {"gate": "sparse"})["tau"] == 1.0  # the same mode
+
+
 def test_switching_gates_keeps_a_tau_only_on_its_scale() -> None:
     rec = {"gate": "shift", "tau": 0.6, "target_ratio": 0.25}
     shift = SteeringConfig(gate="shift", tau=0.6)

@@ -114,22 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("tau", args.steering_tau), ("horizon", args.steering_horizon),
                                ("gate", args.steering_gate)) if v is not None}
     if given:
-        from sia_edge.steering import gate_of
+        from sia_edge.train.meta import merge_steering
         from sia_edge.train.model import META_FILE, ValueMeta
 
-        steering = dict(ValueMeta.from_file(model_dir / META_FILE).steering)
-        # tau and target_ratio set the same threshold: the one given replaces the other
-        for given_key, other in (("tau", "target_ratio"), ("target_ratio", "tau")):
-            if given_key in given and other not in given:
-                steering.pop(other, None)
-        if "tau" in given and "gate" not in given:  # a tau without a mode is the entropy gate's
-            steering.pop("gate", None)
-        if "gate" in given and "tau" not in given and \
-                gate_of(str(steering.get("gate", "entropy"))) != gate_of(given["gate"]):
-            steering.pop("tau", None)  # the old mode's tau, on another scale
-        steering.update(given)
-        if steering.get("horizon") == 0:
-            del steering["horizon"]
+        steering = merge_steering(ValueMeta.from_file(model_dir / META_FILE).steering, given)
     sequences = _check_sequences(model_dir, args.check_data, args.check_rows) if args.check else None
     paths, report = export_value_model(
         model_dir, args.out, base_gguf=args.base, backbone=args.backbone, types=types,

@@ -18,7 +18,8 @@ from sia_edge.value_format import (
     check_recommended_steering,
 )
 
-__all__ = ["ADAPTER_FILES", "CANDIDATE_FILE", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering", "value_gguf_name"]
+__all__ = ["ADAPTER_FILES", "CANDIDATE_FILE", "HEAD_FILE", "META_FILE", "STEERING_KEYS", "LoraSettings", "ValueMeta", "check_steering",
+           "merge_steering", "value_gguf_name"]
 
 META_FILE = "value_meta.json"
 HEAD_FILE = "value_head.safetensors"
@@ -100,6 +101,31 @@ class ValueMeta:
 
 
 STEERING_KEYS = ("w", "target_ratio", "tau", "horizon", "value_head", "gate")
+
+
+def merge_steering(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``value_meta.json``'s recommended steering with the export's ``--steering-*`` options
+    ``given`` winning, each threshold kept on its mode's scale: a tau without a mode is the entropy
+    gate's (a recorded mode goes); a new mode without a tau drops the old mode's tau; a target
+    ratio replaces the entropy gate's tau, but stands beside another mode's (it serves the other
+    modes). ``horizon`` 0 drops the recommendation. Checked when the GGUF is written."""
+    from sia_edge.steering import gate_of
+
+    steering = dict(recorded)
+    if "tau" in given and "gate" not in given:
+        steering.pop("gate", None)
+    if "gate" in given and "tau" not in given and \
+            gate_of(str(steering.get("gate", "entropy"))) != gate_of(str(given["gate"])):
+        steering.pop("tau", None)
+    steering.update(given)
+    gate = gate_of(str(steering.get("gate", "entropy")))
+    if "tau" in given and "target_ratio" not in given and gate == "entropy":
+        steering.pop("target_ratio", None)
+    if "target_ratio" in given and "tau" not in given and gate == "entropy":
+        steering.pop("tau", None)
+    if steering.get("horizon") == 0:
+        del steering["horizon"]
+    return steering
 
 
 def check_steering(steering: dict[str, Any]) -> dict[str, Any]:
