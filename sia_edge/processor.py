@@ -111,18 +111,15 @@ class SIALogitsProcessor:
         self.steps += 1
         stats = kernels.junction_stats(scores, self.topk)
         threshold = self.gate.threshold()
-        if self.gate.on_shift and threshold < math.inf:  # the value-aware gate: score, then decide
-            values = self.scorer.score(input_ids.tolist(), self.topk.ids)
-            shift = steering_shift(self.topk.logits, values, self.config.w, self.config.temperature)
-            if not shift >= threshold:
-                return scores
-            self.gate.steered(shift)
-        else:
-            statistic = stats.full_entropy if self.gate.on_full_entropy else stats.topk_entropy
-            if self.gate.on_shift or not statistic >= threshold:
-                return scores  # the top_k sampler that follows does plain top-k sampling
-            values = self.scorer.score(input_ids.tolist(), self.topk.ids)
-            self.gate.steered(steering_shift(self.topk.logits, values, self.config.w, self.config.temperature))
+        statistic = stats.full_entropy if self.gate.on_full_entropy else stats.topk_entropy
+        # the value-aware gate scores every step it may steer and decides on the shift below
+        if not (threshold < math.inf if self.gate.on_shift else statistic >= threshold):
+            return scores  # the top_k sampler that follows does plain top-k sampling
+        values = self.scorer.score(input_ids.tolist(), self.topk.ids)
+        shift = steering_shift(self.topk.logits, values, self.config.w, self.config.temperature)
+        if self.gate.on_shift and not shift >= threshold:
+            return scores
+        self.gate.steered(shift)
         self.junctions += 1
         scores[:] = -np.inf  # only the k candidates may be sampled: steer_topk writes them back
         kernels.steer_topk_inplace(scores, self.topk, values, w=self.config.w, temperature=0.0, rng=self.rng)
