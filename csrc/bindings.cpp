@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "dispatch.h"
+#include "graph_stop.h"
 #include "kernels/sia_kernels.h"
 
 namespace py = pybind11;
@@ -188,6 +189,19 @@ py::object checked(const sia::JunctionStats& s) {
     return out;
 }
 
+// Python's view of a GraphStop (csrc/graph_stop.h); the state is not freed with this object.
+struct GraphStopHandle {
+    sia::GraphStop* state;
+    sia::GraphStop* live() const {
+        if (state == nullptr) throw std::runtime_error("this GraphStop was released");
+        return state;
+    }
+    void release() {
+        sia::release_graph_stop(state);
+        state = nullptr;
+    }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -197,6 +211,29 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init([](uint64_t seed) { return Rng{seed}; }), py::arg("seed"))
         .def_readwrite("state", &Rng::state)
         .def("uniform", [](Rng& r) { return sia::rng_uniform(&r.state); }, "Next double in [0, 1).");
+
+    // One per hidden-only llama.cpp context (sia_edge.llama_backend.LlamaContext): the state lives
+    // in C++ until release(), which the context's finaliser calls after llama_free.
+    py::class_<GraphStopHandle>(m, "GraphStop",
+                                "Ends llama.cpp's graph at the hidden state (csrc/graph_stop.h).")
+        .def(py::init([](std::uintptr_t tensor_name) {
+                 if (tensor_name == 0)
+                     throw std::invalid_argument("GraphStop needs the address of ggml_get_name");
+                 return GraphStopHandle{
+                     sia::acquire_graph_stop(reinterpret_cast<sia::TensorNameFn>(tensor_name))};
+             }),
+             py::arg("tensor_name"))
+        .def_property(
+            "enabled", [](const GraphStopHandle& h) { return h.live()->enabled; },
+            [](GraphStopHandle& h, bool on) { h.live()->enabled = on; })
+        .def_property_readonly("stops", [](const GraphStopHandle& h) { return h.live()->stops; })
+        .def_property_readonly(
+            "user_data", [](const GraphStopHandle& h) { return reinterpret_cast<std::uintptr_t>(h.live()); })
+        .def("release", &GraphStopHandle::release,
+             "Hand the state back for reuse: only once no llama.cpp context holds its address.")
+        .def_property_readonly_static("callback", [](const py::object&) {
+            return reinterpret_cast<std::uintptr_t>(&sia::sia_graph_stop_callback);
+        });
 
     m.def("available_isas", &sia::available_isas);
     m.def("force_isa", &sia::force_isa, py::arg("name"));

@@ -3,8 +3,9 @@
 Why not ``llama_cpp.Llama``: the engine needs things its high-level class does not expose —
 several sequences in one KV cache (value-model branches), output flags per batch row, switching
 embeddings on only for the rows that need hidden states, and views over the raw logits and
-hidden-state buffers without copies. One model (weights) is shared by any number of contexts;
-a context belongs to one thread at a time.
+hidden-state buffers without copies, and ending the graph before the vocabulary head when only
+hidden states are read (``hidden_only``). One model (weights) is shared by any number of
+contexts; a context belongs to one thread at a time.
 
 Ownership of llama.cpp's handles is explicit, because a freed handle used again crashes the
 process: each handle is freed exactly once, by ``close()`` or by a ``weakref.finalize`` when its
@@ -23,6 +24,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -30,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp._logger import set_verbose
 
+from sia_edge import _core
 from sia_edge.models import resolve_gguf
 from sia_edge.value_format import tokenizer_fingerprint
 
@@ -56,6 +59,32 @@ def _init_backend() -> None:
 # ggml's GGML_MAX_N_THREADS: far more threads than that made llama.cpp hang or crash the process
 # (100,000 segfaulted, 5,000 hung creating threads; measured), so it is refused up front.
 MAX_THREADS = 512
+
+
+_tensor_name_address: int | None = None
+
+
+def _ggml_tensor_name() -> int:
+    """Address of ggml_get_name in the ggml library llama.cpp loaded (for ``_core.GraphStop``), or
+    0 if it cannot be found: hidden_only contexts then run the whole graph."""
+    global _tensor_name_address
+    with _init_lock:
+        if _tensor_name_address is None:
+            from llama_cpp import llama_cpp as bindings
+            from llama_cpp._ctypes_extensions import load_shared_library
+
+            address = 0
+            # libllama itself exports it when ggml is linked in statically; else the ggml-base
+            # library beside it (the directory llama-cpp-python loaded libllama from)
+            for lib in (lambda: bindings._lib, lambda: load_shared_library("ggml-base", Path(bindings._base_path))):
+                try:
+                    address = ctypes.cast(lib().ggml_get_name, ctypes.c_void_p).value or 0
+                except (OSError, RuntimeError, AttributeError):
+                    continue
+                if address:
+                    break
+            _tensor_name_address = address
+        return _tensor_name_address
 
 
 def default_threads() -> int:
@@ -102,6 +131,9 @@ class LlamaModel:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(ptr))
         self.name = self.meta("general.name") or self.path.stem
         self._fingerprint: str | None = None
+        # Whether ending the graph at the hidden state leaves hidden states and KV cache exactly
+        # as the whole graph does, for this architecture (``_check_graph_stop``).
+        self.graph_stop_exact: bool | None = None
         self._special_tokens: list[SpecialToken] | None = None
         # One scratch buffer per thread: token_to_piece runs without the GIL, so a buffer shared
         # by parallel generations would hand one thread the bytes another just wrote.
@@ -313,7 +345,16 @@ class LlamaContext:
         n_batch: int = 512,
         n_threads: int | None = None,
         embeddings: bool = False,
+        hidden_only: bool = False,
+        _probe: bool = False,
     ) -> None:
+        """``hidden_only``: the context is read for hidden states only (a value model). Each decode
+        then ends at the final-norm hidden state and skips the vocabulary head, the n_vocab x n_embd
+        product per output row (docs/results/cost.md, "Hidden states without the vocabulary head");
+        ``logits()`` refuses. Before the first such context of a model, ``_check_graph_stop`` checks
+        that the hidden states and the KV cache come out exactly as the whole graph's; if not, or
+        if ggml_get_name cannot be found, the context runs the whole graph. ``_probe``: the check's
+        own context, ended at the hidden state unchecked."""
         check_threads(n_threads)
         self.model = model
         params = llama_cpp.llama_context_default_params()
@@ -329,6 +370,19 @@ class LlamaContext:
         # path (measured); llama-cpp-python's Llama also disables it. Exactness wins here.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
+        self._hidden_only = hidden_only
+        # Released by the finaliser below, after llama_free: llama.cpp holds its state's address.
+        self._graph_stop: Any = None
+        if hidden_only and not _probe and _ggml_tensor_name() and model.graph_stop_exact is not False:
+            if model.graph_stop_exact is None:
+                _check_graph_stop(model, n_threads)
+            if model.graph_stop_exact:
+                self._graph_stop = _core.GraphStop(_ggml_tensor_name())
+        elif _probe and _ggml_tensor_name():
+            self._graph_stop = _core.GraphStop(_ggml_tensor_name())
+        if self._graph_stop is not None:
+            params.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(_core.GraphStop.callback)
+            params.cb_eval_user_data = self._graph_stop.user_data
         model._acquire()  # the weights outlive this context, whoever closes the model meanwhile
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
@@ -346,8 +400,22 @@ class LlamaContext:
         # weights cannot go first, and it voids the handle, so a cycle member finalised after it
         # (a generator's cleanup) gets LlamaError instead of freed memory. Not at interpreter exit
         # (a daemon thread may be decoding).
-        self._free = weakref.finalize(self, _free_context, self._handle, self._batch.raw, model)
+        self._free = weakref.finalize(self, _free_context, self._handle, self._batch.raw, model, self._graph_stop)
         self._free.atexit = False
+
+    @property
+    def hidden_only(self) -> bool:
+        return self._hidden_only
+
+    @property
+    def graph_stop_active(self) -> bool:
+        """Whether this context's decodes end at the hidden state (``hidden_only`` and the model passed the check)."""
+        return self._graph_stop is not None
+
+    @property
+    def graph_stops(self) -> int:
+        """Decodes this context ended before the vocabulary head (0 unless ``graph_stop_active``)."""
+        return int(self._graph_stop.stops) if self._graph_stop is not None else 0
 
     def _make_batch(self, capacity: int, n_seq_max: int) -> _Batch:
         raw = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
@@ -382,8 +450,9 @@ class LlamaContext:
         return ptr
 
     def set_embeddings(self, on: bool) -> None:
-        """With embeddings on, llama.cpp outputs every row of a batch (and still computes the
-        vocabulary head for it): switch them on only for batches whose rows all need hidden states."""
+        """With embeddings on, llama.cpp outputs every row of a batch (and, unless the graph ends at
+        the hidden state, computes the vocabulary head for it): switch them on only for batches
+        whose rows all need hidden states."""
         if on != self._embeddings:
             llama_cpp.llama_set_embeddings(self._live(), on)
             self._embeddings = on
@@ -485,6 +554,8 @@ class LlamaContext:
 
     def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
         """Writable float32 view (no copy) of the logits of output row i (-1: the last)."""
+        if self.hidden_only:
+            raise LlamaError("this context reads hidden states only (hidden_only): it computes no logits")
         ptr = llama_cpp.llama_get_logits_ith(self._live(), i)
         if not ptr:
             raise LlamaError("llama.cpp has no logits for this row (it was not marked as an output)")
@@ -519,6 +590,40 @@ class LlamaContext:
         llama_cpp.llama_memory_clear(self.memory, True)
 
 
+def _check_graph_stop(model: LlamaModel, n_threads: int | None) -> None:
+    """Once per model (``LlamaModel.graph_stop_exact``): decode a few ordinary tokens, all but the
+    last, then the last (which reads the KV cells the first decode wrote), in a context ended at
+    the hidden state and in one running the whole graph, of the same shape; keep the shortcut only
+    if both give the same hidden states, bit for bit. So it also shows that nothing the cache needs
+    comes after the hidden state in this architecture's graph. Two contexts, because a graph ended
+    too early hands out whatever its output buffer last held, which in one context could be the
+    reference's own result; rows that are not finite or not distinct fail the check."""
+    with model._lock:
+        if model.graph_stop_exact is not None:
+            return
+        tokens = model.tokenize("The quick brown fox jumps over the lazy dog", add_special=False)[:4]
+        if len(tokens) < 2 or len(set(tokens)) < len(tokens):
+            model.graph_stop_exact = False
+            return
+        n = len(tokens)
+        runs = []
+        for probe in (False, True):
+            ctx = LlamaContext(model, n_ctx=16, n_batch=8, n_threads=n_threads, embeddings=True,
+                               hidden_only=probe, _probe=probe)
+            try:
+                ctx.decode(tokens[:-1], 0)
+                first = ctx.hidden_states(n - 1).copy()
+                ctx.decode(tokens[-1:], n - 1)
+                rows = np.vstack([first, ctx.last_hidden_state()])
+                runs.append((rows, ctx.graph_stops))
+            finally:
+                ctx.close()
+        (whole, _), (short, stops) = runs
+        model.graph_stop_exact = bool(
+            stops == 2 and np.isfinite(whole).all() and len({r.tobytes() for r in whole}) == n
+            and np.array_equal(whole, short))
+
+
 def _check_decode(rc: int) -> None:
     if rc != 0:
         raise LlamaError(
@@ -543,11 +648,14 @@ def _free_handle(handle: _Handle, free: Any) -> None:
         free(ptr)
 
 
-def _free_context(handle: _Handle, batch: llama_cpp.llama_batch, model: LlamaModel) -> None:
-    """A context's finaliser: its batch and context first, then its hold on the weights."""
+def _free_context(handle: _Handle, batch: llama_cpp.llama_batch, model: LlamaModel, graph_stop: Any) -> None:
+    """A context's finaliser: its batch and context first, then its ``GraphStop`` (whose state the
+    context read until llama_free), then its hold on the weights."""
     ptr, handle.ptr = handle.ptr, None
     llama_cpp.llama_batch_free(batch)
     if ptr is not None:
         llama_cpp.llama_free(ptr)
+    if graph_stop is not None:
+        graph_stop.release()
     model._release()
 

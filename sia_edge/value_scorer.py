@@ -4,8 +4,10 @@ At a junction the scorer (1) catches its KV cache up on the tokens decoded since
 and (2) scores the k candidates as k one-token branches of that cache: sequence 0 holds the
 shared prefix, branch j is sequence j + 1, created by ``seq_cp`` (cells shared, not copied, in a
 unified cache). A short catch-up and the branches are one ``llama_decode`` (the catch-up rows
-belong to every sequence); a long one is a batch of its own with no outputs, so llama.cpp
-computes no vocabulary head for it. The head reads the final-norm hidden state of each branch row. The branch
+belong to every sequence); a long one is a batch of its own with no outputs. The head reads the
+final-norm hidden state of each branch row, and the context ends llama.cpp's graph there
+(``LlamaContext(hidden_only=True)``, once the model passed its check): no vocabulary head is
+computed for any row. The branch
 of the token that was finally sampled is kept as part of sequence 0 (``commit``), so it is
 never decoded twice; the others are dropped.
 """
@@ -55,6 +57,9 @@ class ValueModel:
         self.bias = float(self.meta.bias)
         self.candidate: CandidateHeadMeta | None = self.meta.candidate
         self.model: LlamaModel | None = None
+        # Scorers end the value model's graph at the hidden state (``LlamaContext(hidden_only=True)``);
+        # False runs llama.cpp's whole graph, vocabulary head included (for comparisons).
+        self.hidden_only = True
         if self.meta.reads_base:
             return  # the engine checks the head's shapes against the base model
         self.model = LlamaModel(self.path, what="value model")
@@ -109,7 +114,7 @@ class ValueModel:
         if self.model is None:
             raise ValueFormatError(head_missing(self.name, HEAD_SCALAR, self.heads))
         ctx = LlamaContext(self.model, n_ctx=n + 8, n_batch=n, n_threads=n_threads or self.n_threads,
-                           embeddings=True)
+                           embeddings=True, hidden_only=True)
         try:
             ctx.decode(list(tokens), 0)
             return kernels.value_head(ctx.hidden_states(n), self.weight, self.bias).copy()
@@ -128,7 +133,7 @@ class ValueScorer:
         # k_max extra cells: the branches live beside the n_ctx cells of the sequence.
         self.ctx = LlamaContext(
             value_model.model, n_ctx=n_ctx + k_max, n_seq_max=k_max + 1, n_batch=max(512, k_max),
-            n_threads=n_threads,
+            n_threads=n_threads, hidden_only=value_model.hidden_only,
         )
         self.cached: list[int] = []  # tokens held by sequence 0
         self._branch_tokens: npt.NDArray[np.int32] | None = None
@@ -176,10 +181,10 @@ class ValueScorer:
 
         A short catch-up and the branches are one ``llama_decode``: the catch-up rows belong to
         sequence 0 and every branch, each branch row to its own sequence. In embeddings mode the
-        catch-up rows are outputs too (llama.cpp computes the vocabulary head for them), so a long
-        catch-up, the prompt above all, is a batch of its own with no outputs (docs/results/cost.md,
-        "fused"); only its last row is an output when the prefix's hidden state is needed (the
-        candidate head, ``want_prefix_hidden``), which ``prefix_hidden`` then holds."""
+        catch-up rows are outputs too, so a long catch-up, the prompt above all, is a batch of its
+        own with no outputs, decoded as a fresh context would (docs/results/cost.md, "fused"); only
+        its last row is an output when the prefix's hidden state is needed (the candidate head,
+        ``want_prefix_hidden``), which ``prefix_hidden`` then holds."""
         p, n_before = len(sequence), len(self.cached)
         # the last token is decoded again if its hidden state is needed and unknown (after a reset)
         was_valid = self._prefix_hidden_valid

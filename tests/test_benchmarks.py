@@ -41,10 +41,17 @@ def test_bench_junction_cost_predicts_from_its_measurements(value_model_path: Pa
     assert row["layers"] >= 1 and set(row["catchup_ms"]) == {"1", "2", "5"}
     assert row["candidate_row_ms"] > 0
     # a junction as two decodes and as one, at each catch-up length (checked equal before timing)
+    # and each on the whole graph and on the graph ended at the hidden state (checked equal too)
     assert set(row["junction_ms"]) == {"0", "1", "2", "4", "8"}
     for t in row["junction_ms"].values():
-        assert t["separate"] > 0 and t["fused"] > 0
+        assert min(t["separate"], t["fused"], t["separate_hidden_only"], t["fused_hidden_only"]) > 0
         assert t["fused_saving"] == pytest.approx(1 - t["fused"] / t["separate"], abs=1e-3)
+        assert t["fused_saving_hidden_only"] == pytest.approx(
+            1 - t["fused_hidden_only"] / t["separate_hidden_only"], abs=1e-3)
+        assert t["saving"] == pytest.approx(1 - t["fused_hidden_only"] / t["separate"], abs=1e-3)
+    short = row["hidden_only"]
+    assert short["branch_ms"] > 0 and short["candidate_row_ms"] > 0
+    assert short["branch_saving"] == pytest.approx(1 - short["branch_ms"] / row["branch_ms"], abs=1e-3)
     # The prediction is the documented formula over the measured parts.
     r = 0.2
     sparse = (base + r * (row["catchup_ms"]["5"] + row["branch_ms"])) / base
@@ -80,9 +87,14 @@ def test_bench_decode_times_a_horizon_on_the_prompts_of_a_file(value_model_path:
 
 def test_bench_decode_times_every_mode_and_the_head(value_model_path: Path) -> None:
     out = run_tool("tools/bench_decode.py", "--json", "--prompts", "1", "--tokens", "12", "--naive-prompts", "0",
-                   "--target-ratio", "0", "--head", "3", "--threads", "1", "--value-model", str(value_model_path))
+                   "--target-ratio", "0", "--head", "3", "--threads", "1", "--value-model", str(value_model_path),
+                   "--whole-graph")
     modes = out["modes"]
-    assert set(modes) == {"plain", "off", "sparse", "dense", "head"} and out["head"] == 3
+    scalar = {"sparse", "dense", "head"}
+    assert set(modes) == {"plain", "off", *scalar, *(f"{m}:whole_graph" for m in scalar)} and out["head"] == 3
+    for m in scalar:  # the value model's whole graph: the same answers (value_tokens differ by the prompt
+        for key in ("tokens", "intervention_rate"):  # cache each engine's value context kept)
+            assert modes[f"{m}:whole_graph"][key] == modes[m][key], (m, key)
     assert modes["off"]["intervention_rate"] == 0 and modes["dense"]["intervention_rate"] == 1
     tokens = modes["head"]["tokens"]  # one answer; its end-of-sequence step, if any, is a decision too
     assert 3 / (tokens + 1) - 1e-3 <= modes["head"]["intervention_rate"] <= 3 / tokens + 1e-3

@@ -7,11 +7,15 @@ Times, on the same machine in one run (medians over --reps):
   base_step_ms   one single-token decode of the base model with its logits (what `plain` pays)
   catchup_ms     the value model's catch-up: a batch of n tokens with no output rows, for the
                  batch sizes a gate at each --ratios produces (about 1 / ratio tokens)
-  branch_ms      the k one-token branches in one batch with hidden states (embeddings on: llama.cpp
-                 also computes the vocabulary head on these rows)
+  branch_ms      the k one-token branches in one batch with hidden states (embeddings on: the whole
+                 graph computes the vocabulary head on these rows too)
   candidate_row_ms  a candidate-head junction: one token decoded with its hidden state out (the
                  vocabulary head once); against catchup_ms["1"], the same token with no output, it
                  shows what that head costs at each depth
+  hidden_only    the same two on the graph ended at the hidden state (what the value model's
+                 context runs: no vocabulary head)
+  junction_ms    a whole junction after catch-ups of 0-8 tokens: two decodes or one (fused), on
+                 the whole graph and hidden only
 for every value model given (default: the base backbone with a random head, as the issue's decode
 benchmark uses, re-quantised to each --quant type, plus the default trained value model if
 installed). From these it predicts, per intervention ratio r,
@@ -84,62 +88,88 @@ def time_base_step(path: Path, prefix: list[int], reps: int, threads: int | None
 def time_value(path: Path, prefix: list[int], k: int, batch_sizes: list[int], reps: int,
                threads: int | None) -> dict[str, object]:
     model = LlamaModel(path, what="value model")
-    ctx = LlamaContext(model, n_ctx=len(prefix) + max(batch_sizes) + k + 8, n_seq_max=k + 1, n_batch=512,
-                       n_threads=threads)
-    try:
+    n_ctx = len(prefix) + max(batch_sizes) + k + 8
+
+    def context(hidden_only: bool) -> LlamaContext:
+        ctx = LlamaContext(model, n_ctx=n_ctx, n_seq_max=k + 1, n_batch=512, n_threads=threads,
+                           hidden_only=hidden_only)
         ctx.decode(prefix, 0, output_last=False)
+        return ctx
+
+    whole, short = context(False), context(True)
+    try:
+        if not short.graph_stop_active:
+            raise RuntimeError(f"{path.name}: llama.cpp's graph cannot be ended at the hidden state for this model "
+                               "(the check at load failed); there is nothing to compare")
         p = len(prefix)
-        # Correctness first: the k branches are k different continuations of the cached prefix.
-        for j in range(k):
-            ctx.seq_cp(0, j + 1)
-        ctx.set_embeddings(True)
-        ctx.decode(prefix[:k], p, seq_ids=list(range(1, k + 1)))
-        hidden = ctx.hidden_states(k).copy()
-        for j in range(k):
-            ctx.seq_rm(j + 1)
-        if not np.isfinite(hidden).all() or len({row.tobytes() for row in hidden}) != len(set(prefix[:k])):
-            raise RuntimeError(f"{path.name}: branch hidden states are not finite or not one per candidate")
-        sizes = sorted({1, *batch_sizes})
-        catchup: dict[int, list[float]] = {n: [] for n in sizes}
-        branch, row = [], []
-        for _ in range(reps):
-            for n in sizes:
-                ctx.set_embeddings(False)
-                t0 = time.perf_counter()
-                ctx.decode(prefix[:n], p, output_last=False)
-                catchup[n].append(time.perf_counter() - t0)
-                ctx.seq_rm(0, p, -1)
+        # Correctness first: the k branches are k different continuations of the cached prefix,
+        # and the graph ended at the hidden state gives the whole graph's hidden states.
+        branch_hidden = []
+        for ctx in (whole, short):
             for j in range(k):
                 ctx.seq_cp(0, j + 1)
             ctx.set_embeddings(True)
-            t0 = time.perf_counter()
             ctx.decode(prefix[:k], p, seq_ids=list(range(1, k + 1)))
-            ctx.hidden_states(k)
-            branch.append(time.perf_counter() - t0)
+            branch_hidden.append(ctx.hidden_states(k).copy())
             for j in range(k):
                 ctx.seq_rm(j + 1)
-            t0 = time.perf_counter()
-            ctx.decode(prefix[:1], p)  # embeddings on: its one row is an output
-            ctx.hidden_states(1)
-            row.append(time.perf_counter() - t0)
-            ctx.seq_rm(0, p, -1)
-        junction = time_fused(ctx, prefix, k, reps)
+        hidden = branch_hidden[0]
+        if not np.isfinite(hidden).all() or len({row.tobytes() for row in hidden}) != len(set(prefix[:k])):
+            raise RuntimeError(f"{path.name}: branch hidden states are not finite or not one per candidate")
+        if not np.array_equal(hidden, branch_hidden[1]):
+            raise RuntimeError(f"{path.name}: the hidden-only graph changed the branch hidden states")
+        sizes = sorted({1, *batch_sizes})
+        catchup: dict[int, list[float]] = {n: [] for n in sizes}
+        branch: dict[str, list[float]] = {"whole": [], "hidden_only": []}
+        row: dict[str, list[float]] = {"whole": [], "hidden_only": []}
+        for _ in range(reps):
+            for n in sizes:
+                whole.set_embeddings(False)
+                t0 = time.perf_counter()
+                whole.decode(prefix[:n], p, output_last=False)
+                catchup[n].append(time.perf_counter() - t0)
+                whole.seq_rm(0, p, -1)
+            for name, ctx in (("whole", whole), ("hidden_only", short)):
+                for j in range(k):
+                    ctx.seq_cp(0, j + 1)
+                ctx.set_embeddings(True)
+                t0 = time.perf_counter()
+                ctx.decode(prefix[:k], p, seq_ids=list(range(1, k + 1)))
+                ctx.hidden_states(k)
+                branch[name].append(time.perf_counter() - t0)
+                for j in range(k):
+                    ctx.seq_rm(j + 1)
+                t0 = time.perf_counter()
+                ctx.decode(prefix[:1], p)  # embeddings on: its one row is an output
+                ctx.hidden_states(1)
+                row[name].append(time.perf_counter() - t0)
+                ctx.seq_rm(0, p, -1)
+        junction = time_fused(whole, short, prefix, k, reps)
         return {"layers": int(llama_cpp.llama_model_n_layer(model.ptr)),
-                "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()}, "branch_ms": median_ms(branch),
-                "candidate_row_ms": median_ms(row),
+                "catchup_ms": {str(n): median_ms(t) for n, t in catchup.items()},
+                "branch_ms": median_ms(branch["whole"]), "candidate_row_ms": median_ms(row["whole"]),
+                "hidden_only": {"branch_ms": median_ms(branch["hidden_only"]),
+                                "candidate_row_ms": median_ms(row["hidden_only"]),
+                                "branch_saving": round(1 - median_ms(branch["hidden_only"])
+                                                       / median_ms(branch["whole"]), 3)},
                 "junction_ms": junction}
     finally:
-        ctx.close()
+        whole.close()
+        short.close()
 
 
-def time_fused(ctx: LlamaContext, prefix: list[int], k: int, reps: int) -> dict[str, dict[str, float]]:
+def time_fused(whole: LlamaContext, short: LlamaContext, prefix: list[int], k: int,
+               reps: int) -> dict[str, dict[str, float]]:
     """A whole scalar-head junction after a catch-up of n tokens: the catch-up batch then the
     branch batch (`separate`), against one batch holding both (`fused`, what ValueScorer does for
-    n <= FUSE_MAX_CATCHUP). Checks first that both give the same branch hidden states."""
+    n <= FUSE_MAX_CATCHUP), each on the whole graph and on the graph ended at the hidden state
+    (`hidden_only`, the value model's context). `fused_saving` and `fused_saving_hidden_only`
+    compare one decode with two on each graph; `saving` compares what ValueScorer runs (fused,
+    hidden only) with two decodes of the whole graph (the junction before either change). Checks first that all four give the same branch hidden states."""
     p = len(prefix) - max(FUSED_CATCHUPS) - 1
     cands = prefix[:k]
 
-    def separate(n: int) -> npt.NDArray[np.float32]:
+    def separate(ctx: LlamaContext, n: int) -> npt.NDArray[np.float32]:
         ctx.set_embeddings(False)
         ctx.decode(prefix[p:p + n], p, output_last=False)
         for j in range(k):
@@ -148,7 +178,7 @@ def time_fused(ctx: LlamaContext, prefix: list[int], k: int, reps: int) -> dict[
         ctx.decode(cands, p + n, seq_ids=list(range(1, k + 1)))
         return ctx.hidden_states(k)
 
-    def fused(n: int) -> npt.NDArray[np.float32]:
+    def fused(ctx: LlamaContext, n: int) -> npt.NDArray[np.float32]:
         for j in range(k):
             ctx.seq_cp(0, j + 1)
         ctx.set_embeddings(True)
@@ -157,32 +187,38 @@ def time_fused(ctx: LlamaContext, prefix: list[int], k: int, reps: int) -> dict[
                         [every] * n + [[j + 1] for j in range(k)])
         return ctx.hidden_states(n + k)[n:]
 
-    def undo() -> None:
+    def undo(ctx: LlamaContext) -> None:
         for j in range(k + 1):
             ctx.seq_rm(j, p, -1)
         for j in range(k):
             ctx.seq_rm(j + 1)
 
-    ctx.seq_rm(0, p, -1)
+    variants = {"separate": (separate, whole), "fused": (fused, whole),
+                "separate_hidden_only": (separate, short), "fused_hidden_only": (fused, short)}
+    for ctx in (whole, short):
+        ctx.seq_rm(0, p, -1)
     for n in FUSED_CATCHUPS:
-        a = separate(n).copy()
-        undo()
-        b = fused(n).copy()
-        undo()
-        if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
-            raise RuntimeError(f"fused and separate junctions disagree after a catch-up of {n}: "
-                               f"max |dh| {float(np.abs(a - b).max())}")
+        got = {}
+        for name, (fn, ctx) in variants.items():
+            got[name] = fn(ctx, n).copy()
+            undo(ctx)
+        for name, h in got.items():
+            if not np.allclose(got["separate"], h, atol=1e-4, rtol=1e-4):
+                raise RuntimeError(f"{name} and separate junctions disagree after a catch-up of {n}: "
+                                   f"max |dh| {float(np.abs(got['separate'] - h).max())}")
     out: dict[str, dict[str, float]] = {}
     for n in FUSED_CATCHUPS:
-        times: dict[str, list[float]] = {"separate": [], "fused": []}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(reps):
-            for name, fn in (("separate", separate), ("fused", fused)):
+            for name, (fn, ctx) in variants.items():
                 t0 = time.perf_counter()
-                fn(n)
+                fn(ctx, n)
                 times[name].append(time.perf_counter() - t0)
-                undo()
-        sep, fus = median_ms(times["separate"]), median_ms(times["fused"])
-        out[str(n)] = {"separate": sep, "fused": fus, "fused_saving": round(1 - fus / sep, 3)}
+                undo(ctx)
+        ms = {name: median_ms(t) for name, t in times.items()}
+        out[str(n)] = {**ms, "fused_saving": round(1 - ms["fused"] / ms["separate"], 3),
+                       "fused_saving_hidden_only": round(1 - ms["fused_hidden_only"] / ms["separate_hidden_only"], 3),
+                       "saving": round(1 - ms["fused_hidden_only"] / ms["separate"], 3)}
     return out
 
 

@@ -24,6 +24,9 @@ Modes (per prompt, all modes run back to back so machine noise hits them alike):
                  (left out at 0).
   candidate:NAME / dense_candidate:NAME / shift_candidate:NAME   the same with the value model
                  NAME of --also-value-model (a shallower one, say), in the same run.
+  MODE:whole_graph   --whole-graph: each scalar-head mode again with the value model running
+                 llama.cpp's whole graph, vocabulary head included (what the value model's context
+                 skipped before it ended at the hidden state), in the same run.
 Prompts: --prompt-file FILE (one per line, or JSONL with a "prompt" field) instead of the 8 built-in
 open-ended ones, to time the prompts an evaluation is about (its first --prompts of them).
 Value model: --value-model, or the base backbone with random heads (same cost as trained ones).
@@ -176,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--also-value-model", type=Path, action="append", default=[], metavar="GGUF",
                     help="time this value model's candidate head too, in the same run (modes candidate:NAME and "
                          "dense_candidate:NAME, NAME its file name); repeatable")
+    ap.add_argument("--whole-graph", action="store_true",
+                    help="also time each scalar-head mode with the value model's whole graph (modes MODE:whole_graph)")
     args = ap.parse_args(argv)
     try:
         items = read_prompt_file(args.prompt_file) if args.prompt_file else [Prompt(p) for p in PROMPTS]
@@ -246,6 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             others[f"dense_candidate:{path.name}"] = (other, replace(modes["dense"], value_head="candidate"))
             if args.shift_tau > 0:
                 others[f"shift_candidate:{path.name}"] = (other, shift_mode)
+        if args.whole_graph and engine.value is not None:
+            whole = SteeringEngine(base, value, n_ctx=1024, n_threads=args.threads)
+            assert whole.value is not None
+            whole.value.hidden_only = False
+            for name in SCALAR_MODES:
+                if name in modes:
+                    others[f"{name}:whole_graph"] = (whole, modes[name])
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in ["plain", "naive", *modes, *others]}
         naive_llm = naive_proc = None
         if args.naive_prompts > 0:
@@ -326,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["ratios"] = ratios
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
+
+
+SCALAR_MODES = ("sparse", "sparse_ratio", "head", "horizon", "dense")  # modes that score with the scalar head
 
 
 def _candidate_gate_name(modes: dict[str, SteeringConfig]) -> str:

@@ -300,7 +300,8 @@ def check_backbone_parity(model: Any, source_gguf: str | os.PathLike[str], *, la
         path = source if layers is None else copy_gguf(source, Path(tmp) / source.name, layers=layers)
         weights = {info.ggml_type for name, info in read_gguf_tensor_infos(path).items() if len(info.shape) == 2}
         lm = LlamaModel(path, what="backbone")
-        ctx = LlamaContext(lm, n_ctx=n_tokens + 8, n_batch=n_tokens, n_threads=n_threads, embeddings=True)
+        ctx = LlamaContext(lm, n_ctx=n_tokens + 8, n_batch=n_tokens, n_threads=n_threads, embeddings=True,
+                           hidden_only=True)  # as the value model will run it
         try:
             ctx.decode(tokens, 0)
             got = np.array(ctx.hidden_states(n_tokens), dtype=np.float32)
