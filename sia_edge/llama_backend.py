@@ -387,6 +387,8 @@ class LlamaContext:
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             model._release()
+            if self._graph_stop is not None:
+                self._graph_stop.release()
             raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name} (out of memory?)")
         self._handle = _Handle(ptr)
         self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
