@@ -223,9 +223,6 @@ PYBIND11_MODULE(_core, m) {
                      sia::acquire_graph_stop(reinterpret_cast<sia::TensorNameFn>(tensor_name))};
              }),
              py::arg("tensor_name"))
-        .def_property(
-            "enabled", [](const GraphStopHandle& h) { return h.live()->enabled; },
-            [](GraphStopHandle& h, bool on) { h.live()->enabled = on; })
         .def_property_readonly("stops", [](const GraphStopHandle& h) { return h.live()->stops; })
         .def_property_readonly(
             "user_data", [](const GraphStopHandle& h) { return reinterpret_cast<std::uintptr_t>(h.live()); })

@@ -46,7 +46,7 @@ void release_graph_stop(GraphStop* stop) {
 
 extern "C" bool sia_graph_stop_callback(void* tensor, bool ask, void* user_data) {
     auto* stop = static_cast<GraphStop*>(user_data);
-    if (stop == nullptr || !stop->enabled || stop->tensor_name == nullptr) {
+    if (stop == nullptr || stop->tensor_name == nullptr) {
         return !ask;  // asked: not wanted (the graph runs in one piece); told: go on
     }
     if (ask) {

@@ -18,7 +18,6 @@ using TensorNameFn = const char* (*)(const void* tensor);
 
 struct GraphStop {
     TensorNameFn tensor_name = nullptr;
-    bool enabled = true;
     uint64_t stops = 0;  // decodes ended at the hidden state (what tests read)
 };
 

@@ -21,7 +21,6 @@ class GraphStop:
     """Ends llama.cpp's graph at the hidden state (csrc/graph_stop.h)."""
 
     callback: int  # address of the eval callback (class attribute)
-    enabled: bool
     def __init__(self, tensor_name: int) -> None: ...
     @property
     def stops(self) -> int: ...

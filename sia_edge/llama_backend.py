@@ -373,13 +373,11 @@ class LlamaContext:
         self._hidden_only = hidden_only
         # Released by the finaliser below, after llama_free: llama.cpp holds its state's address.
         self._graph_stop: Any = None
-        if hidden_only and not _probe and _ggml_tensor_name() and model.graph_stop_exact is not False:
-            if model.graph_stop_exact is None:
-                _check_graph_stop(model, n_threads)
-            if model.graph_stop_exact:
-                self._graph_stop = _core.GraphStop(_ggml_tensor_name())
-        elif _probe and _ggml_tensor_name():
-            self._graph_stop = _core.GraphStop(_ggml_tensor_name())
+        tensor_name = _ggml_tensor_name() if hidden_only else 0
+        if tensor_name and not _probe and model.graph_stop_exact is None:
+            _check_graph_stop(model, n_threads)
+        if tensor_name and (_probe or model.graph_stop_exact):
+            self._graph_stop = _core.GraphStop(tensor_name)
         if self._graph_stop is not None:
             params.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(_core.GraphStop.callback)
             params.cb_eval_user_data = self._graph_stop.user_data
